@@ -1,0 +1,1 @@
+"""arenaflow: train, evaluate, rate and serve chat models."""

