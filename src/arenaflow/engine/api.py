@@ -1,0 +1,93 @@
+"""The generation engine's data types: the contract between the engine and its users.
+
+MT-bench answer generation, the local judge and the HTTP server all speak these types, so a
+request means the same thing everywhere (greedy at temperature 0, stop strings, n, logprobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 => greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # generation ends before the first stop string
+    seed: int | None = None  # same seed + same request => same sample
+    n: int = 1  # independent choices per request
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20 alternatives per generated token
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field (callers turn it into a 400)."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+
+
+@dataclass
+class TopLogprob:
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos or stop string) | "length"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int  # summed over choices
+
+
+@dataclass
+class StreamEvent:
+    """One increment of a streamed request: new text for one choice, or its end."""
+
+    index: int  # choice index
+    text: str  # newly decoded text (may be "" while a multi-byte character or stop string is pending)
+    token_id: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # set on the choice's last event
+    prompt_tokens: int | None = None  # set on the last event of the request
+    completion_tokens: int | None = None
+
+
+class QueueFullError(RuntimeError):
+    """The scheduler's queue is full (the server answers 429 with Retry-After)."""
+
+
+class PromptTooLongError(ValueError):
+    """prompt tokens + max_new_tokens exceed the model's context window (the server answers 400)."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        self.prompt_tokens, self.max_new_tokens, self.context_length = prompt_tokens, max_new_tokens, context_length
+        super().__init__(
+            f"this model's context window is {context_length} tokens; the prompt has {prompt_tokens} "
+            f"tokens and {max_new_tokens} more were requested for the completion"
+        )
