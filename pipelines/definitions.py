@@ -31,7 +31,11 @@ def build_definitions() -> dg.Definitions:
     assets = dg.load_assets_from_modules(modules)
     groups = sorted({g for a in assets for g in a.group_names_by_key.values()})
     group_jobs = [
-        dg.define_asset_job(f"{g}_job", selection=dg.AssetSelection.groups(g), description=f"Materialize the {g} group")
+        dg.define_asset_job(
+            f"{g}_job",
+            selection=dg.AssetSelection.groups(g),
+            description=f"Materialize the {g} group",
+        )
         for g in groups
     ]
     return dg.Definitions(

@@ -15,9 +15,7 @@ def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
         return "_(empty)_"
     columns = columns or list(rows[0].keys())
     head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    body = "".join(
-        "| " + " | ".join(_cell(r.get(c)) for c in columns) + " |\n" for r in rows
-    )
+    body = "".join("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |\n" for r in rows)
     return head + body
 
 
@@ -27,7 +25,9 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ") if v is not None else ""
 
 
-def counts_md(counts: Mapping[str, int], key: str = "reason", value: str = "count") -> dg.MetadataValue:
+def counts_md(
+    counts: Mapping[str, int], key: str = "reason", value: str = "count"
+) -> dg.MetadataValue:
     rows = [{key: k, value: v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
     return dg.MetadataValue.md(md_table(rows, [key, value]))
 

@@ -45,8 +45,9 @@ def stage_config(
     overrides = [*hydra.overrides, *config.overrides]
     context.log.info("Hydra overrides: %s", overrides)
     cfg = compose_config(overrides)
-    from arenaflow.tracking import config_container
     from omegaconf import OmegaConf
+
+    from arenaflow.tracking import config_container
 
     yaml_text = to_yaml(OmegaConf.create(config_container(cfg)))
     return cfg, {

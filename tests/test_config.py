@@ -10,7 +10,19 @@ from omegaconf import OmegaConf
 
 from arenaflow.config import compose_config, conf_dir
 
-GROUPS = ["hardware", "model", "data", "train", "eval", "judge", "rating", "serve", "tracking", "paths", "experiment"]
+GROUPS = [
+    "hardware",
+    "model",
+    "data",
+    "train",
+    "eval",
+    "judge",
+    "rating",
+    "serve",
+    "tracking",
+    "paths",
+    "experiment",
+]
 # Options that deliberately require a value from the user (marked ??? in YAML).
 NEEDS = {
     ("model", "local"): ["model.path=/models/x"],
@@ -19,12 +31,18 @@ NEEDS = {
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if p.stem != "default" or group in {"paths"})
+    return sorted(
+        p.stem
+        for p in (conf_dir() / group).glob("*.yaml")
+        if p.stem != "default" or group in {"paths"}
+    )
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group: str, option: str, tmp_path) -> None:
-    cfg = compose_config([f"{group}={option}", f"paths.home={tmp_path}", *NEEDS.get((group, option), [])])
+    cfg = compose_config(
+        [f"{group}={option}", f"paths.home={tmp_path}", *NEEDS.get((group, option), [])]
+    )
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert container["project"] == "arenaflow"
     for g in GROUPS[:-1]:
@@ -66,8 +84,18 @@ def test_bad_override_names_the_problem() -> None:
 
 def test_stage_cli_prints_resolved_config(tmp_path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "arenaflow.data", "--cfg", "job", "experiment=test", f"paths.home={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "arenaflow.data",
+            "--cfg",
+            "job",
+            "experiment=test",
+            f"paths.home={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)

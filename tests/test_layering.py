@@ -17,7 +17,11 @@ def test_library_never_imports_dagster() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.relative_to(SRC)}: {n}" for n in names if n.split(".")[0] in {"dagster", "pipelines"}]
+            offenders += [
+                f"{path.relative_to(SRC)}: {n}"
+                for n in names
+                if n.split(".")[0] in {"dagster", "pipelines"}
+            ]
     assert offenders == []
 
 

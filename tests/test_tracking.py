@@ -68,7 +68,10 @@ def test_null_tracker_records_nothing_and_explains_model_uris(make_cfg) -> None:
 
 def test_redact_and_uri_parsing() -> None:
     assert redact({"api_key": "k", "api_key_env": "OPENAI_API_KEY", "x": {"token": "t"}}) == {
-        "api_key": "***", "api_key_env": "OPENAI_API_KEY", "x": {"token": "***"}}
+        "api_key": "***",
+        "api_key_env": "OPENAI_API_KEY",
+        "x": {"token": "***"},
+    }
     assert parse_models_uri("models:/a/3") == ("a", "3", None)
     assert parse_models_uri("models:/a@champion") == ("a", None, "champion")
     with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 VICUNA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
     "{% set loop_messages = messages[1:] %}{% else %}"
-    "{{ \"A chat between a curious user and an artificial intelligence assistant. "
+    '{{ "A chat between a curious user and an artificial intelligence assistant. '
     "The assistant gives helpful, detailed, and polite answers to the user's questions. \" }}"
     "{% set loop_messages = messages %}{% endif %}"
     "{% for message in loop_messages %}"
@@ -61,7 +61,9 @@ def resolve_model(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     if source == "local":
         path = Path(model_cfg.path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model.path={path} is not a Hugging Face checkpoint folder (no config.json)")
+            raise FileNotFoundError(
+                f"model.path={path} is not a Hugging Face checkpoint folder (no config.json)"
+            )
         return path
     if source == "hub":
         from huggingface_hub import snapshot_download
@@ -77,7 +79,9 @@ def resolve_model(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = _package_tokenizer(model_cfg)
-    model = _gguf_model(model_cfg) if source == "gguf_package" else _random_llama(model_cfg, tokenizer)
+    model = (
+        _gguf_model(model_cfg) if source == "gguf_package" else _random_llama(model_cfg, tokenizer)
+    )
     apply_chat_template_override(tokenizer, model_cfg)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -167,7 +171,13 @@ def chat_template_hash(tokenizer: Any) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Any:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 

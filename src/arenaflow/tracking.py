@@ -7,6 +7,7 @@ that hold credentials are redacted before they are logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -249,7 +250,9 @@ class MlflowTracker(Tracker):
         if nested and self._active:
             all_tags[MLFLOW_PARENT_RUN_ID] = self._active[-1]
         all_tags.update({k: str(v) for k, v in redact(dict(tags or {})).items()})
-        created = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name or stage)
+        created = self.client.create_run(
+            self.experiment_id, tags=all_tags, run_name=run_name or stage
+        )
         run = MlflowRun(self.client, created.info.run_id, self.run_url(created.info.run_id))
         self._active.append(run.run_id)
         status = "FINISHED"
@@ -273,13 +276,14 @@ class MlflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
 
         run.log_artifact(local_dir, "model")
-        try:
+        with contextlib.suppress(MlflowException):  # already registered
             self.client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered
         source = f"{self.client.get_run(run.run_id).info.artifact_uri}/model"
         mv = self.client.create_model_version(
-            name, source=source, run_id=run.run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+            name,
+            source=source,
+            run_id=run.run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
         )
         return self._info(mv)
 
@@ -327,7 +331,9 @@ class MlflowTracker(Tracker):
         info = self.get_version(name, alias=alias, version=version)
         if info is None:
             what = f"alias @{alias}" if alias else f"version {version}"
-            raise ValueError(f"MLflow registry has no {what} of model {name!r} ({self.tracking_uri})")
+            raise ValueError(
+                f"MLflow registry has no {what} of model {name!r} ({self.tracking_uri})"
+            )
         dest = Path(dest or tempfile.mkdtemp(prefix="arenaflow-model-"))
         dest.mkdir(parents=True, exist_ok=True)
         local = self._mlflow.artifacts.download_artifacts(
@@ -339,7 +345,9 @@ class MlflowTracker(Tracker):
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/name/3` -> (name, "3", None); `models:/name@champion` -> (name, None, "champion")."""
     if not uri.startswith("models:/"):
-        raise ValueError(f"not an MLflow model URI: {uri!r} (expected models:/name/version or models:/name@alias)")
+        raise ValueError(
+            f"not an MLflow model URI: {uri!r} (expected models:/name/version or models:/name@alias)"
+        )
     rest = uri.removeprefix("models:/").strip("/")
     if "@" in rest:
         name, alias = rest.split("@", 1)

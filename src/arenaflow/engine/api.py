@@ -70,7 +70,9 @@ class StreamEvent:
     """One increment of a streamed request: new text for one choice, or its end."""
 
     index: int  # choice index
-    text: str  # newly decoded text (may be "" while a multi-byte character or stop string is pending)
+    text: (
+        str  # newly decoded text (may be "" while a multi-byte character or stop string is pending)
+    )
     token_id: int | None = None
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # set on the choice's last event
@@ -86,7 +88,11 @@ class PromptTooLongError(ValueError):
     """prompt tokens + max_new_tokens exceed the model's context window (the server answers 400)."""
 
     def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
-        self.prompt_tokens, self.max_new_tokens, self.context_length = prompt_tokens, max_new_tokens, context_length
+        self.prompt_tokens, self.max_new_tokens, self.context_length = (
+            prompt_tokens,
+            max_new_tokens,
+            context_length,
+        )
         super().__init__(
             f"this model's context window is {context_length} tokens; the prompt has {prompt_tokens} "
             f"tokens and {max_new_tokens} more were requested for the completion"

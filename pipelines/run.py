@@ -1,0 +1,183 @@
+"""`make run`: materialize the whole asset graph in the persistent Dagster instance, then report.
+
+Usage: python -m pipelines.run experiment=demo [more Hydra overrides]
+
+Assets run in dependency order; a partitioned asset (mt_bench_answers) runs one partition per
+competitor. An asset whose code version, resolved config and upstream fingerprints are unchanged
+since its last successful materialization is reused, so a second `make run` is fast. Everything
+lands in $DAGSTER_HOME (the same instance `make dev` shows) and in the project's MLflow store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+
+from arenaflow.config import compose_config, config_hash
+from pipelines.definitions import build_definitions
+from pipelines.resources import HydraConfigResource
+
+FINGERPRINT_TAG = "arenaflow/fingerprint"
+ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always check/roll it
+
+
+def toposort(
+    assets: Sequence[dg.AssetsDefinition],
+) -> list[tuple[dg.AssetKey, dg.AssetsDefinition]]:
+    by_key = {k: a for a in assets for k in a.keys}
+    order: list[dg.AssetKey] = []
+    seen: set[dg.AssetKey] = set()
+
+    def visit(key: dg.AssetKey) -> None:
+        if key in seen or key not in by_key:
+            return
+        seen.add(key)
+        for dep in sorted(by_key[key].asset_deps.get(key, ()), key=str):
+            visit(dep)
+        order.append(key)
+
+    for key in sorted(by_key, key=str):
+        visit(key)
+    return [(k, by_key[k]) for k in order]
+
+
+def fingerprint(
+    key: dg.AssetKey, asset: dg.AssetsDefinition, cfg_hash: str, upstream: list[str]
+) -> str:
+    code = asset.code_versions_by_key.get(key) or ""
+    payload = "|".join([key.to_user_string(), code, cfg_hash, *sorted(upstream)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def last_fingerprint(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None
+) -> str | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    if not records:
+        return None
+    run = instance.get_run_by_id(records[0].run_id)
+    return run.tags.get(f"{FINGERPRINT_TAG}/{key.to_user_string()}") if run else None
+
+
+def materialize_all(overrides: list[str], instance: dg.DagsterInstance) -> dict[str, Any]:
+    defs = build_definitions()
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    resources = {"hydra": HydraConfigResource(overrides=overrides)}
+    cfg_hash = config_hash(compose_config(overrides))
+    fps: dict[dg.AssetKey, str] = {}
+    timings: dict[str, str] = {}
+    for key, asset in toposort(assets):
+        upstream = [fps[d] for d in asset.asset_deps.get(key, ()) if d in fps]
+        fps[key] = fp = fingerprint(key, asset, cfg_hash, upstream)
+        partitions = asset.partitions_def.get_partition_keys() if asset.partitions_def else [None]
+        name = key.to_user_string()
+        for pk in partitions:
+            label = f"{name}[{pk}]" if pk else name
+            if name not in ALWAYS_RUN and last_fingerprint(instance, key, pk) == fp:
+                print(f"== {label}: up to date, reused", flush=True)
+                timings[label] = "reused"
+                continue
+            print(f"== {label}: materializing", flush=True)
+            t0 = time.perf_counter()
+            dg.materialize(
+                assets,
+                selection=[key],
+                instance=instance,
+                resources=resources,
+                partition_key=pk,
+                tags={f"{FINGERPRINT_TAG}/{name}": fp, "arenaflow/overrides": " ".join(overrides)},
+            )
+            timings[label] = f"{time.perf_counter() - t0:.1f}s"
+    return {"defs": defs, "timings": timings}
+
+
+def _value(
+    defs: dg.Definitions, instance: dg.DagsterInstance, key: str, partition: str | None = None
+) -> Any:
+    try:
+        return defs.load_asset_value(key, instance=instance, partition_key=partition)
+    except Exception:  # noqa: BLE001 - an asset the graph does not have yet
+        return None
+
+
+def report(
+    defs: dg.Definitions, instance: dg.DagsterInstance, timings: dict[str, str], seconds: float
+) -> str:
+    lines = ["", "=" * 72, "arenaflow — run report", "=" * 72]
+    lines += [f"  {k:<36} {v}" for k, v in timings.items()]
+    clean = _value(defs, instance, "sharegpt_clean") or {}
+    if clean:
+        lines += [
+            "",
+            f"data: input {clean.get('input')}, kept {clean.get('kept')}, dropped {clean.get('dropped')}",
+        ]
+    sft = _value(defs, instance, "sft_dataset") or {}
+    if sft:
+        lines.append(f"sft dataset: {sft.get('counts')}")
+    ft = _value(defs, instance, "finetuned_model") or {}
+    if ft:
+        lines.append(
+            f"training: final loss {ft.get('final_loss')}, model {ft.get('model_uri') or ft.get('path')}"
+        )
+    scores = (_value(defs, instance, "mt_bench_scores") or {}).get("scores") or {}
+    if scores:
+        lines += [
+            "",
+            "MT-bench (judge scores 1-10):",
+            f"  {'model':<16}{'turn 1':>8}{'turn 2':>8}{'avg':>8}",
+        ]
+        for m, s in scores.items():
+            lines.append(
+                f"  {m:<16}{_f(s.get('turn1')):>8}{_f(s.get('turn2')):>8}{_f(s.get('average')):>8}"
+            )
+    board = (_value(defs, instance, "leaderboard") or {}).get("rows") or []
+    if board:
+        lines += ["", "leaderboard:"]
+        lines += [f"  {r}" for r in board]
+    champ = _value(defs, instance, "champion_model") or {}
+    if champ:
+        lines.append(
+            f"champion: {champ.get('model_uri')} (promoted={champ.get('promoted')}: {champ.get('reason')})"
+        )
+    dep = _value(defs, instance, "serving_deployment") or {}
+    if dep.get("url"):
+        url = dep["url"].rstrip("/")
+        lines += [
+            "",
+            f"endpoint: {url}  (pid {dep.get('pid')}, {dep.get('model_uri')})",
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{dep.get("model_name", "arenaflow-chat")}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
+        ]
+    lines += [
+        "",
+        "Dagster UI: make dev     (http://127.0.0.1:3000, the same instance)",
+        "MLflow UI:  make mlflow  (http://127.0.0.1:5000)",
+        f"total: {seconds:.0f}s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _f(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, int | float) else "-"
+
+
+def main(argv: Sequence[str]) -> int:
+    overrides = list(argv) or ["experiment=demo"]
+    t0 = time.perf_counter()
+    instance = dg.DagsterInstance.get()
+    out = materialize_all(overrides, instance)
+    print(report(out["defs"], instance, out["timings"], time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
