@@ -1,0 +1,30 @@
+"""One generation engine for MT-bench answers, the local judge and the HTTP server.
+
+`Engine` runs a Hugging Face causal LM with its own continuous-batching decode loop; `Scheduler`
+puts an asyncio front on it so concurrent requests share decode steps.
+"""
+
+from arenaflow.engine.api import (
+    Choice,
+    GenerationResult,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    StreamEvent,
+    TokenLogprob,
+    TopLogprob,
+)
+from arenaflow.engine.engine import Engine, resolve_checkpoint
+
+__all__ = [
+    "Choice",
+    "Engine",
+    "GenerationResult",
+    "PromptTooLongError",
+    "QueueFullError",
+    "SamplingParams",
+    "StreamEvent",
+    "TokenLogprob",
+    "TopLogprob",
+    "resolve_checkpoint",
+]

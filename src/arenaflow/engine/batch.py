@@ -1,0 +1,327 @@
+"""The running batch: a decode loop over a Hugging Face causal LM with one shared KV cache.
+
+Why our own loop instead of `model.generate`: every row carries its own sampling settings (temperature,
+top_p, seed, stop strings, logprobs), and new requests join between decode steps (continuous
+batching). Rows are left-padded; newcomers are prefilled on their own, their cache is left-padded to
+the running cache's length and concatenated on the batch axis, and finished rows are dropped, so a
+long answer never holds up a short one. Position ids count only real tokens, so a padded row
+computes exactly what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from arenaflow.engine.api import (
+    Choice,
+    GenerationResult,
+    SamplingParams,
+    StreamEvent,
+    TokenLogprob,
+    TopLogprob,
+)
+from arenaflow.engine.text import find_stop, stream_safe_end
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One prompt with its settings; `n` choices become `n` rows of the batch."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[StreamEvent], None] | None = None
+    on_done: Callable[[GenerationResult | BaseException], None] | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+    cancelled: bool = False
+    result: GenerationResult | None = None
+
+    def __post_init__(self) -> None:
+        self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def build_result(self) -> GenerationResult:
+        choices = [
+            Choice(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.token_ids),
+                finish_reason=s.finish_reason or "stop",
+                logprobs=s.logprobs,
+            )
+            for s in self.seqs
+        ]
+        return GenerationResult(
+            choices=choices,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=sum(s.generated for s in self.seqs),
+        )
+
+
+@dataclass
+class Sequence:
+    """One choice of a request: its generated tokens, text, logprobs and finish state."""
+
+    request: Request
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    generated: int = 0  # tokens sampled, eos included
+    text: str = ""
+    emitted: int = 0  # characters already streamed
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        p = self.request.params
+        if p.logprobs:
+            self.logprobs = []
+        if p.temperature > 0:
+            seed = p.seed + self.index if p.seed is not None else random.randrange(2**62)
+            self.generator = torch.Generator().manual_seed(seed)
+
+
+class RunningBatch:
+    """Rows being decoded together; `admit` adds rows (prefill), `step` decodes one token for all."""
+
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+        self.device = next(model.parameters()).device
+        self.rows: list[Sequence] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, cache_len] 1 = real token
+        self.positions: torch.Tensor | None = None  # [rows] position of the next input token
+        self.next_tokens: torch.Tensor | None = None  # [rows] last sampled token, not yet in cache
+        self.last_batch_size = 0
+        self.steps = 0
+        self.tokens_generated = 0
+        # transformers >= 5.2x names the cache argument `cache`; older releases `past_key_values`
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- admission -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def admit(self, requests: list[Request]) -> list[Request]:
+        """Prefill the requests' prompts and merge them into the batch; returns requests finished already."""
+        seqs = [s for r in requests for s in r.seqs]
+        if not seqs:
+            return []
+        from transformers import DynamicCache
+
+        prompts = [s.request.prompt_ids for s in seqs]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: cache},
+        )
+        logits = out.logits[:, -1, :].float().cpu()
+        new_positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        self._merge(cache, mask, new_positions, seqs)
+        tokens = self._sample(logits, seqs)
+        self.next_tokens = torch.cat([self.next_tokens[: len(self.rows) - len(seqs)], tokens])
+        return self._finish_rows()
+
+    def _merge(
+        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]
+    ) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.positions, self.rows = cache, mask, positions, list(seqs)
+            self.next_tokens = torch.empty(0, dtype=torch.long)
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = getattr(old_layer, name), getattr(new_layer, name)
+                setattr(
+                    old_layer, name, torch.cat([_left_pad(a, width), _left_pad(b, width)], dim=0)
+                )
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.rows.extend(seqs)
+
+    # -- decoding ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Decode one token for every row; returns the requests that finished in this step."""
+        if not self.rows:
+            return []
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        out = self.model(
+            input_ids=self.next_tokens[:, None].to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=self.positions[:, None].to(self.device),
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+        )
+        self.positions = self.positions + 1
+        self.last_batch_size = len(self.rows)
+        self.steps += 1
+        self.next_tokens = self._sample(out.logits[:, -1, :].float().cpu(), self.rows)
+        return self._finish_rows()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        need_logprobs = any(s.request.params.logprobs for s in seqs)
+        logp = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+        chosen = logits.argmax(dim=-1)
+        for i, s in enumerate(seqs):
+            p = s.request.params
+            if p.temperature > 0:
+                chosen[i] = _sample_row(logits[i], p.temperature, p.top_p, s.generator)
+        for i, s in enumerate(seqs):
+            lp = None
+            if s.request.params.logprobs:
+                lp = self._token_logprob(logp[i], int(chosen[i]), s.request.params.top_logprobs)
+            self._append(s, int(chosen[i]), lp)
+        return chosen
+
+    def _token_logprob(self, row: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+        top: list[TopLogprob] = []
+        if k > 0:
+            vals, idx = row.topk(k)
+            top = [
+                TopLogprob(self.tokenizer.decode([int(t)]), int(t), float(v))
+                for v, t in zip(vals, idx, strict=True)
+            ]
+        return TokenLogprob(self.tokenizer.decode([token_id]), token_id, float(row[token_id]), top)
+
+    def _append(self, s: Sequence, token_id: int, lp: TokenLogprob | None) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        if s.finish_reason is not None:
+            return
+        p = s.request.params
+        s.generated += 1
+        self.tokens_generated += 1
+        if s.logprobs is not None and lp is not None:
+            s.logprobs.append(lp)
+        finish = None
+        if token_id in self.eos_ids:
+            finish = "stop"
+        else:
+            s.token_ids.append(token_id)
+            before = len(s.text)
+            s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            longest = max((len(x) for x in p.stop), default=0)
+            cut = find_stop(s.text, p.stop, max(0, before - longest))
+            if cut != -1:
+                s.text = s.text[:cut]
+                finish = "stop"
+        if finish is None and (
+            s.generated >= p.max_new_tokens
+            or len(s.request.prompt_ids) + s.generated >= self.context_length
+        ):
+            finish = "length"
+        s.finish_reason = finish
+        self._emit(s, token_id, lp)
+
+    def _emit(self, s: Sequence, token_id: int, lp: TokenLogprob | None) -> None:
+        req = s.request
+        if req.on_event is None:
+            return
+        end = len(s.text) if s.finish_reason else stream_safe_end(s.text, req.params.stop)
+        delta = s.text[s.emitted : end] if end > s.emitted else ""
+        s.emitted = max(s.emitted, end)
+        event = StreamEvent(
+            index=s.index, text=delta, token_id=token_id, logprob=lp, finish_reason=s.finish_reason
+        )
+        if s.finish_reason and req.done:
+            event.prompt_tokens = len(req.prompt_ids)
+            event.completion_tokens = sum(x.generated for x in req.seqs)
+        req.on_event(event)
+
+    def _finish_rows(self) -> list[Request]:
+        """Drop finished or cancelled rows from the batch and return the requests now complete."""
+        keep = [
+            i
+            for i, s in enumerate(self.rows)
+            if s.finish_reason is None and not s.request.cancelled
+        ]
+        finished: list[Request] = []
+        seen: set[int] = set()
+        for i, s in enumerate(self.rows):
+            if i in keep or id(s.request) in seen:
+                continue
+            if s.request.cancelled or s.request.done:
+                seen.add(id(s.request))
+                finished.append(s.request)
+        if len(keep) == len(self.rows):
+            return []
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = self.positions[idx]
+        self.next_tokens = self.next_tokens[idx]
+        self.mask = self.mask[idx]
+        if not self.rows:
+            self.cache = None
+            return finished
+        dev_idx = idx.to(self.device)
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())  # columns that are padding in all rows
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[dev_idx, :, lead:, :]
+            layer.values = layer.values[dev_idx, :, lead:, :]
+        self.mask = self.mask[:, lead:]
+        return finished
+
+    def cancel_all(self, error: BaseException) -> list[Request]:
+        """Abort every row (after a model error); returns the affected requests."""
+        reqs = list({id(s.request): s.request for s in self.rows}.values())
+        self.rows, self.cache, self.mask, self.positions, self.next_tokens = (
+            [],
+            None,
+            None,
+            None,
+            None,
+        )
+        log.error("generation batch failed, %d request(s) aborted: %s", len(reqs), error)
+        return reqs
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Pad `t` with zeros on the left of `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _sample_row(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p[(cum - sorted_p) > top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[0]
