@@ -15,6 +15,7 @@ from arenaflow.engine.api import (
     TopLogprob,
 )
 from arenaflow.engine.engine import Engine, resolve_checkpoint
+from arenaflow.engine.scheduler import Scheduler
 
 __all__ = [
     "Choice",
@@ -23,6 +24,7 @@ __all__ = [
     "PromptTooLongError",
     "QueueFullError",
     "SamplingParams",
+    "Scheduler",
     "StreamEvent",
     "TokenLogprob",
     "TopLogprob",
