@@ -1,0 +1,65 @@
+"""Training stage: fine-tune the base model on `sft_dataset` with Vicuna's recipe (Lightning, FSDP2).
+
+`run(cfg)` is the one entry point (Hydra CLI `python -m arenaflow.train ...` and the Dagster asset
+through Dagster Pipes). It plans and preflights the run, then trains in this process, or, when the
+hardware target has several devices and no launcher started the ranks, starts them with torchrun.
+Under torchrun / SLURM (`torchrun --nnodes 2 --nproc_per_node 8 -m arenaflow.train
+hardware=h100_8x_2nodes ...`, `srun python -m arenaflow.train ...`) every rank runs `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+from arenaflow.train.launch import externally_launched, launch_ranks
+from arenaflow.train.pipes import pipes_session
+from arenaflow.train.recipe import TrainPlan, fit, output_dir, plan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainPlan", "fit", "output_dir", "plan", "run", "resolve_base"]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and register the model; returns the finetuned_model value (path, model_uri, version, ...)."""
+    with pipes_session() as pipes:
+        p = plan(cfg)
+        pipes.log(
+            f"training {cfg.model.name}: {p.world_size} rank(s), accumulate {p.accumulate}, "
+            f"output {p.out_dir}"
+        )
+        if p.world_size > 1 and not externally_launched():
+            result = launch_ranks(cfg, p, pipes.log)
+        else:
+            result = fit(cfg, p, sink=pipes.log if int(os.environ.get("RANK", 0)) == 0 else None)
+        pipes.report(result)
+    return result
+
+
+def resolve_base(cfg: DictConfig) -> dict[str, Any]:
+    """The base_model value: a local checkpoint folder with the tokenizer and chat template."""
+    from transformers import AutoConfig
+
+    from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
+    from arenaflow.train.flops import model_shape
+
+    path = resolve_model(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(path, cfg.model)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    shape = model_shape(config)
+    return {
+        "path": str(path),
+        "name": cfg.model.name,
+        "chat_template_hash": chat_template_hash(tokenizer),
+        "n_params": shape.n_params,
+        "architecture": type(config).__name__,
+        "hidden_size": shape.hidden_size,
+        "num_layers": shape.n_layers,
+        "vocab_size": shape.vocab_size,
+        "max_length": int(cfg.model.max_length),
+        "chat_template": tokenizer.chat_template,
+    }

@@ -1,0 +1,58 @@
+"""The final model as one Hugging Face checkpoint folder (safetensors + config + tokenizer).
+
+Under FSDP every rank holds a shard; `get_model_state_dict(full_state_dict=True, cpu_offload=True)`
+all-gathers parameter by parameter and keeps the full tensors on rank 0 only, so no rank holds a
+second full copy besides the one being written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on rank 0 (empty on other ranks when sharded)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_full_checkpoint(
+    model: torch.nn.Module, tokenizer: Any, out_dir: Path, trainer: Any
+) -> None:
+    """Gather and write `model.safetensors`, `config.json`, the generation config and the tokenizer."""
+    from safetensors.torch import save_file
+
+    sharded = trainer.world_size > 1
+    state = full_state_dict(model, sharded)
+    if trainer.global_rank == 0:
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = model.config
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # transformers re-ties it on load
+        state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        log.info("full checkpoint written to %s (%d tensors)", out_dir, len(state))
+    del state
+    trainer.strategy.barrier("save_full_checkpoint")

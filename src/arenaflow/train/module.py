@@ -1,0 +1,171 @@
+"""The LightningModule of the Vicuna recipe: assistant-token loss, AdamW + warmup/cosine, FSDP2 wiring.
+
+The Hugging Face model is built in `configure_model` (after the process group exists) and, for
+`hardware.strategy=fsdp`, every decoder layer and then the root get `fully_shard` over the
+data-parallel mesh: parameters live sharded as DTensors, each layer is all-gathered only while
+it runs. The same module runs unsharded on one device for `strategy=single`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from arenaflow.data.sft import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Padded rows use the 2D attention mask; packed rows pass only restarting position ids,
+    from which the model builds a block-diagonal causal mask."""
+    if "packed" in batch:
+        out = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        )
+    else:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+    return out.logits
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks to shard one by one (classes named in `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"cannot find decoder layers to shard in {type(model).__name__}; "
+            "it declares no _no_split_modules"
+        )
+    return layers
+
+
+class ChatLM(L.LightningModule):
+    """Causal LM fine-tuning on assistant tokens only."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        optimizer: Any,
+        *,
+        warmup_ratio: float = 0.03,
+        lr_scheduler: str = "cosine",
+        grad_clip: float | None = 1.0,
+        strategy: str = "single",
+        activation_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model_path = str(model_path)
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.lr_scheduler = lr_scheduler
+        self.grad_clip = grad_clip
+        self.strategy_name = strategy
+        self.activation_checkpointing = activation_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.model: torch.nn.Module | None = None
+        self.last_grad_norm: float | None = None
+        self.reset_counters()
+        self.val_sum = 0.0
+        self.val_count = 0
+        self.last_val_loss: float | None = None
+
+    def reset_counters(self) -> None:
+        """Per-optimizer-step counters read by the metrics callback."""
+        self.step_loss_sum = 0.0
+        self.step_micro_batches = 0
+        self.step_trained_tokens = 0
+        self.step_input_tokens = 0
+        self.step_attn_sq = 0
+        self.step_started = time.perf_counter()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=torch.float32, trust_remote_code=self.trust_remote_code
+        )
+        model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode
+        if self.activation_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if self.strategy_name == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in decoder_layers(model):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        self.model = model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n = token_loss_sum(forward_logits(self.model, batch), batch["labels"])
+        loss = loss_sum / n.clamp(min=1)
+        self.step_loss_sum += float(loss.detach())
+        self.step_micro_batches += 1
+        self.step_trained_tokens += int(n)
+        self.step_input_tokens += int(batch["attention_mask"].sum())
+        self.step_attn_sq += int(batch["attn_sq"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.last_grad_norm = float(norm)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n = token_loss_sum(forward_logits(self.model, batch), batch["labels"])
+        self.val_sum += float(loss_sum)
+        self.val_count += int(n)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sum, self.val_count = 0.0, 0
+
+    def on_validation_epoch_end(self) -> None:
+        t = torch.tensor([self.val_sum, float(self.val_count)], dtype=torch.float64)
+        t = self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        self.last_val_loss = float(t[0] / t[1]) if t[1] > 0 else None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_scheduler
+
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(
+            self.lr_scheduler,
+            optimizer,
+            num_warmup_steps=int(round(self.warmup_ratio * total)),
+            num_training_steps=total,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,89 @@
+"""Memory preflight: refuse a training target that cannot fit before any process starts.
+
+Per-rank estimate for AdamW training with fp32 master weights (what Lightning's mixed precision
+keeps): weights 4 B, gradients 4 B, optimizer moments 8 B per parameter, divided by the world
+size under FSDP (plus one gathered layer), and activations after Korthikanti et al. (2022):
+s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, one layer's worth plus the layer inputs when
+activation checkpointing is on, and the fp32 logits with their gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from arenaflow.train.flops import ModelShape
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+HEADROOM = 0.9  # keep 10% for the allocator, CUDA context, buffers
+
+
+class MemoryPreflightError(RuntimeError):
+    """The chosen hardware target cannot hold this training run."""
+
+
+@dataclass
+class MemoryEstimate:
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    total_gb: float
+    available_gb: float
+    world_size: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+def estimate_memory(shape: ModelShape, hardware: Any, max_length: int) -> MemoryEstimate:
+    world = int(hardware.devices) * int(hardware.num_nodes)
+    shards = world if hardware.strategy == "fsdp" else 1
+    p = shape.n_params
+    layer_params = (p - shape.vocab_size * shape.hidden_size) / max(shape.n_layers, 1)
+    gathered = layer_params * 4 * 2 if shards > 1 else 0  # one layer all-gathered (+ prefetch)
+    params = p * 4 / shards + gathered
+    grads = p * 4 / shards
+    optimizer = p * 8 / shards
+    act_bytes = 2 if "16" in str(hardware.precision) else 4
+    s, b, h, a = max_length, int(hardware.micro_batch_size), shape.hidden_size, shape.n_heads
+    per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
+    if hardware.activation_checkpointing:
+        acts = shape.n_layers * s * b * h * act_bytes + per_layer
+    else:
+        acts = shape.n_layers * per_layer
+    acts += s * b * shape.vocab_size * 4 * 3  # fp32 logits, log-softmax, gradient
+    total = params + grads + optimizer + acts
+    return MemoryEstimate(
+        params_gb=params / GiB,
+        grads_gb=grads / GiB,
+        optimizer_gb=optimizer / GiB,
+        activations_gb=acts / GiB,
+        total_gb=total / GiB,
+        available_gb=float(hardware.memory_per_device_gb),
+        world_size=world,
+    )
+
+
+def check_memory(
+    shape: ModelShape, hardware: Any, max_length: int, model_name: str
+) -> MemoryEstimate:
+    """Raise `MemoryPreflightError` naming the numbers and the fixes when the run cannot fit."""
+    est = estimate_memory(shape, hardware, max_length)
+    log.info("memory preflight (GiB per device): %s", est.as_dict())
+    if est.total_gb > est.available_gb * HEADROOM:
+        raise MemoryPreflightError(
+            f"memory preflight: training {model_name} ({shape.n_params / 1e9:.2f}B params) needs "
+            f"~{est.total_gb:.1f} GiB per device (weights {est.params_gb:.1f}, grads "
+            f"{est.grads_gb:.1f}, optimizer {est.optimizer_gb:.1f}, activations "
+            f"{est.activations_gb:.1f}) with strategy={hardware.strategy} on {est.world_size} "
+            f"device(s), more than {HEADROOM:.0%} of hardware.memory_per_device_gb="
+            f"{est.available_gb:g}. Fix: pick a sharded target with more devices (e.g. "
+            f"hardware=a100_4x or hardware=h100_8x), lower hardware.micro_batch_size, set "
+            f"hardware.activation_checkpointing=true or lower train.max_length "
+            f"(train.preflight=false skips this check)."
+        )
+    return est
