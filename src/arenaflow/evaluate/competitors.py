@@ -253,7 +253,13 @@ class OpenAICompatibleBackend(Backend):
                 return TurnOutput(text, tokens)
             except (openai.APIError, ValueError) as e:
                 error = f"{type(e).__name__}: {e}"
-                if isinstance(e, openai.APIStatusError) and e.status_code in (400, 401, 403, 404):
+                if isinstance(e, openai.APIStatusError) and e.status_code in (
+                    400,
+                    401,
+                    403,
+                    404,
+                    422,
+                ):
                     break  # retrying cannot fix a bad request or a bad key
                 if attempt + 1 < self.retries:
                     delay = self.backoff_s * 2**attempt
