@@ -1,0 +1,397 @@
+"""Judge backends behind one small interface: the OpenAI API, any OpenAI-compatible server, and
+the arenaflow engine in process.
+
+A backend turns (system, user) chats into replies and, where it can see token probabilities,
+reads the judge's distribution over verdict tokens after a forced `[[` prefix. Retries, backoff
+and concurrency live here; caching and budgets live in the runner, which is backend-agnostic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from arenaflow.judging.verdicts import PAIR_TOKENS, RATING_TOKENS
+
+log = logging.getLogger(__name__)
+
+VERDICT_PREFIX = {"[[rating]]": "\n\nRating: [[", "[[A]]": "\n\nFinal verdict: [["}
+VERDICT_FOLLOW_UP = {
+    "[[rating]]": 'Give only your final rating in the format "[[rating]]", for example: [[5]].',
+    "[[A]]": 'Give only your final verdict in the format "[[A]]", "[[B]]" or "[[C]]".',
+}
+
+
+class JudgeConfigError(ValueError):
+    """A judge setting the user must fix (missing API key, unknown backend, bad baseline)."""
+
+
+class JudgeUnreachableError(RuntimeError):
+    """The judge server cannot be reached at all; judging stops with the URL in the message."""
+
+
+@dataclass
+class ChatRequest:
+    system: str
+    user: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+
+@dataclass
+class Completion:
+    """One judge reply; `text` is None and `error` says why when the call failed for good."""
+
+    text: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    attempts: int = 1
+
+
+class JudgeBackend:
+    """The interface every judge implements."""
+
+    model_name: str = "judge"
+    supports_logprobs: bool = False
+    batch_size: int = 1  # how many requests the runner hands over at once
+
+    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        raise NotImplementedError
+
+    def verdict_logprobs(
+        self, requests: list[ChatRequest], judgments: list[str], output_format: str
+    ) -> list[dict[str, float] | None]:
+        """Top logprobs (token -> logprob) of the verdict token, per request; None where unseen."""
+        return [None] * len(requests)
+
+    def close(self) -> None: ...
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+class OpenAIBackend(JudgeBackend):
+    """The official `openai` client against api.openai.com or any OpenAI-compatible `base_url`.
+
+    The client's own retries are off; this class retries 429, 5xx and timeouts with exponential
+    backoff and jitter, honouring `Retry-After`. A server that cannot be reached at all raises
+    `JudgeUnreachableError` naming the URL instead of failing every item one by one.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_name: str | None = None,
+        base_url: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_tokens: int = 2048,
+        concurrency: int = 8,
+        retries: int = 3,
+        timeout: float = 120.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        logprobs: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        from openai import OpenAI
+
+        if api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise JudgeConfigError(
+                    f"the judge {model!r} needs an API key in the environment variable "
+                    f"{api_key_env}, which is not set; export {api_key_env}=... "
+                    "(it is read from the environment only and never logged or written)"
+                )
+        else:
+            api_key = "EMPTY"
+        self.model = model
+        self.model_name = model_name or model
+        self.url = base_url or "https://api.openai.com/v1"
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.retries, self.backoff_base, self.backoff_max = retries, backoff_base, backoff_max
+        self.batch_size = max(1, concurrency)
+        self.supports_logprobs = logprobs
+        self._sleep = sleep
+        self._client = OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self._pool = ThreadPoolExecutor(max_workers=self.batch_size, thread_name_prefix="judge")
+
+    def _backoff(self, attempt: int, exc: Exception) -> float:
+        honoured = _retry_after(exc)
+        if honoured is not None:
+            return honoured
+        cap = min(self.backoff_max, self.backoff_base * 2**attempt)
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _call(self, **kwargs: Any) -> tuple[Any, int]:
+        """One chat completion with retries; returns (response, attempts) or raises the last error."""
+        import openai
+
+        attempt = 0
+        while True:
+            try:
+                return self._client.chat.completions.create(model=self.model, **kwargs), attempt + 1
+            except openai.APITimeoutError as e:
+                retryable: Exception = e
+            except openai.APIConnectionError as e:
+                if attempt >= self.retries:
+                    raise JudgeUnreachableError(
+                        f"the judge server at {self.url} is unreachable ({e.__cause__ or e}); "
+                        "check judge.base_url and that the server is running"
+                    ) from e
+                retryable = e
+            except openai.AuthenticationError as e:
+                raise JudgeConfigError(
+                    f"the judge server at {self.url} rejected the API key (401); check the key in "
+                    "the environment variable named by judge.api_key_env"
+                ) from e
+            except openai.NotFoundError as e:
+                raise JudgeConfigError(
+                    f"the judge server at {self.url} does not know model {self.model!r} (404); "
+                    "check judge.model"
+                ) from e
+            except openai.APIStatusError as e:
+                if e.status_code != 429 and e.status_code < 500:
+                    raise
+                retryable = e
+            if attempt >= self.retries:
+                raise retryable
+            delay = self._backoff(attempt, retryable)
+            log.info(
+                "judge call failed (%s); retry %d/%d in %.2fs",
+                type(retryable).__name__,
+                attempt + 1,
+                self.retries,
+                delay,
+            )
+            self._sleep(delay)
+            attempt += 1
+
+    def _complete_one(self, request: ChatRequest) -> Completion:
+        import openai
+
+        try:
+            response, attempts = self._call(
+                messages=request.messages(),
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+            )
+        except (openai.APIStatusError, openai.APITimeoutError) as e:
+            return Completion(text=None, error=_describe(e), attempts=self.retries + 1)
+        usage = response.usage
+        return Completion(
+            text=response.choices[0].message.content or "",
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            attempts=attempts,
+        )
+
+    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        return list(self._pool.map(self._complete_one, requests))
+
+    def _logprobs_one(
+        self, args: tuple[ChatRequest, str, str]
+    ) -> tuple[dict[str, float] | None, int, int]:
+        import openai
+
+        request, judgment, output_format = args
+        wanted = set(RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS)
+        messages = [
+            *request.messages(),
+            {"role": "assistant", "content": judgment},
+            {"role": "user", "content": VERDICT_FOLLOW_UP[output_format]},
+        ]
+        try:
+            response, _ = self._call(
+                messages=messages, temperature=0.0, max_tokens=5, logprobs=True, top_logprobs=20
+            )
+        except (openai.APIStatusError, openai.APITimeoutError) as e:
+            log.warning("logprob recovery call failed: %s", _describe(e))
+            return None, 0, 0
+        usage = response.usage
+        tokens = (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0))
+        content = getattr(response.choices[0].logprobs, "content", None) or []
+        for position in content:
+            top = {t.token: t.logprob for t in (position.top_logprobs or [])}
+            top.setdefault(position.token, position.logprob)
+            if any(t.strip() in wanted for t in top):
+                return top, *tokens
+        return None, *tokens
+
+    def verdict_logprobs(
+        self, requests: list[ChatRequest], judgments: list[str], output_format: str
+    ) -> list[dict[str, float] | None]:
+        args = [(r, j, output_format) for r, j in zip(requests, judgments, strict=True)]
+        results = list(self._pool.map(self._logprobs_one, args))
+        self.last_usage = (sum(r[1] for r in results), sum(r[2] or 0 for r in results))
+        return [r[0] for r in results]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    return f"{type(exc).__name__}{f' {status}' if status else ''}: {str(exc)[:200]}"
+
+
+class LocalBackend(JudgeBackend):
+    """The arenaflow engine in process: batched greedy judging, and logprobs of the verdict token
+    read after a forced `[[` prefix appended to the judge's own reply."""
+
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        model_name: str,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        batch_size: int = 8,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.batch_size = max(1, batch_size)
+        self.last_usage = (0, 0)
+
+    def _fits(self, prompt: str, new_tokens: int) -> int | None:
+        n = len(self.engine.encode(prompt))
+        return n if n + new_tokens <= self.engine.context_length else None
+
+    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        from arenaflow.engine import SamplingParams
+
+        prompts = [self.engine.render_chat(r.messages()) for r in requests]
+        out: list[Completion | None] = [None] * len(requests)
+        runnable: list[int] = []
+        for i, prompt in enumerate(prompts):
+            if self._fits(prompt, self.max_tokens) is None:
+                out[i] = Completion(
+                    text=None,
+                    error=f"prompt too long for the judge's {self.engine.context_length}-token "
+                    f"context with judge.max_tokens={self.max_tokens}",
+                )
+            else:
+                runnable.append(i)
+        params = SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature)
+        results = self.engine.generate([prompts[i] for i in runnable], params) if runnable else []
+        for i, result in zip(runnable, results, strict=True):
+            out[i] = Completion(
+                text=result.choices[0].text,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
+        return [c for c in out if c is not None]
+
+    def verdict_logprobs(
+        self, requests: list[ChatRequest], judgments: list[str], output_format: str
+    ) -> list[dict[str, float] | None]:
+        from arenaflow.engine import SamplingParams
+
+        prefix = VERDICT_PREFIX[output_format]
+        prompts: list[str | None] = []
+        for request, judgment in zip(requests, judgments, strict=True):
+            head = self.engine.render_chat(request.messages())
+            prompt = head + judgment.rstrip() + prefix
+            if self._fits(prompt, 1) is None:
+                prompt = head + prefix.lstrip()  # the reply does not fit: ask for the verdict only
+            prompts.append(prompt if self._fits(prompt, 1) is not None else None)
+        runnable = [p for p in prompts if p is not None]
+        params = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
+        results = iter(self.engine.generate(runnable, params) if runnable else [])
+        out: list[dict[str, float] | None] = []
+        prompt_tokens = 0
+        for prompt in prompts:
+            if prompt is None:
+                out.append(None)
+                continue
+            result = next(results)
+            prompt_tokens += result.prompt_tokens
+            first = (result.choices[0].logprobs or [None])[0]
+            if first is None:
+                out.append(None)
+                continue
+            top = {t.token: t.logprob for t in first.top}
+            top.setdefault(first.token, first.logprob)
+            out.append(top)
+        self.last_usage = (prompt_tokens, len(runnable))
+        return out
+
+
+def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None = None) -> str:
+    """The local judge's checkpoint: `judge.model=base` is the base model, else a folder / models:/ URI."""
+    if cfg.judge.model == "base":
+        if base_model_path is not None:
+            return str(base_model_path)
+        from arenaflow.models import resolve_model
+
+        return str(resolve_model(cfg.model, cfg.paths.cache_dir))
+    return str(cfg.judge.model)
+
+
+def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) -> JudgeBackend:
+    """The judge named by `cfg.judge.backend` (openai | openai_compatible | local)."""
+    j = cfg.judge
+    if j.backend in ("openai", "openai_compatible"):
+        if j.backend == "openai_compatible" and not j.get("base_url"):
+            raise JudgeConfigError(
+                "judge=openai_compatible needs judge.base_url=http://host:port/v1"
+            )
+        return OpenAIBackend(
+            str(j.model),
+            model_name=str(j.model_name),
+            base_url=j.get("base_url"),
+            api_key_env=j.get("api_key_env"),
+            temperature=float(j.temperature),
+            max_tokens=int(j.max_tokens),
+            concurrency=int(j.concurrency),
+            retries=int(j.retries),
+            timeout=float(j.timeout),
+            backoff_base=float(j.backoff_base),
+            backoff_max=float(j.backoff_max),
+            logprobs=bool(j.logprob_recovery),
+        )
+    if j.backend == "local":
+        from arenaflow.engine import Engine
+
+        checkpoint = resolve_judge_checkpoint(cfg, base_model_path)
+        tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+        engine = Engine.load(checkpoint, tracking_uri=tracking_uri)
+        return LocalBackend(
+            engine,
+            model_name=str(j.model_name),
+            temperature=float(j.temperature),
+            max_tokens=int(j.max_tokens),
+            batch_size=int(j.batch_size),
+        )
+    raise JudgeConfigError(
+        f"unknown judge.backend {j.backend!r}; use openai, openai_compatible or local "
+        "(conf/judge/gpt4.yaml, openai_compatible.yaml, local.yaml)"
+    )

