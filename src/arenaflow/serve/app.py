@@ -1,0 +1,625 @@
+"""`create_app(cfg)`: the OpenAI-compatible FastAPI app around one model and the shared engine's scheduler.
+
+Endpoints: /v1/models, /v1/chat/completions, /v1/completions (both streamed as SSE on request),
+/health, /ready and /metrics. Concurrent requests share decode steps through `Scheduler`
+(continuous batching); a full queue answers 429, a client that leaves a stream frees its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from omegaconf import DictConfig
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from arenaflow.engine import (
+    Engine,
+    GenerationResult,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    Scheduler,
+    StreamEvent,
+    TokenLogprob,
+)
+from arenaflow.serve.errors import APIError, error_response, install_error_handlers
+from arenaflow.serve.loading import (
+    ServedModel,
+    describe_engine,
+    load_engine,
+    resolve_served_model,
+)
+from arenaflow.serve.metrics import ServeMetrics, batch_sampler
+from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/ready",
+    "/metrics",
+)
+
+
+@dataclass
+class ServeState:
+    """What the app holds once its lifespan has started."""
+
+    cfg: DictConfig
+    metrics: ServeMetrics
+    api_keys: list[str]
+    served: ServedModel | None = None
+    engine: Engine | None = None
+    scheduler: Scheduler | None = None
+    fingerprint: str = field(default_factory=lambda: f"fp_{uuid.uuid4().hex[:10]}")
+
+    def stats(self) -> dict[str, Any] | None:
+        return self.scheduler.stats() if self.scheduler else None
+
+
+def api_keys_from_cfg(cfg: DictConfig) -> list[str]:
+    """Keys from `serve.api_keys` plus the comma-separated `$<serve.api_keys_env>`."""
+    keys = [str(k) for k in (cfg.serve.get("api_keys") or []) if str(k)]
+    env_name = cfg.serve.get("api_keys_env")
+    if env_name:
+        keys += [k.strip() for k in os.environ.get(str(env_name), "").split(",") if k.strip()]
+    return keys
+
+
+def create_app(
+    cfg: DictConfig, *, engine: Engine | None = None, served: ServedModel | None = None
+) -> FastAPI:
+    """The app for `cfg.serve`; pass an already loaded `engine` (+ `served`) to skip loading."""
+    state = ServeState(cfg=cfg, metrics=ServeMetrics(lambda: state.stats()), api_keys=[])
+    state.api_keys = api_keys_from_cfg(cfg)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.served = served or await asyncio.to_thread(resolve_served_model, cfg)
+        state.engine = engine or await asyncio.to_thread(load_engine, cfg, state.served)
+        describe_engine(state.served, state.engine)
+        state.scheduler = Scheduler(
+            state.engine,
+            max_batch_size=int(cfg.serve.max_batch_size),
+            max_queue=int(cfg.serve.max_queue),
+        )
+        state.scheduler.start()
+        state.metrics.ready.set(1)
+        async with batch_sampler(state.metrics):
+            yield
+        state.metrics.ready.set(0)
+        await state.scheduler.close()
+
+    app = FastAPI(title="arenaflow", version="0.1.0", lifespan=lifespan)
+    app.state.serve = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.serve.max_body_bytes))
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outermost: counts 413s
+
+    async def require_key(request: Request) -> None:
+        if not state.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>' (serve.api_keys)",
+                code="invalid_api_key",
+            )
+        if not any(hmac.compare_digest(token.strip(), k) for k in state.api_keys):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def ready_state() -> tuple[Engine, Scheduler, ServedModel]:
+        if state.engine is None or state.scheduler is None or state.served is None:
+            raise APIError(503, "the model is still loading; retry when /ready answers 200")
+        return state.engine, state.scheduler, state.served
+
+    def check_model(name: str, served_model: ServedModel) -> None:
+        if name not in served_model.names:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist on this server; it serves {served_model.names[0]!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.scheduler is None or state.served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        card = state.served.card
+        return JSONResponse(
+            {"status": "ready", "model": card["id"], "version": card.get("version")}
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models() -> dict[str, Any]:
+        _, _, s = ready_state()
+        return {"object": "list", "data": [s.card]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
+    async def get_model(model: str) -> dict[str, Any]:
+        _, _, s = ready_state()
+        check_model(model, s)
+        return s.card
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        eng, sched, s = ready_state()
+        check_model(body.model, s)
+        try:
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages
+            ]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from e
+        try:
+            prompt = eng.render_chat(messages)
+        except Exception as e:  # a template that rejects the role order (e.g. two system turns)
+            raise APIError(
+                400,
+                f"messages cannot be rendered with the model's chat template: {e}",
+                param="messages",
+                code="invalid_value",
+            ) from e
+        params = sampling_params(state, eng, body, prompt, logprobs=body.logprobs)
+        params.top_logprobs = body.top_logprobs or 0
+        gen = _Generation(state, "/v1/chat/completions", s.card["id"], "chatcmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await gen.stream([prompt], params, chat=True, include_usage=include_usage)
+        results = await gen.run([prompt], params)
+        return gen.chat_body(results[0])
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest) -> Any:
+        eng, sched, s = ready_state()
+        check_model(body.model, s)
+        prompts = body.prompt_list()
+        plist = [
+            sampling_params(state, eng, body, p, logprobs=body.logprobs is not None, param="prompt")
+            for p in prompts
+        ]
+        for p in plist:
+            p.top_logprobs = body.logprobs or 0
+        gen = _Generation(state, "/v1/completions", s.card["id"], "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await gen.stream(prompts, plist, chat=False, include_usage=include_usage)
+        return gen.completion_body(await gen.run(prompts, plist), body.n)
+
+    return app
+
+
+def sampling_params(
+    state: ServeState,
+    engine: Engine,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: str,
+    *,
+    logprobs: bool,
+    param: str = "messages",
+) -> SamplingParams:
+    """Request fields -> SamplingParams; the prompt must leave room for the completion."""
+    serve = state.cfg.serve
+    if body.n > int(serve.max_n):
+        raise APIError(400, f"n must be <= {serve.max_n} on this server, got {body.n}", param="n")
+    prompt_tokens = len(engine.encode(prompt))
+    room = engine.context_length - prompt_tokens
+    requested = body.requested_max_tokens()
+    if room < 1:
+        raise APIError(
+            400,
+            f"this model's context window is {engine.context_length} tokens and the prompt has "
+            f"{prompt_tokens}; shorten the {param}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if requested is not None and requested > room:
+        raise APIError(
+            400,
+            f"this model's context window is {engine.context_length} tokens; the prompt has "
+            f"{prompt_tokens} tokens, so max_tokens can be at most {room} (got {requested})",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_new_tokens=requested or min(int(serve.default_max_tokens), room),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+        n=body.n,
+        logprobs=logprobs,
+    )
+
+
+class _Generation:
+    """One HTTP request's generation: submit to the scheduler, map errors, shape OpenAI bodies."""
+
+    def __init__(self, state: ServeState, endpoint: str, model: str, prefix: str) -> None:
+        self.state, self.endpoint, self.model = state, endpoint, model
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.t0 = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        assert self.state.scheduler is not None
+        return self.state.scheduler
+
+    async def run(
+        self, prompts: list[str], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        tasks = [
+            asyncio.ensure_future(_mapped(self.scheduler.submit(p, sp)))
+            for p, sp in zip(prompts, plist, strict=True)
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        self.state.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+        for r in results:
+            self.state.metrics.observe_usage(r.prompt_tokens, r.completion_tokens)
+        return results
+
+    # -- bodies --------------------------------------------------------------------------------
+    def chat_body(self, result: GenerationResult) -> dict[str, Any]:
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in result.choices
+        ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.state.fingerprint,
+            "choices": choices,
+            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        }
+
+    def completion_body(self, results: list[GenerationResult], n: int) -> dict[str, Any]:
+        choices = []
+        for i, result in enumerate(results):
+            for c in result.choices:
+                choices.append(
+                    {
+                        "index": i * n + c.index,
+                        "text": c.text,
+                        "logprobs": _legacy_logprobs(c.logprobs)
+                        if c.logprobs is not None
+                        else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.state.fingerprint,
+            "choices": choices,
+            "usage": _usage(
+                sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+            ),
+        }
+
+    # -- streaming -----------------------------------------------------------------------------
+    async def stream(
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams],
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> StreamingResponse:
+        """Open every prompt's stream first, so queue-full and bad prompts still get a status code."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                it = self.scheduler.stream(p, sp).__aiter__()
+                try:
+                    first = await _mapped(it.__anext__())
+                except BaseException:
+                    await it.aclose()  # type: ignore[attr-defined]
+                    raise
+                opened.append((it, first))
+        except BaseException:
+            for it, _ in opened:
+                await it.aclose()  # type: ignore[attr-defined]
+            raise
+        n = plist[0].n
+        body = self._sse(opened, n, chat=chat, include_usage=include_usage)
+        return StreamingResponse(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    async def _sse(
+        self,
+        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]],
+        n: int,
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, it: AsyncIterator[StreamEvent], first: StreamEvent) -> None:
+            try:
+                await queue.put((i, first))
+                async for ev in it:
+                    await queue.put((i, ev))
+            except Exception as e:  # the scheduler failed this request
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.create_task(pump(i, it, f)) for i, (it, f) in enumerate(opened)]
+        prompt_tokens = completion_tokens = 0
+        extra = {"usage": None} if include_usage else {}
+        try:
+            if chat:
+                for j in range(n):
+                    yield _sse(
+                        self._chunk(
+                            [
+                                {
+                                    "index": j,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                            extra,
+                        )
+                    )
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    log.error("stream failed: %s", item)
+                    yield _sse(error_body_for(item))
+                    return
+                ev: StreamEvent = item
+                if self.first_token_at is None and ev.token_id is not None:
+                    self.first_token_at = time.perf_counter()
+                    self.state.metrics.ttft.labels(self.endpoint).observe(
+                        self.first_token_at - self.t0
+                    )
+                if ev.prompt_tokens is not None:
+                    prompt_tokens += ev.prompt_tokens
+                    completion_tokens += ev.completion_tokens or 0
+                if ev.text or ev.logprob is not None or ev.finish_reason:
+                    index = ev.index if chat else i * n + ev.index
+                    yield _sse(self._chunk([self._choice_delta(ev, index, chat)], extra))
+            self.state.metrics.observe_usage(prompt_tokens, completion_tokens)
+            if include_usage:
+                yield _sse(self._chunk([], {"usage": _usage(prompt_tokens, completion_tokens)}))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for it, _ in opened:
+                with contextlib.suppress(Exception):
+                    await it.aclose()  # type: ignore[attr-defined]
+
+    def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk"
+            if self.id.startswith("chatcmpl")
+            else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.state.fingerprint,
+            "choices": choices,
+            **extra,
+        }
+
+    @staticmethod
+    def _choice_delta(ev: StreamEvent, index: int, chat: bool) -> dict[str, Any]:
+        lps = [ev.logprob] if ev.logprob is not None else None
+        if chat:
+            return {
+                "index": index,
+                "delta": {"content": ev.text} if ev.text else {},
+                "logprobs": _chat_logprobs(lps) if lps else None,
+                "finish_reason": ev.finish_reason,
+            }
+        return {
+            "index": index,
+            "text": ev.text,
+            "logprobs": _legacy_logprobs(lps) if lps else None,
+            "finish_reason": ev.finish_reason,
+        }
+
+
+async def _mapped(aw: Awaitable[Any]) -> Any:
+    """Scheduler errors -> HTTP errors (429 with Retry-After, 400 for prompts, 503 when closing)."""
+    try:
+        return await aw
+    except QueueFullError as e:
+        raise APIError(429, f"{e}", code="queue_full", headers={"Retry-After": "1"}) from e
+    except PromptTooLongError as e:
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+    except RuntimeError as e:
+        raise APIError(503, f"the server could not finish the request: {e}") from e
+
+
+def error_body_for(exc: Exception) -> dict[str, Any]:
+    from arenaflow.serve.errors import error_body
+
+    return error_body(500, f"generation failed: {exc}")
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": _bytes(lp.token),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
+                    for t in lp.top
+                ],
+            }
+            for lp in lps
+        ],
+        "refusal": None,
+    }
+
+
+def _legacy_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+    offsets, pos = [], 0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+# -- ASGI middleware ------------------------------------------------------------------------------
+Scope = dict[str, Any]
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class BodyLimitMiddleware:
+    """413 for a request body above `max_bytes` (Content-Length or counted while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Any, send: Any) -> None:
+        response = error_response(
+            413,
+            f"request body is larger than {self.max_bytes} bytes (serve.max_body_bytes); send less",
+            code="request_too_large",
+        )
+        await response(scope, receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by endpoint and status and times them until their last body byte."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            if endpoint.startswith("/v1/"):
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)

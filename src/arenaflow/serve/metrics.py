@@ -1,0 +1,128 @@
+"""Prometheus metrics of one app: requests, latencies, time to first token, tokens, queue depth, batch size.
+
+Each app owns its `CollectorRegistry`, so several apps (tests, blue/green in one process) never
+share or clash over global metrics. Scheduler state (queue depth, running rows, last batch size)
+is read at scrape time; batch sizes of decode steps are sampled into a histogram by a background
+task, so a scrape after a burst still shows how large the batches were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _SchedulerCollector:
+    """Reads `scheduler.stats()` on every scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._stats() or {}
+        gauges = {
+            "queue_depth": "requests waiting for a batch row",
+            "running": "requests being decoded",
+            "running_sequences": "batch rows being decoded (n choices = n rows)",
+            "last_batch_size": "rows in the last decode step",
+        }
+        for key, doc in gauges.items():
+            yield GaugeMetricFamily(f"arenaflow_scheduler_{key}", doc, value=stats.get(key, 0))
+        counters = {
+            "steps": "decode steps run",
+            "tokens_generated": "tokens decoded",
+            "completed": "requests completed",
+            "rejected": "requests rejected because the queue was full",
+            "cancelled": "requests cancelled (client went away)",
+            "failed": "requests failed by a model error",
+        }
+        for key, doc in counters.items():
+            yield CounterMetricFamily(f"arenaflow_scheduler_{key}", doc, value=stats.get(key, 0))
+
+
+class ServeMetrics:
+    """The app's metrics; `render()` is the /metrics body."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry = CollectorRegistry()
+        self._stats = stats
+        r = self.registry
+        self.requests = Counter(
+            "arenaflow_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "arenaflow_request_latency_seconds",
+            "request latency (streams: until the last chunk)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "arenaflow_time_to_first_token_seconds",
+            "time from request to the first generated token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "arenaflow_prompt_tokens", "prompt tokens processed", registry=r
+        )
+        self.generation_tokens = Counter(
+            "arenaflow_generation_tokens", "completion tokens generated", registry=r
+        )
+        self.batch_size = Histogram(
+            "arenaflow_batch_size",
+            "rows per decode step, sampled while generating",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_size_peak = Gauge(
+            "arenaflow_batch_size_peak", "largest decode batch seen", registry=r
+        )
+        self.ready = Gauge("arenaflow_ready", "1 when the model is loaded", registry=r)
+        r.register(_SchedulerCollector(stats))
+        self._peak = 0
+
+    def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+
+    async def sample_batches(self, interval_s: float = 0.01) -> None:
+        """Observe the batch size of every decode step seen (runs until cancelled)."""
+        last_steps = 0
+        while True:
+            stats = self._stats() or {}
+            steps = int(stats.get("steps", 0))
+            if steps != last_steps:
+                size = int(stats.get("last_batch_size", 0))
+                self.batch_size.observe(size)
+                if size > self._peak:
+                    self._peak = size
+                    self.batch_size_peak.set(size)
+                last_steps = steps
+            await asyncio.sleep(interval_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@contextlib.asynccontextmanager
+async def batch_sampler(metrics: ServeMetrics):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(metrics.sample_batches())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
