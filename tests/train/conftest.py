@@ -60,3 +60,14 @@ def tiny_tokenizer(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def sft_dir(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_sft_dataset(tiny_tokenizer, tmp_path_factory.mktemp("sft") / "sft_dataset")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

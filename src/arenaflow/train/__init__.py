@@ -37,7 +37,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             result = fit(cfg, p, sink=pipes.log if int(os.environ.get("RANK", 0)) == 0 else None)
         pipes.report(result)
-    return result
+    # the full per-step history stays in result.json; the returned value is small
+    return {k: v for k, v in result.items() if k not in ("history", "val_history")}
 
 
 def resolve_base(cfg: DictConfig) -> dict[str, Any]:

@@ -61,6 +61,21 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def sharding_summary(model: torch.nn.Module) -> dict[str, int]:
+    """How many parameters are DTensor shards, and this rank's share of the elements."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return {
+        "params": len(params),
+        "sharded_params": sum(isinstance(p, DTensor) for p in params),
+        "full_numel": sum(p.numel() for p in params),
+        "local_numel": sum(
+            p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params
+        ),
+    }
+
+
 class ChatLM(L.LightningModule):
     """Causal LM fine-tuning on assistant tokens only."""
 
@@ -86,6 +101,7 @@ class ChatLM(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.trust_remote_code = trust_remote_code
         self.model: torch.nn.Module | None = None
+        self.sharding: dict[str, int] = {}
         self.last_grad_norm: float | None = None
         self.reset_counters()
         self.val_sum = 0.0
@@ -123,6 +139,7 @@ class ChatLM(L.LightningModule):
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
         self.model = model
+        self.sharding = sharding_summary(model)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n = token_loss_sum(forward_logits(self.model, batch), batch["labels"])

@@ -351,6 +351,7 @@ def _finish(
         "n_params": p.shape["n_params"],
         "memory_estimate_gb": p.memory,
         "data_counts": counts,
+        "sharding": trainer.lightning_module.sharding,
         "history": history,
         "val_history": metrics_cb.val_history,
         **summary,

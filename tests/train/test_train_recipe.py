@@ -1,0 +1,150 @@
+"""The training recipe on the tiny Llama: loss mask, packing, overfitting, batching, preflight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arenaflow.data.sft import IGNORE_INDEX, encode_conversation
+from arenaflow.train.data import Collator, RankBatchSampler, SFTDataModule, pack_examples
+from arenaflow.train.flops import model_shape
+from arenaflow.train.module import ChatLM, forward_logits, token_loss_sum
+from arenaflow.train.preflight import MemoryPreflightError, check_memory
+from arenaflow.train.recipe import accumulation
+
+CONVERSATION = [
+    {"from": "human", "value": "Name a colour."},
+    {"from": "gpt", "value": "Blue."},
+    {"from": "human", "value": "And a fruit?"},
+    {"from": "gpt", "value": "A ripe mango."},
+]
+
+
+def test_loss_counts_exactly_the_assistant_spans_with_end_of_turn(tiny_tokenizer) -> None:
+    enc = encode_conversation(tiny_tokenizer, CONVERSATION)
+    ids = enc["input_ids"]
+    # independent reference: the reply tokens follow "<|im_start|>assistant\n" up to <|im_end|>
+    header = tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = set()
+    for i in range(len(ids) - len(header)):
+        if ids[i : i + len(header)] == header:
+            j = i + len(header)
+            while ids[j] != im_end:
+                expected.add(j)
+                j += 1
+            expected.add(j)  # the end-of-turn token is trained too
+    trained = {i for i, label in enumerate(enc["labels"]) if label != IGNORE_INDEX}
+    assert trained == expected
+    spans = tiny_tokenizer.decode([ids[i] for i in sorted(trained)])
+    assert spans == "Blue.<|im_end|>A ripe mango.<|im_end|>"
+
+    batch = Collator(tiny_tokenizer.pad_token_id, packed=False)([[(ids, enc["labels"])]])
+    logits = torch.zeros(1, batch["input_ids"].shape[1], len(tiny_tokenizer))
+    loss_sum, n = token_loss_sum(logits, batch["labels"])
+    assert int(n) == len(expected)
+    # uniform logits: every counted token costs log(vocab)
+    assert float(loss_sum) == pytest.approx(
+        len(expected) * torch.log(torch.tensor(float(len(tiny_tokenizer)))).item(), rel=1e-5
+    )
+
+
+def _examples(sft_dir, packing: bool, max_length: int = 128) -> SFTDataModule:
+    dm = SFTDataModule(
+        sft_dir, pad_id=0, micro_batch_size=4, max_length=max_length, packing=packing
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_packing_gives_the_same_loss_as_unpacked(sft_dir, tiny_model_dir, tiny_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    dm = _examples(sft_dir, packing=False)
+    examples = dm.datasets["train"].examples[:6]
+    pad = tiny_tokenizer.pad_token_id
+    unpacked = Collator(pad, packed=False)([[e] for e in examples])
+    rows = pack_examples([len(e[0]) for e in examples], 256, seed=0)
+    assert len(rows) < len(examples)  # something really was packed together
+    packed = Collator(pad, packed=True)([[examples[i] for i in row] for row in rows])
+    assert int((packed["position_ids"] == 0).sum()) >= len(examples)
+    with torch.no_grad():
+        s1, n1 = token_loss_sum(forward_logits(model, unpacked), unpacked["labels"])
+        s2, n2 = token_loss_sum(forward_logits(model, packed), packed["labels"])
+        # without the restarting position ids the packed loss differs (cross-sample attention)
+        leaky = dict(packed)
+        leaky.pop("packed")
+        leaky["attention_mask"] = (packed["labels"] != -1).long()
+        s3, _ = token_loss_sum(forward_logits(model, leaky), packed["labels"])
+    assert int(n1) == int(n2) > 0
+    assert float(s2 / n2) == pytest.approx(float(s1 / n1), abs=1e-4)
+    assert abs(float(s3 - s1)) > 1e-3
+
+
+def test_tiny_model_overfits_a_repeated_batch(sft_dir, tiny_model_dir, tiny_tokenizer) -> None:
+    torch.manual_seed(0)
+    module = ChatLM(tiny_model_dir, lambda params: torch.optim.AdamW(params, lr=1e-2))
+    module.configure_model()
+    dm = _examples(sft_dir, packing=False, max_length=64)
+    batch = Collator(tiny_tokenizer.pad_token_id, packed=False)(
+        [[e] for e in dm.datasets["train"].examples[:2]]
+    )
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = module.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_rank_batches_are_disjoint_equal_and_cover_everything() -> None:
+    lengths = [5, 80, 7, 64, 12, 3, 99, 40, 41, 8, 9]
+    per_rank = [
+        list(RankBatchSampler(lengths, batch_size=2, world_size=2, rank=r, seed=3)) for r in (0, 1)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert set(seen) == set(range(len(lengths)))
+    first = [i for b in per_rank[0] for i in b]
+    second = [i for b in per_rank[1] for i in b]
+    assert len(set(first) & set(second)) <= 1  # only the wrap-around filler may repeat
+
+
+def test_grouping_by_length_reduces_padding() -> None:
+    lengths = list(range(1, 201))
+
+    def padded(group: bool) -> int:
+        s = RankBatchSampler(lengths, batch_size=8, seed=1, group_by_length=group)
+        return sum(max(lengths[i] for i in b) * len(b) for b in s)
+
+    assert padded(True) < 0.7 * padded(False)
+
+
+def test_gradient_accumulation_keeps_the_global_batch(make_cfg) -> None:
+    assert accumulation(make_cfg("train=vicuna", "hardware=a100_4x")) == 128 // (4 * 4)
+    assert accumulation(make_cfg("train=vicuna", "hardware=h100_8x_2nodes")) == 1
+    assert accumulation(make_cfg("hardware=cpu_fsdp")) == 1
+    with pytest.raises(ValueError, match="hardware.micro_batch_size"):
+        accumulation(make_cfg("train.global_batch_size=6"))
+
+
+def test_memory_preflight_refuses_llama2_7b_on_one_gpu(make_cfg) -> None:
+    from transformers import LlamaConfig
+
+    llama2_7b = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    )
+    shape = model_shape(llama2_7b)
+    assert 6.6e9 < shape.n_params < 6.8e9
+    with pytest.raises(MemoryPreflightError, match="hardware=a100_4x"):
+        check_memory(shape, make_cfg("hardware=gpu_1x").hardware, 2048, "llama2-7b")
+    est = check_memory(shape, make_cfg("hardware=a100_4x").hardware, 2048, "llama2-7b")
+    assert est.total_gb < 80 * 0.9
