@@ -261,8 +261,8 @@ def _describe(exc: Exception) -> str:
 
 
 class LocalBackend(JudgeBackend):
-    """The arenaflow engine in process: batched greedy judging, and logprobs of the verdict token
-    read after a forced `[[` prefix appended to the judge's own reply."""
+    """The arenaflow engine in process: batched greedy judging, and the verdict token's
+    distribution read after a forced `[[` prefix appended to the judge's own reply."""
 
     supports_logprobs = True
 
@@ -310,38 +310,45 @@ class LocalBackend(JudgeBackend):
             )
         return [c for c in out if c is not None]
 
+    def _candidate_ids(self, output_format: str) -> dict[str, int]:
+        """Verdict tokens that are single tokens of this tokenizer (`10` usually is not)."""
+        out = {}
+        for token in RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS:
+            ids = self.engine.tokenizer.encode(token, add_special_tokens=False)
+            if len(ids) == 1:
+                out[token] = ids[0]
+        return out
+
     def verdict_logprobs(
         self, requests: list[ChatRequest], judgments: list[str], output_format: str
     ) -> list[dict[str, float] | None]:
-        from arenaflow.engine import SamplingParams
+        """Logprobs of every verdict token (over the full vocabulary) after the forced prefix.
+
+        One forward pass per prompt reads the exact next-token distribution, so a verdict is
+        recovered even when no verdict token is among the top 20 alternatives.
+        """
+        import torch
 
         prefix = VERDICT_PREFIX[output_format]
-        prompts: list[str | None] = []
+        candidates = self._candidate_ids(output_format)
+        out: list[dict[str, float] | None] = []
+        prompt_tokens = 0
         for request, judgment in zip(requests, judgments, strict=True):
             head = self.engine.render_chat(request.messages())
             prompt = head + judgment.rstrip() + prefix
             if self._fits(prompt, 1) is None:
                 prompt = head + prefix.lstrip()  # the reply does not fit: ask for the verdict only
-            prompts.append(prompt if self._fits(prompt, 1) is not None else None)
-        runnable = [p for p in prompts if p is not None]
-        params = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
-        results = iter(self.engine.generate(runnable, params) if runnable else [])
-        out: list[dict[str, float] | None] = []
-        prompt_tokens = 0
-        for prompt in prompts:
-            if prompt is None:
+            if self._fits(prompt, 1) is None or not candidates:
                 out.append(None)
                 continue
-            result = next(results)
-            prompt_tokens += result.prompt_tokens
-            first = (result.choices[0].logprobs or [None])[0]
-            if first is None:
-                out.append(None)
-                continue
-            top = {t.token: t.logprob for t in first.top}
-            top.setdefault(first.token, first.logprob)
-            out.append(top)
-        self.last_usage = (prompt_tokens, len(runnable))
+            ids = self.engine.encode(prompt)
+            prompt_tokens += len(ids)
+            device = next(self.engine.model.parameters()).device
+            with self.engine.lock, torch.no_grad():
+                logits = self.engine.model(torch.tensor([ids], device=device)).logits[0, -1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            out.append({tok: float(logprobs[i]) for tok, i in candidates.items()})
+        self.last_usage = (prompt_tokens, len([o for o in out if o is not None]))
         return out
 
 

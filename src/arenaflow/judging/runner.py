@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,14 +97,15 @@ class RunStats:
 
 def run_items(
     items: list[JudgeItem],
-    backend: JudgeBackend,
+    make_backend: Callable[[], JudgeBackend],
     cache: JudgmentCache,
     budget: Budget,
     *,
     logprob_recovery: bool,
     desc: str = "judging",
 ) -> tuple[dict[str, ItemResult], RunStats]:
-    """Judge every item once: cached verdicts are reused, the rest are called in backend-sized chunks."""
+    """Judge every item once: cached verdicts are reused, the rest are called in backend-sized
+    chunks. The backend is only built (a model loaded, a client opened) when a call is needed."""
     stats = RunStats()
     results: dict[str, ItemResult] = {}
     todo: list[JudgeItem] = []
@@ -117,8 +119,37 @@ def run_items(
         else:
             todo.append(item)
     pending = list({item.key: item for item in todo}.values())
+    backend = make_backend() if pending else None
+    try:
+        _run_pending(pending, backend, cache, budget, stats, results, logprob_recovery, desc)
+    finally:
+        if backend is not None:
+            backend.close()
+    for item in items:
+        r = results[item.key]
+        if r.error:
+            stats.outcomes["budget" if r.error.startswith("budget") else "error"] += 1
+        elif r.verdict.source == "text":
+            stats.outcomes["text"] += 1
+        elif r.verdict.source == "logprobs":
+            stats.outcomes["logprobs"] += 1
+        else:
+            stats.outcomes["parse_error"] += 1
+    return results, stats
+
+
+def _run_pending(
+    pending: list[JudgeItem],
+    backend: JudgeBackend | None,
+    cache: JudgmentCache,
+    budget: Budget,
+    stats: RunStats,
+    results: dict[str, ItemResult],
+    logprob_recovery: bool,
+    desc: str,
+) -> None:
     with tqdm(total=len(pending), desc=desc, unit="call", disable=not pending) as bar:
-        while pending:
+        while pending and backend is not None:
             reason = budget.exhausted()
             if reason:
                 stats.budget_message = (
@@ -136,17 +167,6 @@ def run_items(
             chunk, pending = pending[:size], pending[size:]
             _judge_chunk(chunk, backend, cache, budget, stats, results, logprob_recovery)
             bar.update(len(chunk))
-    for item in items:
-        r = results[item.key]
-        if r.error:
-            stats.outcomes["budget" if r.error.startswith("budget") else "error"] += 1
-        elif r.verdict.source == "text":
-            stats.outcomes["text"] += 1
-        elif r.verdict.source == "logprobs":
-            stats.outcomes["logprobs"] += 1
-        else:
-            stats.outcomes["parse_error"] += 1
-    return results, stats
 
 
 def _judge_chunk(

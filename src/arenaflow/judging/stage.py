@@ -143,16 +143,18 @@ def judge(
         len(plan.pairs),
         len(plan.items),
     )
-    backend = backend or build_backend(cfg, base_model_path)
     cache = JudgmentCache(str(j.cache_path))
     budget = Budget(j.get("max_calls"), j.get("max_tokens_budget"))
     try:
         results, stats = run_items(
-            plan.items, backend, cache, budget, logprob_recovery=bool(j.logprob_recovery)
+            plan.items,
+            lambda: backend or build_backend(cfg, base_model_path),
+            cache,
+            budget,
+            logprob_recovery=bool(j.logprob_recovery),
         )
     finally:
         cache.close()
-        backend.close()
     singles, pairs = single_records(plan, results), pair_records(plan, results)
     single_uri, pair_uri = judgment_uris(cfg)
     io.write_jsonl(single_uri, singles)

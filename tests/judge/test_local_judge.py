@@ -1,0 +1,87 @@
+"""The `local` judge on the real tiny model: end to end through the engine, and logprob recovery
+checked against the engine's own next-token distribution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from judge_standin import read_rows, write_inputs
+
+from arenaflow.engine import Engine, SamplingParams
+from arenaflow.judging import judge, score
+from arenaflow.judging.backends import VERDICT_PREFIX, ChatRequest, LocalBackend
+from arenaflow.judging.verdicts import verdict_from_logprobs
+
+
+def test_local_judge_end_to_end_on_tiny_model(
+    make_cfg, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg("judge.model=base", "judge.model_name=tiny-judge", "judge.max_tokens=8")
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    kwargs = dict(
+        question_uri=inputs["question_uri"],
+        answer_uris=inputs["answer_uris"],
+        base_model_path=tiny_model_dir,
+    )
+    result = judge(cfg, **kwargs)
+
+    assert result["judge_model"] == "tiny-judge"
+    assert result["single_uri"].endswith("model_judgment/tiny-judge_single.jsonl")
+    assert result["counts"]["single"] == 4 and result["counts"]["pair"] == 2
+    singles, pairs = read_rows(result["single_uri"]), read_rows(result["pair_uri"])
+    assert {tuple(r["judge"]) for r in singles} == {
+        ("tiny-judge", "single-v1"),
+        ("tiny-judge", "single-v1-multi-turn"),
+    }
+    # a random model writes no verdict; every one is recovered from its token probabilities
+    assert result["health"]["parse_failures"] == result["health"]["replies"] == 8
+    assert result["health"]["unresolved"] == 0
+    for r in singles:
+        assert r["verdict_source"] == "logprobs"
+        assert 1 <= r["score"] <= 9 and 1 <= r["expected_score"] <= 9
+    for r in pairs:
+        assert {r["g1_winner"], r["g2_winner"]} <= {"model_1", "model_2", "tie"}
+
+    again = judge(cfg, **kwargs)
+    assert again["counts"]["calls_made"] == 0 and again["counts"]["calls_cached"] == 8
+    assert read_rows(again["single_uri"])[0]["score"] == singles[0]["score"]
+
+    scores = score(cfg)
+    assert set(scores["scores"]) == {"finetuned", "base"}
+    assert scores["unparsed"] == {"finetuned": 0, "base": 0}
+    assert scores["radar_uri"].endswith("scores/tiny-judge_radar.png")
+
+
+@pytest.mark.parametrize("output_format", ["[[rating]]", "[[A]]"])
+def test_logprob_recovery_reads_the_models_distribution(
+    tiny_model_dir: Path, output_format: str
+) -> None:
+    engine = Engine.load(tiny_model_dir)
+    backend = LocalBackend(engine, model_name="tiny", max_tokens=4)
+    request = ChatRequest("You are a judge.", "Rate this answer: Paris is the capital of France.")
+    judgment = "The answer is correct and concise."
+    [top] = backend.verdict_logprobs([request], [judgment], output_format)
+
+    expected_tokens = (
+        {str(i) for i in range(1, 10)} if output_format == "[[rating]]" else {"A", "B", "C"}
+    )
+    assert set(top) == expected_tokens  # "10" is two tokens in this tokenizer
+    # the same prompt through the engine: its top-20 logprobs agree with the full distribution
+    prompt = engine.render_chat(request.messages()) + judgment + VERDICT_PREFIX[output_format]
+    params = SamplingParams(max_new_tokens=1, logprobs=True, top_logprobs=20)
+    first = engine.generate([prompt], params)[0].choices[0].logprobs[0]
+    engine_top = {t.token: t.logprob for t in first.top}
+    floor = min(engine_top.values())
+    for token, logprob in top.items():
+        if token in engine_top:
+            assert logprob == pytest.approx(engine_top[token], abs=1e-4)
+        else:
+            assert logprob <= floor + 1e-4
+    verdict = verdict_from_logprobs(top, output_format)
+    assert verdict.source == "logprobs" and sum(verdict.probs.values()) == pytest.approx(1.0)
+    best = max(top, key=top.get)
+    if output_format == "[[rating]]":
+        assert verdict.score == float(best)
+    else:
+        assert verdict.winner == {"A": "A", "B": "B", "C": "tie"}[best]
