@@ -1,0 +1,457 @@
+"""Clean ShareGPT conversations: FastChat's rules, plus near-duplicate and language filtering, fast.
+
+Per-record work (role fixes, HTML -> markdown, blocked words, empty answers, list-numbering check,
+language ID, MinHash signature) runs in worker processes over chunks of raw JSONL lines; the
+order-dependent dedup (by id, by first exchange, MinHash/LSH near-duplicates) runs in the parent
+over the results in input order, so the output is deterministic whatever the worker count.
+Markdown input passes through unchanged; only values that are HTML pay for conversion.
+Every dropped record is counted under one reason; `kept + sum(dropped) == input`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROLE_ALIASES = {
+    "human": "human",
+    "user": "human",
+    "gpt": "gpt",
+    "assistant": "gpt",
+    "chatgpt": "gpt",
+    "bing": "gpt",
+    "bard": "gpt",
+    "system": "system",
+}
+
+# An HTML value starts with a block-level tag (after an optional "N / N" regenerate counter);
+# inline tags such as <br> inside markdown tables are markdown and stay.
+_HTML_START = re.compile(
+    r"\s*(?:\d+\s*/\s*\d+\s*)?<(?:div|p|span|pre|ol|ul|h[1-6]|table|blockquote|code)\b", re.I
+)
+_DIV_SPAN = re.compile(r"</?(?:div|span)\b[^>]*>", re.I)
+_CODE_LANG = re.compile(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", re.DOTALL)
+_REGENERATE = re.compile(r"\d+ / \d+")
+_COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
+_EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# FastChat's filter_wrong_format: a "1." list that restarts at "1." before any "2".
+_WRONG_LIST = re.compile(r"\n1\. [^2]*\n1\. ")
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    """The cleaning rules, from `cfg.data` (picklable: it travels to the worker processes)."""
+
+    blocked_words: tuple[str, ...] = ("openai", "chatgpt")
+    blocked_responses: tuple[str, ...] = ("Too many requests in 1 hour. Try again later.",)
+    min_chars: int = 16
+    system_turns: str = "drop"
+    keep_lang: tuple[str, ...] = ()
+    skip_lang: tuple[str, ...] = ()
+    wrong_list_filter: bool = True
+    minhash: bool = True
+    minhash_threshold: float = 0.9
+    num_perm: int = 128
+    shingle: int = 5
+    minhash_max_chars: int = 5_000
+
+    @classmethod
+    def from_cfg(cls, data_cfg: Any) -> CleanOptions:
+        mh = data_cfg.minhash
+        if data_cfg.system_turns not in ("drop", "keep"):
+            raise ValueError(f"data.system_turns={data_cfg.system_turns!r}: use drop or keep")
+        return cls(
+            blocked_words=tuple(data_cfg.blocked_words or ()),
+            blocked_responses=tuple(data_cfg.blocked_responses or ()),
+            min_chars=int(data_cfg.min_chars),
+            system_turns=str(data_cfg.system_turns),
+            keep_lang=tuple(data_cfg.keep_lang or ()),
+            skip_lang=tuple(data_cfg.skip_lang or ()),
+            wrong_list_filter=bool(data_cfg.get("wrong_list_filter", True)),
+            minhash=bool(mh.enabled),
+            minhash_threshold=float(mh.threshold),
+            num_perm=int(mh.num_perm),
+            shingle=int(mh.shingle),
+            minhash_max_chars=int(mh.get("max_chars", 5_000)),
+        )
+
+
+@dataclass
+class CleanStats:
+    input: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "notes": dict(sorted(self.notes.items())),
+        }
+
+
+# -- text -----------------------------------------------------------------------------------------
+def is_html(value: str) -> bool:
+    return "<" in value and _HTML_START.match(value) is not None
+
+
+def reformat_code(value: str) -> str:
+    """ShareGPT's "```pythonCopy code<code>```" -> a fenced block with its language."""
+    return _CODE_LANG.sub(r"```\g<1>\n\g<2>\n```", value)
+
+
+def html_to_markdown(value: str) -> str:
+    """Convert one ShareGPT HTML value to markdown (FastChat's steps with a real converter)."""
+    import markdownify
+
+    value = _DIV_SPAN.sub("", value)
+    value = markdownify.markdownify(value, heading_style="ATX").strip()
+    value = reformat_code(value)
+    noise = _REGENERATE.match(value)
+    if noise:
+        value = value[noise.end() :]
+    value = _COPY_CHARS.sub("", value)
+    value = _EMPTY_COPY_CODE.sub("", value)
+    return _BLANK_LINES.sub("\n\n", value).strip()
+
+
+def clean_value(value: str, notes: Counter) -> str:
+    """Markdown passes through (except ShareGPT's copy-button noise); HTML is converted."""
+    if is_html(value):
+        notes["html_converted"] += 1
+        return html_to_markdown(value)
+    if "Copy code" in value:
+        notes["code_fence_fixed"] += 1
+        value = _EMPTY_COPY_CODE.sub("", reformat_code(value))
+    if "chars / " in value:
+        value = _COPY_CHARS.sub("", value)
+    return value
+
+
+# -- one record -----------------------------------------------------------------------------------
+class _Blocked:
+    """Case-insensitive substring search for many words with one compiled regex."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.rx = re.compile("|".join(re.escape(w) for w in words), re.I) if words else None
+
+    def search(self, text: str) -> bool:
+        return self.rx is not None and self.rx.search(text) is not None
+
+
+_blocked_cache: dict[tuple[str, ...], _Blocked] = {}
+
+
+def _blocked(words: tuple[str, ...]) -> _Blocked:
+    if words not in _blocked_cache:
+        _blocked_cache[words] = _Blocked(words)
+    return _blocked_cache[words]
+
+
+def clean_record(
+    record: dict[str, Any], opts: CleanOptions, notes: Counter
+) -> tuple[str | None, dict]:
+    """(drop reason or None, cleaned FastChat record). Order-independent rules only."""
+    if record.get("plugins") is not None:
+        return "plugins", record
+    turns = []
+    for t in record["conversations"]:
+        role = ROLE_ALIASES.get(t["from"].strip().lower())
+        if role is None:
+            return "wrong_format", record
+        if role == "system":
+            if opts.system_turns == "drop":
+                notes["system_turns_removed"] += 1
+                continue
+            if turns:  # system_turns=keep: only a leading system turn fits the format
+                return "wrong_format", record
+        elif role != t["from"]:
+            notes["role_alias_mapped"] += 1
+        turns.append({"from": role, "value": t["value"]})
+
+    head = turns[:1] if turns and turns[0]["from"] == "system" else []
+    body = turns[len(head) :]
+    if body and body[0]["from"] != "human":
+        body = body[1:]
+        notes["leading_non_human_removed"] += 1
+    if body and body[-1]["from"] == "human":
+        body = body[:-1]
+    if len(body) <= 1:
+        return "too_short", record
+
+    blocked = _blocked(opts.blocked_words)
+    responses = {r.strip() for r in opts.blocked_responses}
+    out: list[dict[str, str]] = []
+    chars = 0
+    for i, t in enumerate(body):
+        if t["from"] != ("human", "gpt")[i % 2]:
+            return "wrong_format", record
+        value = t["value"]
+        if blocked.search(value):
+            return "blocked_words", record
+        if t["from"] == "gpt" and value.strip() in responses:
+            return "blocked_response", record
+        try:
+            value = clean_value(value, notes)
+        except (RecursionError, AssertionError, ValueError) as e:
+            log.debug("record %s: converter failed: %s", record.get("id"), e)
+            return "parse_error", record
+        except Exception as e:  # bs4's ParserRejectedMarkup and friends
+            log.debug("record %s: converter failed: %r", record.get("id"), e)
+            return "parse_error", record
+        stripped = value.strip()
+        if not stripped or not stripped[0].isprintable():
+            notes["stopped_at_empty_answer"] += 1
+            break
+        chars += len(value)
+        out.append({"from": t["from"], "value": value})
+    out = out[: len(out) // 2 * 2]
+    if chars < opts.min_chars or not out:
+        return "too_short", record
+    if opts.wrong_list_filter and any(_WRONG_LIST.search(t["value"]) for t in out):
+        return "wrong_list_numbering", record
+    if opts.keep_lang or opts.skip_lang:
+        lang = detect_language(out)
+        if (opts.keep_lang and lang not in opts.keep_lang) or lang in opts.skip_lang:
+            notes[f"lang_{lang}"] += 1
+            return "language", record
+    return None, {"id": record["id"], "conversations": head + out}
+
+
+def detect_language(turns: Sequence[dict[str, str]], max_chars: int = 2000) -> str:
+    import langid
+
+    text = "\n".join(t["value"] for t in turns)[:max_chars]
+    return langid.classify(text)[0]
+
+
+def dedup_key(conv: Sequence[dict[str, str]]) -> bytes:
+    """FastChat's value-duplicate key (first human, first gpt text), as a short digest."""
+    body = [t for t in conv if t["from"] != "system"]
+    return hashlib.blake2b(
+        (body[0]["value"] + "\x00" + body[1]["value"]).encode(), digest_size=16
+    ).digest()
+
+
+# -- MinHash --------------------------------------------------------------------------------------
+# Everything is uint64 arithmetic that wraps on purpose: polynomial word hashes from prefix sums,
+# and multiply-shift universal hashing for the permutations (no per-word Python loop, no modulo).
+_P = np.uint64(0x100000001B3)  # odd, so it has an inverse mod 2**64
+_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_SHIFT = np.uint64(32)
+_perm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    if num_perm not in _perm_cache:
+        gen = np.random.default_rng(seed)
+        a = gen.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        b = gen.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
+        _perm_cache[num_perm] = (a, b)
+    return _perm_cache[num_perm]
+
+
+def _powers(base: np.uint64, n: int) -> np.ndarray:
+    out = np.full(n, base, dtype=np.uint64)
+    out[0] = 1
+    return np.cumprod(out, dtype=np.uint64)
+
+
+def word_hashes(text: str) -> np.ndarray:
+    """A 64-bit hash of every whitespace-separated word of `text`, lower-cased, vectorized."""
+    raw = np.frombuffer(text.lower().encode("utf-8", "ignore"), dtype=np.uint8)
+    n = len(raw)
+    if n == 0:
+        return np.zeros(1, dtype=np.uint64)
+    ws = raw <= 32  # space and control characters separate words
+    word = ~ws
+    starts = np.flatnonzero(word & np.concatenate(([True], ws[:-1])))
+    ends = np.flatnonzero(word & np.concatenate((ws[1:], [True]))) + 1
+    if len(starts) == 0:
+        return np.zeros(1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        prefix = np.concatenate(([0], np.cumsum(raw.astype(np.uint64) * _powers(_P, n))))
+        prefix = prefix.astype(np.uint64)
+        return (prefix[ends] - prefix[starts]) * _powers(_P_INV, n)[starts]
+
+
+def minhash_signature(text: str, num_perm: int = 128, shingle: int = 5) -> np.ndarray:
+    """MinHash of the word `shingle`-grams of `text` (lower-cased), as `num_perm` uint64 values."""
+    hv = word_hashes(text)
+    n = max(1, len(hv) - shingle + 1)
+    with np.errstate(over="ignore"):
+        h = hv[:n].copy()
+        for k in range(1, min(shingle, len(hv))):
+            h = h * _MIX + hv[k : k + n]
+        a, b = _permutations(num_perm)
+        return ((h[:, None] * a[None, :] + b[None, :]) >> _SHIFT).min(axis=0)
+
+
+def _signature_text(conv: Sequence[dict[str, str]], max_chars: int) -> str:
+    return "\n".join(t["value"] for t in conv)[:max_chars]
+
+
+# -- workers --------------------------------------------------------------------------------------
+Result = tuple[str | None, str | None, bytes | None, np.ndarray | None, str]
+
+
+def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result], Counter]:
+    """Worker task: raw JSONL lines -> (reason, output line, dedup key, signature, id) + notes."""
+    notes: Counter = Counter()
+    out: list[Result] = []
+    for line in lines:
+        record = json.loads(line)
+        rid = record["id"]
+        reason, cleaned = clean_record(record, opts, notes)
+        if reason is not None:
+            out.append((reason, None, None, None, rid))
+            continue
+        conv = cleaned["conversations"]
+        sig = (
+            minhash_signature(
+                _signature_text(conv, opts.minhash_max_chars), opts.num_perm, opts.shingle
+            )
+            if opts.minhash
+            else None
+        )
+        out.append((None, json.dumps(cleaned, ensure_ascii=False), dedup_key(conv), sig, rid))
+    return out, notes
+
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        if line.strip():
+            chunk.append(line)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _star_clean(args: tuple[list[str], CleanOptions]) -> tuple[list[Result], Counter]:
+    return clean_lines(*args)
+
+
+def iter_results(
+    lines: Iterable[str], opts: CleanOptions, *, num_workers: int = 2, chunk_size: int = 256
+) -> Iterator[tuple[list[Result], Counter]]:
+    """Per-chunk results in input order, from `num_workers` processes (1 = in this process)."""
+    tasks = ((chunk, opts) for chunk in _chunks(lines, chunk_size))
+    if num_workers <= 1:
+        yield from map(_star_clean, tasks)
+        return
+    import multiprocessing as mp
+
+    # spawn: the parent may run threads (Dagster, tokenizers) that make fork unsafe
+    with mp.get_context("spawn").Pool(num_workers) as pool:
+        yield from pool.imap(_star_clean, tasks)
+
+
+class NearDuplicateIndex:
+    """MinHash LSH (datasketch) over signatures, keeping the first of each near-duplicate group."""
+
+    def __init__(self, threshold: float, num_perm: int) -> None:
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.sigs: dict[str, np.ndarray] = {}
+
+    def seen(self, key: str, sig: np.ndarray) -> bool:
+        """True when a kept record is at least `threshold` similar; otherwise index this one."""
+        from datasketch import MinHash
+
+        mh = MinHash(num_perm=self.num_perm, hashvalues=sig, scheme="legacy")
+        for other in self.lsh.query(mh):
+            if float(np.mean(self.sigs[other] == sig)) >= self.threshold:
+                return True
+        self.lsh.insert(key, mh)
+        self.sigs[key] = sig
+        return False
+
+
+def clean_lines_to_file(
+    lines: Iterable[str],
+    write: Any,
+    opts: CleanOptions,
+    *,
+    num_workers: int = 2,
+    chunk_size: int = 256,
+    total: int | None = None,
+) -> CleanStats:
+    """Clean raw JSONL lines and write kept records through `write(line)`; returns the counts."""
+    from tqdm import tqdm
+
+    stats = CleanStats()
+    seen_ids: set[str] = set()
+    seen_keys: set[bytes] = set()
+    near = NearDuplicateIndex(opts.minhash_threshold, opts.num_perm) if opts.minhash else None
+    bar = tqdm(total=total, desc="sharegpt_clean", unit="rec", mininterval=2.0)
+    for results, notes in iter_results(lines, opts, num_workers=num_workers, chunk_size=chunk_size):
+        stats.notes.update(notes)
+        for reason, line, key, sig, rid in results:
+            stats.input += 1
+            if reason is None and rid in seen_ids:
+                reason = "duplicate_id"
+            elif reason is None and key in seen_keys:
+                reason = "duplicate_value"
+            elif reason is None and near is not None and near.seen(str(stats.input), sig):
+                reason = "near_duplicate"
+            if reason is not None:
+                stats.dropped[reason] += 1
+                continue
+            seen_ids.add(rid)
+            seen_keys.add(key)
+            stats.kept += 1
+            write(line + "\n")
+        bar.update(len(results))
+    bar.close()
+    log.info("clean: %d in, %d kept, dropped %s", stats.input, stats.kept, dict(stats.dropped))
+    return stats
+
+
+def clean_file(
+    in_uri: str,
+    out_uri: str,
+    opts: CleanOptions,
+    *,
+    num_workers: int = 2,
+    chunk_size: int = 256,
+    total: int | None = None,
+) -> CleanStats:
+    """Clean a raw FastChat JSONL file (any fsspec URI) into another."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out_uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with (
+        fsspec.open(in_uri, "r", encoding="utf-8") as fin,
+        fs.open(path, "w", encoding="utf-8") as fout,
+    ):
+        return clean_lines_to_file(
+            fin,
+            fout.write,
+            opts,
+            num_workers=num_workers,
+            chunk_size=chunk_size,
+            total=total,
+        )
