@@ -1,0 +1,42 @@
+"""`python -m arenaflow.judge`: the Hydra CLI judges answers found in the FastChat layout and scores them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from judge_standin import StandIn, api_overrides, write_inputs
+
+from arenaflow.config import REPO_ROOT
+
+
+def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Path) -> None:
+    bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
+    inputs = write_inputs(bench, question_ids=(81,))
+    (bench / "model_answer").mkdir()
+    for name, uri in inputs["answer_uris"].items():
+        Path(uri).rename(bench / "model_answer" / f"{name}.jsonl")
+    cmd = [
+        sys.executable,
+        "-m",
+        "arenaflow.judge",
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "tracking=none",
+        *api_overrides(stand_in.url),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ARENAFLOW_OVERRIDES", None)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = bench / "model_judgment" / "stand-in-judge_single.jsonl"
+    assert len(single.read_text().splitlines()) == 4
+    scores = json.loads((bench / "scores" / "stand-in-judge_scores.json").read_text())
+    assert scores["scores"]["finetuned"]["average"] == 8.0
+    assert scores["scores"]["base"]["average"] == 3.0
+    assert len(stand_in.hits) == 8
+    assert "calls_made: 8" in proc.stdout

@@ -1,0 +1,96 @@
+"""Planning judge calls: prompt choice per category and turn, references, pairs, bad records, cache keys."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from arenaflow.judging.backends import JudgeConfigError
+from arenaflow.judging.mtbench import build_plan, load_answers
+from arenaflow.judging.prompts import load_judge_prompts, load_reference_answers
+
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
+    {"question_id": 111, "category": "math", "turns": ["Area of a triangle?", "And the circle?"]},
+]
+
+
+def answer(qid: int, turns: list[str]) -> dict:
+    return {"question_id": qid, "model_id": "m", "choices": [{"index": 0, "turns": turns}]}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> dict:
+    return load_judge_prompts()
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict:
+    return load_reference_answers("package")
+
+
+def test_package_prompts_and_references(prompts: dict, refs: dict) -> None:
+    assert {"single-v1", "single-math-v1-multi-turn", "pair-v2", "pair-math-v1"} <= set(prompts)
+    assert prompts["pair-v2"]["output_format"] == "[[A]]"
+    assert len(refs) == 30 and len(refs[111]) == 2  # math, reasoning and coding questions
+
+
+def test_bad_and_missing_answers_are_counted(prompts: dict, refs: dict) -> None:
+    skipped: Counter = Counter()
+    rows = [answer(81, ["a", "b"]), {"question_id": 111}, answer(999, [1, 2])]
+    good = load_answers(rows, "base", skipped)
+    assert list(good) == [81]
+    assert skipped["bad answer record (base)"] == 2
+    plan = build_plan(
+        QUESTIONS,
+        {"finetuned": {81: ["x", "y"], 111: ["p", "q"]}, "base": good},
+        prompts,
+        refs,
+        judge_model="j",
+        modes=["single", "pairwise"],
+        skipped=skipped,
+    )
+    # base has no answer to question 111: 2 single turns and 2 pairwise turns are skipped, counted
+    assert skipped["missing answer (base)"] == 2
+    assert skipped["missing answer (finetuned vs base)"] == 2
+    assert len(plan.singles) == 6 and len(plan.pairs) == 2 and len(plan.items) == 6 + 4
+
+
+def test_math_uses_reference_and_keys_depend_on_order(prompts: dict, refs: dict) -> None:
+    answers = {"a": {111: ["1", "2"]}, "b": {111: ["3", "4"]}}
+    plan = build_plan(QUESTIONS[1:], answers, prompts, refs, judge_model="j", modes=["pairwise"])
+    assert [p["judge"][1] for p in plan.pairs] == ["pair-math-v1", "pair-math-v1-multi-turn"]
+    assert refs[111][0] in plan.pairs[0]["g1_user_prompt"]
+    keys = [k for p in plan.pairs for k in p["_keys"]]
+    assert len(set(keys)) == 4  # (A,B) and (B,A) are different calls
+    again = build_plan(QUESTIONS[1:], answers, prompts, refs, judge_model="j", modes=["pairwise"])
+    assert [k for p in again.pairs for k in p["_keys"]] == keys  # stable across runs
+    other = build_plan(QUESTIONS[1:], answers, prompts, refs, judge_model="k", modes=["pairwise"])
+    assert not set(keys) & {k for p in other.pairs for k in p["_keys"]}  # judge model is in the key
+
+
+def test_pairwise_baseline(prompts: dict, refs: dict) -> None:
+    answers = {m: {81: ["x", "y"]} for m in ("a", "b", "c")}
+    plan = build_plan(
+        QUESTIONS[:1],
+        answers,
+        prompts,
+        refs,
+        judge_model="j",
+        modes=["pairwise"],
+        pairwise="baseline",
+        baseline="c",
+    )
+    assert {(p["model_1"], p["model_2"]) for p in plan.pairs} == {("a", "c"), ("b", "c")}
+    with pytest.raises(JudgeConfigError, match="judge.baseline"):
+        build_plan(
+            QUESTIONS[:1],
+            answers,
+            prompts,
+            refs,
+            judge_model="j",
+            modes=["pairwise"],
+            pairwise="baseline",
+            baseline="gpt-3.5-turbo",
+        )
