@@ -1,0 +1,128 @@
+"""Whole training runs on the tiny Llama: MLflow registration, 2-rank FSDP via the CLI, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from arenaflow.config import REPO_ROOT
+from arenaflow.tracking import tracker_from_cfg
+from arenaflow.train import output_dir, run
+
+
+def _overrides(cfg_home: Path, cache: Path, sft_dir: Path, *extra: str) -> list[str]:
+    return [
+        "experiment=test",
+        f"paths.home={cfg_home}",
+        f"paths.cache_dir={cache}",
+        f"train.data_uri={sft_dir}",
+        *extra,
+    ]
+
+
+def _cli(overrides: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "arenaflow.train", *overrides],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_run_registers_a_model_version_with_its_tags(make_cfg, sft_dir, tiny_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(f"train.data_uri={sft_dir}", "train.max_steps=4")
+    result = run(cfg)
+    assert result["steps"] == 4
+    assert result["model_uri"] == f"models:/arenaflow-chat/{result['version']}"
+    info = tracker_from_cfg(cfg).get_version("arenaflow-chat", version=result["version"])
+    assert info.tags["base_model"] == "tiny-llama"
+    assert info.tags["data_hash"] == result["data_hash"] and len(result["data_hash"]) == 16
+    assert info.tags["chat_template_hash"] == result["chat_template_hash"]
+    assert info.tags["git_commit"] not in ("", "unknown")
+    client = tracker_from_cfg(cfg).client
+    losses = client.get_metric_history(result["run_id"], "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert {"lr", "grad_norm", "tokens_per_s", "val_loss", "mfu"} <= set(
+        client.get_run(result["run_id"]).data.metrics
+    )
+    assert client.get_run(result["run_id"]).data.params["train.lr"] == "0.001"
+    assert 0 < result["mfu"] < 1 and result["trained_tokens_per_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(result["path"])
+    assert (
+        model.get_output_embeddings().weight.data_ptr()
+        == model.get_input_embeddings().weight.data_ptr()
+    )
+
+
+def test_cpu_fsdp_two_ranks_shard_and_gather_a_loadable_checkpoint(
+    af_home, model_cache, sft_dir, tiny_tokenizer
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    overrides = _overrides(af_home, model_cache, sft_dir, "hardware=cpu_fsdp", "train.max_steps=3")
+    proc = _cli(overrides)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    from arenaflow.config import compose_config
+
+    result = json.loads((output_dir(compose_config(overrides)) / "result.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 3
+    sharding = result["sharding"]
+    assert sharding["sharded_params"] == sharding["params"] > 0
+    assert sharding["local_numel"] < 0.6 * sharding["full_numel"]  # rank 0 holds about half
+    assert (
+        len(list((Path(result["path"]).parent / "checkpoints").glob("step-*.ckpt/*.distcp"))) == 2
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(result["path"]).eval()
+    assert sum(p.numel() for p in model.parameters()) == sharding["full_numel"]
+    prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tiny_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(
+    af_home, model_cache, sft_dir, tiny_tokenizer
+) -> None:
+    from arenaflow.config import compose_config
+
+    overrides = _overrides(
+        af_home, model_cache, sft_dir, "train.max_steps=6", "train.checkpoint_every_n_steps=2"
+    )
+    cfg = compose_config(overrides)
+    ckpts = output_dir(cfg) / "checkpoints"
+    proc = _cli(overrides)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (ckpts / "LATEST").exists():
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = (ckpts / "LATEST").read_text().strip()
+    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
+    assert not (output_dir(cfg) / "result.json").exists()
+
+    result = run(cfg)
+    assert result["resumed_from"] == killed_at
+    assert result["steps"] == 6
+    history = json.loads((output_dir(cfg) / "result.json").read_text())["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
