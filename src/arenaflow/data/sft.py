@@ -9,8 +9,11 @@ Labels are -100 everywhere except the assistant reply and its end-of-turn token.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +139,166 @@ def split_conversation(
     if current:
         pieces.append([*head, *current])
     return pieces, dropped
+
+
+# -- the dataset ----------------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides the token ids: vocabulary, special tokens and chat template."""
+    import hashlib
+    import json
+
+    payload = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": sorted(map(str, tokenizer.all_special_tokens)),
+            "template": tokenizer.chat_template or "",
+        }
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def encode_record(
+    tokenizer: Any, record: dict[str, Any], max_length: int
+) -> tuple[list[dict[str, Any]], Counter]:
+    """One cleaned conversation -> training examples (split into fitting pieces) + what was dropped."""
+    counts: Counter = Counter()
+    conv = record["conversations"]
+    try:
+        enc = encode_conversation(tokenizer, conv)
+        if len(enc["input_ids"]) <= max_length:
+            pieces_enc = [enc]
+        else:
+            pieces, dropped = split_conversation(tokenizer, conv, max_length)
+            counts["dropped_pairs"] += dropped
+            counts["split_conversations"] += len(pieces) > 1
+            pieces_enc = [encode_conversation(tokenizer, p, max_length) for p in pieces]
+    except TemplateMismatchError as e:
+        log.debug("record %s: %s", record["id"], e)
+        counts["template_mismatch"] += 1
+        return [], counts
+    if not pieces_enc:
+        counts["too_long"] += 1
+        return [], counts
+    examples = []
+    for k, e in enumerate(pieces_enc):
+        rid = record["id"] if len(pieces_enc) == 1 else f"{record['id']}_{k}"
+        examples.append({"id": rid, "length": len(e["input_ids"]), **e})
+    return examples, counts
+
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(tokenizer_dir: str, model_cfg: Any) -> None:
+    global _worker_tokenizer
+    from arenaflow.models import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_dir, model_cfg)
+
+
+def _encode_chunk(args: tuple[list[str], int]) -> list[tuple[list[dict[str, Any]], Counter]]:
+    import json
+
+    lines, max_length = args
+    return [encode_record(_worker_tokenizer, json.loads(line), max_length) for line in lines]
+
+
+def build_sft_dataset(
+    clean_uri: str,
+    out_uri: str,
+    *,
+    tokenizer_dir: str,
+    model_cfg: Any,
+    max_length: int,
+    val_ratio: float,
+    seed: int,
+    num_workers: int = 1,
+    chunk_size: int = 64,
+) -> dict[str, Any]:
+    """Tokenize cleaned conversations with the model's template into a train/validation DatasetDict.
+
+    The split is by conversation (pieces of one conversation stay together) with a seeded shuffle.
+    Returns the counts; `input == kept + sum(dropped)` at the conversation level.
+    """
+
+    import datasets
+    import fsspec
+    from tqdm import tqdm
+
+    from arenaflow.models import load_tokenizer
+
+    with fsspec.open(clean_uri, "r", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    chunks = [(lines[i : i + chunk_size], max_length) for i in range(0, len(lines), chunk_size)]
+    results: list[tuple[list[dict[str, Any]], Counter]] = []
+    bar = tqdm(total=len(lines), desc="sft_dataset", unit="conv", mininterval=2.0)
+    if num_workers <= 1 or len(chunks) <= 1:
+        _init_worker(tokenizer_dir, model_cfg)
+        for chunk in chunks:
+            results.extend(_encode_chunk(chunk))
+            bar.update(len(chunk[0]))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(num_workers, _init_worker, (tokenizer_dir, model_cfg)) as pool:
+            for part in pool.imap(_encode_chunk, chunks):
+                results.extend(part)
+                bar.update(len(part))
+    bar.close()
+
+    counts: Counter = Counter()
+    groups = []
+    for examples, c in results:
+        counts.update(c)
+        if examples:
+            groups.append(examples)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_val = int(round(len(groups) * val_ratio)) if val_ratio > 0 else 0
+    if val_ratio > 0 and len(groups) >= 2:
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    val_idx = set(order[:n_val].tolist())
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for i, examples in enumerate(groups):
+        splits["validation" if i in val_idx else "train"].extend(examples)
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+        }
+    )
+    dd = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {k: [r[k] for r in rows] for k in features}, features=features
+            )
+            for name, rows in splits.items()
+        }
+    )
+    dd.save_to_disk(out_uri)
+
+    all_rows = splits["train"] + splits["validation"]
+    lengths = [r["length"] for r in all_rows]
+    trainable = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in all_rows)
+    total = sum(lengths)
+    tok = load_tokenizer(tokenizer_dir, model_cfg)
+    dropped = {k: counts[k] for k in ("template_mismatch", "too_long") if counts[k]}
+    return {
+        "input": len(lines),
+        "kept": len(groups),
+        "dropped": dropped,
+        "examples": len(all_rows),
+        "train": len(splits["train"]),
+        "validation": len(splits["validation"]),
+        "split_conversations": counts["split_conversations"],
+        "dropped_pairs": counts["dropped_pairs"],
+        "tokens": total,
+        "trainable_tokens": trainable,
+        "trainable_fraction": trainable / total if total else 0.0,
+        "max_length": max_length,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "lengths": lengths,
+    }
