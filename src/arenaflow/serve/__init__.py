@@ -7,16 +7,13 @@ runs the same app that the `serving_deployment` asset starts as a detached proce
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from arenaflow.serve.app import create_app
 
 log = logging.getLogger(__name__)
-
-CONFIG_ENV = "ARENAFLOW_SERVE_CONFIG"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -29,16 +26,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"url": f"http://{host}:{port}/v1", "model_uri": str(cfg.serve.model_uri)}
 
 
-def app_from_env() -> Any:
-    """uvicorn `--factory` entry: the app for the resolved config YAML named by $ARENAFLOW_SERVE_CONFIG."""
-    path = os.environ.get(CONFIG_ENV)
-    if not path:
-        raise RuntimeError(
-            f"${CONFIG_ENV} must name a resolved config YAML (the deployment writes one)"
-        )
-    cfg = OmegaConf.load(path)
-    assert isinstance(cfg, DictConfig)
-    return create_app(cfg)
-
-
-__all__ = ["CONFIG_ENV", "app_from_env", "create_app", "run"]
+__all__ = ["create_app", "run"]

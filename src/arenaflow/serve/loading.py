@@ -7,6 +7,7 @@ the version the alias names at start-up, and that version's tags become the card
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -54,7 +55,9 @@ def resolve_served_model(cfg: DictConfig) -> ServedModel:
                 f"serve.model_uri={uri}: the MLflow registry has no {what} of {reg_name!r}; "
                 "materialize champion_model (or register a model) first, or serve a checkpoint folder"
             )
-        dest = Path(cfg.paths.cache_dir) / "serve" / f"{reg_name}-v{info.version}"
+        # keyed by the artifact source too: two registries can both have a "version 1"
+        key = hashlib.sha256(info.source.encode()).hexdigest()[:10]
+        dest = Path(cfg.paths.cache_dir) / "serve" / f"{reg_name}-v{info.version}-{key}"
         path = _cached_download(dest) or tracker.download_model(
             f"models:/{reg_name}/{info.version}", dest
         )

@@ -1,0 +1,91 @@
+"""Dagster assets of the `serve` group: the deployed OpenAI-compatible endpoint and the sensor that rolls it."""
+
+from typing import Any
+
+import dagster as dg
+
+from arenaflow.serve.deploy import deploy_champion
+from arenaflow.tracking import parse_models_uri, tracker_from_cfg
+from pipelines.metadata import md_table, mlflow_link
+from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+
+OWNERS = ["team:arenaflow"]
+TAGS = {"stage": "serve"}
+
+
+@dg.asset(
+    group_name="serve",
+    owners=OWNERS,
+    tags=TAGS,
+    code_version="1",
+    description="The champion served on an OpenAI-compatible endpoint (blue/green, smoke-tested).",
+)
+def serving_deployment(
+    context: dg.AssetExecutionContext,
+    hydra: HydraConfigResource,
+    config: StageConfig,
+    champion_model: dict[str, Any],
+) -> dg.Output[dict[str, Any]]:
+    """The champion served on an OpenAI-compatible endpoint (blue/green, smoke-tested)."""
+    cfg, meta = stage_config(context, hydra, config)
+    out = deploy_champion(cfg, champion_model)
+    previous = out["previous"]
+    context.log.info("serving %s (version %s) at %s", out["model_uri"], out["version"], out["url"])
+    return dg.Output(
+        value={k: out[k] for k in ("url", "pid", "model_uri", "version")},
+        metadata={
+            **meta,
+            "url": dg.MetadataValue.url(out["url"]),
+            "pid": dg.MetadataValue.int(out["pid"]),
+            "model_uri": dg.MetadataValue.text(out["model_uri"]),
+            "version": dg.MetadataValue.text(str(out["version"])),
+            "previous": dg.MetadataValue.md(
+                md_table([{k: previous[k] for k in ("url", "pid", "version")}])
+                if previous
+                else "_first deployment_"
+            ),
+            "smoke_test": dg.MetadataValue.md(
+                md_table(out["smoke"], ["question_id", "category", "match", "http", "engine"])
+            ),
+            "model_card": dg.MetadataValue.json(out["card"]),
+            "server_log": dg.MetadataValue.path(out["log_path"]),
+            "try_it": dg.MetadataValue.md(
+                f"```bash\ncurl {out['url']}/chat/completions -H 'Content-Type: application/json' "
+                f'-d \'{{"model": "{cfg.serve.served_model_name}", '
+                f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n```'
+            ),
+            **mlflow_link(out["run_url"]),
+        },
+    )
+
+
+@dg.sensor(
+    target=serving_deployment,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Rolls serving_deployment when the registry's `champion` alias moves to another version.",
+)
+def champion_alias_sensor(
+    context: dg.SensorEvaluationContext, hydra: HydraConfigResource
+) -> dg.RunRequest | dg.SkipReason:
+    """Rolls serving_deployment when the registry's `champion` alias moves to another version."""
+    cfg = hydra.compose()
+    uri = str(cfg.serve.model_uri)
+    if not uri.startswith("models:/"):
+        return dg.SkipReason(f"serve.model_uri={uri} is not a registry alias; nothing to watch")
+    name, _, alias = parse_models_uri(uri)
+    if alias is None:
+        return dg.SkipReason(f"serve.model_uri={uri} pins a version; nothing to watch")
+    info = tracker_from_cfg(cfg).get_version(name, alias=alias)
+    if info is None:
+        return dg.SkipReason(f"the registry has no {name}@{alias} yet")
+    if context.cursor == info.version:
+        return dg.SkipReason(f"{name}@{alias} is still version {info.version}")
+    context.update_cursor(info.version)
+    return dg.RunRequest(
+        run_key=f"{name}@{alias}-v{info.version}",
+        tags={"arenaflow/champion_version": info.version},
+    )
+
+
+sensors = [champion_alias_sensor]

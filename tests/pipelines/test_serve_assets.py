@@ -1,0 +1,173 @@
+"""serving_deployment end to end: real Dagster runs, a real MLflow registry, detached uvicorn processes.
+
+A test-local `champion_model` asset stands in for the rating group: it registers a checkpoint in
+the temp registry, moves the `champion` alias to it and returns the documented value.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import pytest
+from openai import OpenAI
+
+from arenaflow.config import compose_config
+from arenaflow.serve.deploy import _alive, read_state, undeploy
+from arenaflow.tracking import tracker_from_cfg
+from pipelines.assets.serve import champion_alias_sensor, sensors, serving_deployment
+from pipelines.resources import HydraConfigResource
+
+
+class ChampionConfig(dg.Config):
+    checkpoint: str
+
+
+@dg.asset(key="champion_model", group_name="rating")
+def champion_model(config: ChampionConfig, hydra: HydraConfigResource) -> dict[str, Any]:
+    """Register a checkpoint and make it the champion (stands in for the rating group)."""
+    cfg = hydra.compose()
+    tracker = tracker_from_cfg(cfg)
+    name = cfg.tracking.registered_model_name
+    with tracker.start_run("champion_test", cfg) as run:
+        tags = {"mt_bench_average": "6.25", "elo_rating": "1042.5", "base_model": "tiny-llama"}
+        info = tracker.register_model(run, config.checkpoint, name, tags=tags)
+    tracker.set_alias(name, "champion", info.version)
+    return {
+        "model_uri": f"models:/{name}/{info.version}",
+        "version": info.version,
+        "promoted": True,
+        "reason": "test",
+    }
+
+
+@pytest.fixture
+def overrides(tmp_path: Path, model_cache: Path) -> list[str]:
+    return [
+        "experiment=test",
+        f"paths.home={tmp_path / 'home'}",
+        f"paths.cache_dir={model_cache}",
+        "serve.deploy.smoke_questions=2",
+        "serve.deploy.smoke_max_tokens=8",
+        "serve.deploy.ready_timeout_s=120",
+    ]
+
+
+@pytest.fixture
+def broken_checkpoint(tmp_path: Path) -> Path:
+    """A folder that looks like a checkpoint but cannot be loaded."""
+    path = tmp_path / "broken"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return path
+
+
+def _roll(overrides: list[str], instance: dg.DagsterInstance, checkpoint: Path):
+    return dg.materialize(
+        [champion_model, serving_deployment],
+        resources={"hydra": HydraConfigResource(overrides=overrides)},
+        instance=instance,
+        run_config={"ops": {"champion_model": {"config": {"checkpoint": str(checkpoint)}}}},
+        raise_on_error=False,
+    )
+
+
+def _chat(url: str) -> str:
+    out = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
+        model="arenaflow-chat",
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=4,
+        temperature=0,
+    )
+    return out.choices[0].message.content
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
+    overrides: list[str], tiny_model_dir: Path, broken_checkpoint: Path
+) -> None:
+    cfg = compose_config(overrides)
+    instance = dg.DagsterInstance.ephemeral()
+    pids: list[int] = []
+    try:
+        first = _roll(overrides, instance, tiny_model_dir)
+        assert first.success
+        v1 = first.output_for_node("serving_deployment")
+        pids.append(v1["pid"])
+        assert v1["version"] == "1" and v1["model_uri"] == "models:/arenaflow-chat/1"
+        assert v1["url"].startswith("http://127.0.0.1:") and v1["url"].endswith("/v1")
+        assert _chat(v1["url"])
+        card = httpx.get(f"{v1['url']}/models").json()["data"][0]
+        assert card["version"] == "1"
+        assert card["results"] == {"mt_bench_average": 6.25, "elo_rating": 1042.5}
+        assert card["lineage"]["base_model"] == "tiny-llama" and card["lineage"]["run_id"]
+        assert "champion" in card["lineage"]["aliases"]
+        meta = first.asset_materializations_for_node("serving_deployment")[0].metadata
+        assert "| True |" in meta["smoke_test"].value
+        assert meta["pid"].value == v1["pid"]
+
+        second = _roll(overrides, instance, tiny_model_dir)
+        assert second.success
+        v2 = second.output_for_node("serving_deployment")
+        pids.append(v2["pid"])
+        assert v2["version"] == "2" and v2["pid"] != v1["pid"] and v2["url"] != v1["url"]
+        assert _gone(v1["pid"]), "the old (blue) server must stop after the switch"
+        assert _chat(v2["url"])
+        assert read_state(cfg).pid == v2["pid"]
+        meta = second.asset_materializations_for_node("serving_deployment")[0].metadata
+        assert str(v1["pid"]) in meta["previous"].value
+
+        failed = _roll(overrides, instance, broken_checkpoint)
+        assert not failed.success
+        error = failed.get_step_failure_events()[0].event_specific_data.error
+        text = error.to_string()
+        assert "exited with code" in text and "before it was ready" in text
+        state = read_state(cfg)
+        assert state.pid == v2["pid"] and state.version == "2"
+        assert httpx.get(f"{v2['url'].removesuffix('/v1')}/ready").status_code == 200
+        assert _chat(v2["url"]), "the old server keeps serving when the new one fails"
+    finally:
+        undeploy(cfg)
+        for pid in pids:
+            assert _gone(pid), f"server pid {pid} still running after undeploy"
+    assert read_state(cfg) is None
+
+
+def test_sensor_requests_a_roll_when_the_champion_alias_moves(
+    overrides: list[str], tiny_model_dir: Path
+) -> None:
+    assert champion_alias_sensor in sensors
+    cfg = compose_config(overrides)
+    resources = {"hydra": HydraConfigResource(overrides=overrides)}
+
+    def evaluate(cursor: str | None):
+        ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
+        return champion_alias_sensor(ctx), ctx.cursor
+
+    result, _ = evaluate(None)
+    assert isinstance(result, dg.SkipReason) and "no arenaflow-chat@champion" in result.skip_message
+
+    tracker = tracker_from_cfg(cfg)
+    with tracker.start_run("register", cfg) as run:
+        v1 = tracker.register_model(run, tiny_model_dir, "arenaflow-chat").version
+        v2 = tracker.register_model(run, tiny_model_dir, "arenaflow-chat").version
+    tracker.set_alias("arenaflow-chat", "champion", v1)
+    result, cursor = evaluate(None)
+    assert isinstance(result, dg.RunRequest) and result.run_key == "arenaflow-chat@champion-v1"
+    assert cursor == v1
+    result, _ = evaluate(cursor)
+    assert isinstance(result, dg.SkipReason)
+    tracker.set_alias("arenaflow-chat", "champion", v2)
+    result, cursor = evaluate(cursor)
+    assert isinstance(result, dg.RunRequest) and result.tags["arenaflow/champion_version"] == v2
+    assert cursor == v2
