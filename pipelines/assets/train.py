@@ -5,8 +5,6 @@
 the Dagster run; the child writes result.json, which becomes the asset value and metadata.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Any
