@@ -119,36 +119,48 @@ class RunningBatch:
     # -- admission -----------------------------------------------------------------------------
     @torch.inference_mode()
     def admit(self, requests: list[Request]) -> list[Request]:
-        """Prefill the requests' prompts and merge them into the batch; returns requests finished already."""
+        """Prefill the requests' prompts and merge them into the batch; returns requests finished already.
+
+        Each prompt is prefilled on its own (no padding, so no wasted compute and exactly the
+        numbers an unbatched run computes); the n choices of a request share one prefill.
+        """
         seqs = [s for r in requests for s in r.seqs]
         if not seqs:
             return []
+        prefilled = [self._prefill(r.prompt_ids) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        cache = prefilled[0][0]
+        for li, layer in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                parts = [
+                    _left_pad(getattr(c.layers[li], name), width).repeat(r.params.n, 1, 1, 1)
+                    for (c, _), r in zip(prefilled, requests, strict=True)
+                ]
+                setattr(layer, name, torch.cat(parts, dim=0))
+        lengths = [len(s.request.prompt_ids) for s in seqs]
+        mask = torch.stack(
+            [_left_pad(torch.ones(n, dtype=torch.long), width, dim=0) for n in lengths]
+        )
+        logits = torch.cat(
+            [last.expand(r.params.n, -1) for (_, last), r in zip(prefilled, requests, strict=True)]
+        )
+        self._merge(cache, mask, torch.tensor(lengths, dtype=torch.long), seqs)
+        tokens = self._sample(logits, seqs)
+        self.next_tokens = torch.cat([self.next_tokens[: len(self.rows) - len(seqs)], tokens])
+        return self._finish_rows()
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[Any, torch.Tensor]:
+        """KV cache and last-position logits of one unpadded prompt."""
         from transformers import DynamicCache
 
-        prompts = [s.request.prompt_ids for s in seqs]
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
+            input_ids=torch.tensor([prompt_ids], dtype=torch.long, device=self.device),
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kwarg: cache},
         )
-        logits = out.logits[:, -1, :].float().cpu()
-        new_positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        self._merge(cache, mask, new_positions, seqs)
-        tokens = self._sample(logits, seqs)
-        self.next_tokens = torch.cat([self.next_tokens[: len(self.rows) - len(seqs)], tokens])
-        return self._finish_rows()
+        return cache, out.logits[:, -1, :].float().cpu()
 
     def _merge(
         self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]
