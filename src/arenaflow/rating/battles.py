@@ -1,0 +1,126 @@
+"""Battles in FastChat's columns, from MT-bench pairwise judgments and from external battle files.
+
+A pairwise judgment holds two games: g1 with the answers in order (model_1 as A) and g2 with
+them swapped, both already mapped back to "model_1" / "model_2" / "tie" (FastChat's
+`play_a_match_pair`). The swap rule (FastChat's `show_result.py`): the battle goes to a model only
+when both games name it; a tie in g1 or games that disagree make a tie, which is how a judge's
+position bias turns into a tie instead of a win. A game the judge failed ("error", or a verdict
+that is missing) leaves nothing to compare, so that judgment is counted as invalid, not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from arenaflow import io
+from arenaflow.rating.ratings import WINNERS
+
+log = logging.getLogger(__name__)
+
+GAME_WINNERS = ("model_1", "model_2", "tie")
+PAIR_FIELDS = ("question_id", "model_1", "model_2", "g1_winner", "g2_winner")
+KEEP_FIELDS = ("question_id", "turn", "tstamp", "judge", "language", "anony", "category")
+
+
+def swap_rule(g1: str, g2: str) -> str:
+    """The battle winner of a judgment's two games: "model_a" | "model_b" | "tie"."""
+    if g1 == "tie" or g1 != g2:
+        return "tie"
+    return "model_a" if g1 == "model_1" else "model_b"
+
+
+def battles_from_pairwise(
+    judgments: Iterable[Any], counts: Counter[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """One battle per (question, turn, pair, judge); bad or repeated judgments are counted in `counts`."""
+    counts = counts if counts is not None else Counter()
+    seen: set[tuple] = set()
+    for row in judgments:
+        if not isinstance(row, dict):
+            counts["not_an_object"] += 1
+            continue
+        missing = [f for f in PAIR_FIELDS if row.get(f) in (None, "")]
+        if missing:
+            counts[f"missing_{missing[0]}"] += 1
+            continue
+        g1, g2 = str(row["g1_winner"]), str(row["g2_winner"])
+        if "error" in (g1, g2):
+            counts["judge_error"] += 1
+            continue
+        if g1 not in GAME_WINNERS or g2 not in GAME_WINNERS:
+            counts["bad_verdict"] += 1
+            continue
+        a, b = str(row["model_1"]), str(row["model_2"])
+        if a == b:
+            counts["self_battle"] += 1
+            continue
+        judge = row.get("judge")
+        judge_key = tuple(judge) if isinstance(judge, list) else judge
+        key = (row["question_id"], row.get("turn", 1), a, b, judge_key)
+        if key in seen:
+            counts["duplicate_judgment"] += 1
+            continue
+        seen.add(key)
+        battle = {"model_a": a, "model_b": b, "winner": swap_rule(g1, g2)}
+        battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
+        battle.update({"g1_winner": g1, "g2_winner": g2, "source": "mt_bench"})
+        counts["valid"] += 1
+        yield battle
+
+
+def read_records(uri: str, counts: Counter[str]) -> Iterator[Any]:
+    """Rows of a JSON array or JSONL file at any fsspec URI; unparsable lines are counted."""
+    text = io.read_text(uri)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            yield from json.loads(stripped)
+            return
+        except json.JSONDecodeError:
+            counts["bad_json_file"] += 1
+            log.warning("%s is not a valid JSON array; reading it line by line", uri)
+    for line in text.splitlines():
+        line = line.strip().rstrip(",")
+        if not line or line in ("[", "]"):
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            counts["bad_json"] += 1
+
+
+def battles_from_records(
+    records: Iterable[Any], source: str, counts: Counter[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """FastChat / Chatbot Arena battle rows (model_a, model_b, winner) from an external file."""
+    counts = counts if counts is not None else Counter()
+    for row in records:
+        if not isinstance(row, dict):
+            counts["not_an_object"] += 1
+            continue
+        a, b, winner = row.get("model_a"), row.get("model_b"), row.get("winner")
+        if not a or not b:
+            counts["missing_model"] += 1
+            continue
+        if winner not in WINNERS:
+            counts["bad_winner"] += 1
+            continue
+        if a == b:
+            counts["self_battle"] += 1
+            continue
+        battle = {"model_a": str(a), "model_b": str(b), "winner": winner}
+        battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
+        battle["source"] = source
+        counts["valid"] += 1
+        yield battle
+
+
+def order_battles(battles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Battle order for online Elo: by timestamp when every battle has one, else as read."""
+    if battles and all(isinstance(b.get("tstamp"), int | float) for b in battles):
+        return sorted(battles, key=lambda b: b["tstamp"])
+    return battles

@@ -1,0 +1,171 @@
+"""The rating group materialized by Dagster on hand-made judgments, with a real MLflow registry.
+
+The upstream assets (judgments, scores, the finetuned model) are test-local stand-ins with the
+same keys: they write FastChat judgment files and register a real version in the temp store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from arenaflow import io
+from arenaflow.config import compose_config
+from arenaflow.tracking import tracker_from_cfg
+from pipelines.assets.rating import battles, champion_model, leaderboard
+from pipelines.resources import HydraConfigResource
+
+QUESTIONS = [81, 111, 121]
+
+
+def pair_rows(winner_by_q: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
+    rows = []
+    for q, (g1, g2) in winner_by_q.items():
+        for turn in (1, 2):
+            rows.append(
+                {
+                    "question_id": q,
+                    "model_1": "finetuned",
+                    "model_2": "base",
+                    "g1_winner": g1,
+                    "g2_winner": g2,
+                    "judge": [
+                        "smollm2-135m-instruct",
+                        "pair-v2" if turn == 1 else "pair-v2-multi-turn",
+                    ],
+                    "g1_user_prompt": "...",
+                    "g1_judgment": "[[A]]",
+                    "g2_user_prompt": "...",
+                    "g2_judgment": "[[B]]",
+                    "turn": turn,
+                    "tstamp": 1700000000.0 + q * 10 + turn,
+                }
+            )
+    return rows
+
+
+def upstream_assets(overrides: list[str], judged: list[dict[str, Any]], ckpt: Path) -> list:
+    @dg.asset(name="mt_bench_judgments")
+    def judgments_stub() -> dict[str, Any]:
+        cfg = compose_config(overrides)
+        uri = io.artifact_uri(cfg, "mt_bench", "mt_bench", "model_judgment", "judge_pair.jsonl")
+        io.write_jsonl(uri, judged)
+        return {"pair_uri": uri, "single_uri": None, "judge_model": "smollm2-135m-instruct"}
+
+    @dg.asset(name="mt_bench_scores")
+    def scores_stub() -> dict[str, Any]:
+        return {
+            "uri": "unused",
+            "scores": {
+                "finetuned": {"turn1": 6.0, "turn2": 5.0, "average": 5.5},
+                "base": {"turn1": 4.0, "turn2": 3.0, "average": 3.5},
+            },
+        }
+
+    @dg.asset(name="finetuned_model")
+    def finetuned_stub() -> dict[str, Any]:
+        cfg = compose_config(overrides)
+        tracker = tracker_from_cfg(cfg)
+        with tracker.start_run("train", cfg) as run:
+            info = tracker.register_model(
+                run, ckpt, cfg.tracking.registered_model_name, tags={"data_hash": "d4t4"}
+            )
+        return {
+            "path": str(ckpt),
+            "model_uri": f"models:/{info.name}/{info.version}",
+            "version": info.version,
+            "run_id": run.run_id,
+            "final_loss": 1.0,
+            "chat_template_hash": "x",
+        }
+
+    return [judgments_stub, scores_stub, finetuned_stub]
+
+
+def materialize(overrides, judged, ckpt, instance) -> dg.ExecuteInJobResult:
+    return dg.materialize(
+        [*upstream_assets(overrides, judged, ckpt), battles, leaderboard, champion_model],
+        resources={"hydra": HydraConfigResource(overrides=overrides)},
+        instance=instance,
+    )
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    return d
+
+
+def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ckpt) -> None:
+    overrides = [
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "rating.bootstrap_rounds=40",
+    ]
+    instance = dg.DagsterInstance.ephemeral()
+    good = pair_rows(
+        {81: ("model_1", "model_1"), 111: ("model_1", "model_2"), 121: ("model_1", "model_1")}
+    )
+    good.append({**good[0]})  # a repeated judgment: counted, not scored twice
+    good.append({**good[1], "question_id": 999, "g2_winner": "error"})
+    result = materialize(overrides, good, ckpt, instance)
+    assert result.success
+
+    b = result.output_for_node("battles")
+    assert b["count"] == 6 and b["models"] == ["base", "finetuned"]
+    rows = list(io.read_jsonl(b["uri"]))
+    assert {r["winner"] for r in rows} == {"model_a", "tie"}
+    assert sum(r["winner"] == "tie" for r in rows) == 2
+    bmeta = result.asset_materializations_for_node("battles")[0].metadata
+    assert bmeta["invalid_total"].value == 2
+    assert (
+        "judge_error" in bmeta["invalid"].value and "duplicate_judgment" in bmeta["invalid"].value
+    )
+
+    lb = result.output_for_node("leaderboard")
+    by_model = {r["model"]: r for r in lb["rows"]}
+    assert by_model["base"]["rating"] == pytest.approx(1000.0)  # anchored on base
+    assert by_model["finetuned"]["rating"] > 1000.0
+    assert by_model["finetuned"]["mt_bench"] == 5.5 and by_model["finetuned"]["battles"] == 6
+    assert by_model["finetuned"]["win_rate"] == pytest.approx((4 + 1) / 6)
+    assert io.exists(lb["uri"])
+    lmeta = result.asset_materializations_for_node("leaderboard")[0].metadata
+    assert "| finetuned |" in lmeta["leaderboard"].value
+    for plot in ("rating_ci", "win_fraction", "battle_count"):
+        assert lmeta[plot].value.startswith("![")
+    assert "mlflow_run" in lmeta
+
+    champ = result.output_for_node("champion_model")
+    assert champ["promoted"] is True and champ["version"] == "1"
+    assert champ["model_uri"] == "models:/arenaflow-chat@champion"
+    cfg = compose_config(overrides)
+    tracker = tracker_from_cfg(cfg)
+    v1 = tracker.get_version("arenaflow-chat", alias="champion")
+    assert v1.version == "1"
+    assert v1.tags["arenaflow.lineage.data_hash"] == "d4t4"
+    assert v1.tags["arenaflow.lineage.judgments"].endswith("judge_pair.jsonl")
+    assert float(v1.tags["arenaflow.rating"]) == pytest.approx(
+        by_model["finetuned"]["rating"], abs=0.01
+    )
+    assert v1.tags["arenaflow.rating_scale"].startswith("anchor=base@1000")
+
+    # Second run: a new finetuned version (v2) that loses every battle to base. The champion (v1)
+    # is not a competitor, so its rating tags on the same anchored scale set the bar.
+    bad = pair_rows({q: ("model_2", "model_2") for q in QUESTIONS})
+    result2 = materialize(overrides, bad, ckpt, instance)
+    assert result2.success
+    champ2 = result2.output_for_node("champion_model")
+    assert champ2["promoted"] is False and champ2["candidate_version"] == "2"
+    assert champ2["version"] == "1"
+    assert "champion's version tags" in champ2["reason"] and "the alias stays" in champ2["reason"]
+    assert tracker.get_version("arenaflow-chat", alias="champion").version == "1"
+    v2 = tracker.get_version("arenaflow-chat", version="2")
+    assert float(v2.tags["arenaflow.rating"]) < 1000.0
+    meta2 = result2.asset_materializations_for_node("champion_model")[0].metadata
+    assert meta2["promoted"].value is False and "lower CI bound" in meta2["reason"].value
