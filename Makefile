@@ -10,13 +10,14 @@ EXPERIMENT ?= demo
 # Extra Hydra overrides for `make run`, e.g. make run OVERRIDES="train.max_steps=8"
 OVERRIDES ?=
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export ARENAFLOW_HOME ?= $(CURDIR)/.arenaflow
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint format dev mlflow serve bench clean
+.PHONY: install run test lint format dev mlflow serve bench clean chromium screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +37,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m pipelines.run experiment=$(EXPERIMENT) $(OVERRIDES)
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests (the UI screenshot); installed only when missing.
+chromium:
+	@command -v chromium >/dev/null || { echo "installing Debian chromium"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 lint: $(STAMP)

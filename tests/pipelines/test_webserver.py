@@ -98,3 +98,43 @@ def test_webserver_shows_every_asset_with_group_description_and_owner(webserver)
     jobs = {j["name"] for r in data["repositoriesOrError"]["nodes"] for j in r["jobs"]}
     groups = {n["groupName"] for n in nodes.values()}
     assert {f"{g}_job" for g in groups} <= jobs
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+    "--virtual-time-budget=25000",
+]
+
+
+@pytest.mark.slow
+def test_asset_graph_page_renders_in_chromium(webserver, tmp_path) -> None:
+    """A person opening the asset graph sees the graph, not an error page (screenshot kept for a look)."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    graphql(webserver)  # the code location is loaded
+    url = f"{webserver}/asset-groups"
+    shot = Path(os.environ.get("ARENAFLOW_SCREENSHOT", tmp_path / "asset_graph.png"))
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run(
+        [*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
+    )
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert shot.exists() and shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert "Something went wrong" not in dom and "Error" not in dom[:2000]
+    keys = [k.to_user_string() for a in defs.assets for k in a.keys]
+    assert sum(k in dom for k in keys) >= max(1, len(keys) // 2), (
+        "asset names not on the graph page"
+    )
