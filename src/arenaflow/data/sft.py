@@ -104,6 +104,14 @@ def encode_conversation(
     return {"input_ids": full, "labels": labels}
 
 
+def content_tokens(tokenizer: Any, turns: Sequence[dict[str, str]]) -> list[int]:
+    """Token counts of each turn's text alone: a cheap lower bound on what the turn costs rendered."""
+    if not turns:
+        return []
+    enc = tokenizer([t["value"] for t in turns], add_special_tokens=False)["input_ids"]
+    return [len(ids) for ids in enc]
+
+
 def split_conversation(
     tokenizer: Any, conversation: Sequence[dict[str, str]], max_length: int
 ) -> tuple[list[list[dict[str, str]]], int]:
@@ -112,28 +120,36 @@ def split_conversation(
     A new piece starts when the next pair would overflow the current one; a leading system turn is
     repeated at the head of every piece. A single pair longer than the limit cannot be trained on
     without cutting the reply, so it is dropped and counted. Returns (pieces, n_dropped_pairs).
+    Exact lengths come from rendering with the template; the turns' own token counts (a lower
+    bound) rule out pieces that cannot fit without rendering them.
     """
     turns = list(conversation)
     head = turns[:1] if turns and turns[0].get("from") == "system" else []
     body = turns[len(head) :]
     pairs = [body[i : i + 2] for i in range(0, len(body) - 1, 2)]
+    costs = content_tokens(tokenizer, body)
+    pair_cost = [costs[2 * i] + costs[2 * i + 1] for i in range(len(pairs))]
+    head_cost = content_tokens(tokenizer, head)[0] if head else 0
 
     def length(piece: list[dict[str, str]]) -> int:
         return len(_render(tokenizer, to_messages(piece), generation_prompt=False))
 
     pieces: list[list[dict[str, str]]] = []
     current: list[dict[str, str]] = []
+    current_len = 0
     dropped = 0
-    for pair in pairs:
-        candidate = [*head, *current, *pair]
-        if length(candidate) <= max_length:
-            current = [*current, *pair]
-            continue
+    for pair, cost in zip(pairs, pair_cost, strict=True):
+        if current and current_len + cost <= max_length:
+            candidate_len = length([*head, *current, *pair])
+            if candidate_len <= max_length:
+                current, current_len = [*current, *pair], candidate_len
+                continue
         if current:
             pieces.append([*head, *current])
-            current = []
-        if length([*head, *pair]) <= max_length:
-            current = list(pair)
+            current, current_len = [], 0
+        alone = length([*head, *pair]) if head_cost + cost <= max_length else max_length + 1
+        if alone <= max_length:
+            current, current_len = list(pair), alone
         else:
             dropped += 1
     if current:
@@ -164,8 +180,10 @@ def encode_record(
     counts: Counter = Counter()
     conv = record["conversations"]
     try:
-        enc = encode_conversation(tokenizer, conv)
-        if len(enc["input_ids"]) <= max_length:
+        enc = None
+        if sum(content_tokens(tokenizer, conv)) <= max_length:
+            enc = encode_conversation(tokenizer, conv)
+        if enc is not None and len(enc["input_ids"]) <= max_length:
             pieces_enc = [enc]
         else:
             pieces, dropped = split_conversation(tokenizer, conv, max_length)
