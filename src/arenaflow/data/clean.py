@@ -284,8 +284,8 @@ def word_hashes(text: str) -> np.ndarray:
     if len(starts) == 0:
         return np.zeros(1, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        prefix = np.concatenate(([0], np.cumsum(raw.astype(np.uint64) * _powers(_P, n))))
-        prefix = prefix.astype(np.uint64)
+        prefix = np.zeros(n + 1, dtype=np.uint64)
+        np.cumsum(raw.astype(np.uint64) * _powers(_P, n), dtype=np.uint64, out=prefix[1:])
         return (prefix[ends] - prefix[starts]) * _powers(_P_INV, n)[starts]
 
 
