@@ -5,6 +5,7 @@ the same name calls, and `run(cfg)` chaining all three for `python -m arenaflow.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import Any
 
@@ -30,6 +31,11 @@ from arenaflow.tracking import tracker_from_cfg
 log = logging.getLogger(__name__)
 
 PLOTS = ("rating_ci", "win_fraction", "battle_count")
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-safe metric name (model names may hold any character)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]+", "_", name).strip("_ ")
 
 
 def rating_uri(cfg: DictConfig, *parts: str) -> str:
@@ -92,7 +98,9 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
     }
     tracker = tracker_from_cfg(cfg)
     with tracker.start_run("battles", cfg) as run:
-        run.log_metrics({"battles": len(rows), **{f"battles.{k}": v for k, v in winners.items()}})
+        run.log_metrics(
+            {"battles": len(rows), **{metric_name(f"battles.{k}"): v for k, v in winners.items()}}
+        )
         run.log_dict(result, "battles_summary.json")
         result["run_id"], result["run_url"] = run.run_id, run.url
     return result
@@ -202,7 +210,7 @@ def build_leaderboard(
         for row in rows:
             for key in ("rating", "ci_lower", "ci_upper", "elo", "rank", "win_rate", "mt_bench"):
                 if row[key] is not None:
-                    metrics[f"{key}.{row['model']}"] = float(row[key])
+                    metrics[metric_name(f"{key}.{row['model']}")] = float(row[key])
         run.log_metrics(metrics)
         run.set_tags({"arenaflow.rating_scale": scale})
         run.log_table(rows, "leaderboard.json")
