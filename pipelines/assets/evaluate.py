@@ -8,7 +8,7 @@ import dagster as dg
 from arenaflow import io
 from arenaflow.config import compose_config
 from arenaflow.evaluate import answer_competitor, decontaminate, write_questions
-from arenaflow.evaluate.competitors import parse_competitors
+from arenaflow.evaluate.competitors import find_competitor, parse_competitors
 from pipelines.metadata import counts_md, md_table, mlflow_link
 from pipelines.resources import HydraConfigResource, StageConfig, default_overrides, stage_config
 
@@ -86,7 +86,7 @@ def mt_bench_answers(
     """One competitor's two-turn MT-bench answers (FastChat JSONL), resumable."""
     cfg, meta = stage_config(context, hydra, config)
     name = context.partition_key
-    competitor = next(c for c in parse_competitors(cfg.eval.competitors) if c.name == name)
+    competitor = find_competitor(cfg, name)
     ref = _model_ref(competitor.local, base_model, finetuned_model)
     out = answer_competitor(cfg, name, model_ref=ref, questions_file=mt_bench_questions["uri"])
     if out["failed"]:
