@@ -84,7 +84,7 @@ def make_app(state: StandIn) -> FastAPI:
         if action == "500":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         if action in ("hang", "slow"):
-            await asyncio.sleep(1.5 if action == "hang" else 0.2)
+            await asyncio.sleep(4.0 if action == "hang" else 0.2)
         logprobs = None
         if body.get("logprobs"):
             reply = logprob_reply(body)
@@ -170,7 +170,7 @@ def api_overrides(url: str, **extra: Any) -> list[str]:
         "judge.base_url": url,
         "judge.model": "stand-in-judge",
         "judge.concurrency": 4,
-        "judge.timeout": 0.5,
+        "judge.timeout": 3.0,  # generous: a loaded CI machine must not time out normal replies
         "judge.backoff_base": 0.01,
         "judge.retries": 3,
         "judge.logprob_recovery": False,

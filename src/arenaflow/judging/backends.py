@@ -345,7 +345,8 @@ class LocalBackend(JudgeBackend):
             prompt_tokens += len(ids)
             device = next(self.engine.model.parameters()).device
             with self.engine.lock, torch.no_grad():
-                logits = self.engine.model(torch.tensor([ids], device=device)).logits[0, -1]
+                ids_t = torch.tensor([ids], device=device)
+                logits = self.engine.model(ids_t, logits_to_keep=1).logits[0, -1]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             out.append({tok: float(logprobs[i]) for tok, i in candidates.items()})
         self.last_usage = (prompt_tokens, len([o for o in out if o is not None]))
