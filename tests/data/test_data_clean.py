@@ -154,12 +154,15 @@ def test_language_filter():
 
 
 def test_minhash_separates_near_duplicates_from_different_texts():
-    base = "the quick brown fox jumps over the lazy dog " * 20
+    base = " ".join(f"sentence {i} of a long answer about topic {i % 9}." for i in range(80))
     a = minhash_signature(base + "alpha", 128, 5)
     b = minhash_signature(base + "beta", 128, 5)
-    c = minhash_signature("an entirely different conversation about cooking pasta " * 10, 128, 5)
+    c = minhash_signature(" ".join(f"pasta recipe {i} needs salt" for i in range(80)), 128, 5)
     assert (a == b).mean() > 0.9
     assert (a == c).mean() < 0.1
+    words = [f"w{i}" for i in range(2000)]
+    x, y = " ".join(words[:1500]), " ".join(words[500:])  # Jaccard of shingles ~ 0.5
+    assert 0.35 < (minhash_signature(x) == minhash_signature(y)).mean() < 0.65
 
 
 def _records():

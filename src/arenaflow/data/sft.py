@@ -59,14 +59,19 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
-    """Token ids that close an assistant turn for this tokenizer."""
+    """Token ids that close an assistant turn for this tokenizer (cached on the tokenizer)."""
+    cached = getattr(tokenizer, "_arenaflow_eot_ids", None)
+    if cached is not None:
+        return cached
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
+    unk = tokenizer.unk_token_id
     for tok in END_OF_TURN_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != unk and tokenizer.convert_ids_to_tokens(tid) == tok:
+            ids.add(tid)
+    tokenizer._arenaflow_eot_ids = ids
     return ids
 
 
