@@ -43,6 +43,14 @@ def test_local_judge_end_to_end_on_tiny_model(
     for r in pairs:
         assert {r["g1_winner"], r["g2_winner"]} <= {"model_1", "model_2", "tie"}
 
+    from arenaflow.tracking import tracker_from_cfg
+
+    client = tracker_from_cfg(cfg).client
+    logged = client.get_run(result["run_id"]).data.metrics
+    assert logged["judge/calls_made"] == 16 and logged["judge/parse_failure_rate"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "judgments")}
+    assert artifacts == {"judgments/tiny-judge_single.jsonl", "judgments/tiny-judge_pair.jsonl"}
+
     again = judge(cfg, **kwargs)
     assert again["counts"]["calls_made"] == 0 and again["counts"]["calls_cached"] == 8
     assert read_rows(again["single_uri"])[0]["score"] == singles[0]["score"]
@@ -51,6 +59,11 @@ def test_local_judge_end_to_end_on_tiny_model(
     assert set(scores["scores"]) == {"finetuned", "base"}
     assert scores["unparsed"] == {"finetuned": 0, "base": 0}
     assert scores["radar_uri"].endswith("scores/tiny-judge_radar.png")
+    metrics = client.get_run(scores["run_id"]).data.metrics
+    assert metrics["mt_bench/finetuned/average"] == pytest.approx(
+        scores["scores"]["finetuned"]["average"]
+    )
+    assert "mt_bench_radar.png" in {a.path for a in client.list_artifacts(scores["run_id"])}
 
 
 @pytest.mark.parametrize("output_format", ["[[rating]]", "[[A]]"])

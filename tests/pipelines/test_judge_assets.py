@@ -66,7 +66,7 @@ def test_materialize_judgments_and_scores(
         f"paths.home={af_home}",
         f"paths.cache_dir={model_cache}",
         "judge.model_name=tiny-judge",
-        "judge.max_tokens=4",
+        "judge.max_tokens=2",
     ]
     resources = {
         "hydra": HydraConfigResource(overrides=overrides),
