@@ -20,6 +20,8 @@ from arenaflow.tracking import tracker_from_cfg
 from pipelines.assets.serve import champion_alias_sensor, sensors, serving_deployment
 from pipelines.resources import HydraConfigResource
 
+KEY = "sk-test-deploy-4242"
+
 
 class ChampionConfig(dg.Config):
     checkpoint: str
@@ -75,7 +77,7 @@ def _roll(overrides: list[str], instance: dg.DagsterInstance, checkpoint: Path):
 
 
 def _chat(url: str) -> str:
-    out = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
+    out = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60).chat.completions.create(
         model="arenaflow-chat",
         messages=[{"role": "user", "content": "Hello!"}],
         max_tokens=4,
@@ -94,8 +96,9 @@ def _gone(pid: int, timeout: float = 30) -> bool:
 
 
 def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
-    overrides: list[str], tiny_model_dir: Path, broken_checkpoint: Path
+    overrides: list[str], tiny_model_dir: Path, broken_checkpoint: Path, monkeypatch
 ) -> None:
+    monkeypatch.setenv("ARENAFLOW_API_KEYS", KEY)  # serve.api_keys_env: keys never enter config
     cfg = compose_config(overrides)
     instance = dg.DagsterInstance.ephemeral()
     pids: list[int] = []
@@ -107,7 +110,9 @@ def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
         assert v1["version"] == "1" and v1["model_uri"] == "models:/arenaflow-chat/1"
         assert v1["url"].startswith("http://127.0.0.1:") and v1["url"].endswith("/v1")
         assert _chat(v1["url"])
-        card = httpx.get(f"{v1['url']}/models").json()["data"][0]
+        assert httpx.get(f"{v1['url']}/models").status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        card = httpx.get(f"{v1['url']}/models", headers=auth).json()["data"][0]
         assert card["version"] == "1"
         assert card["results"] == {"mt_bench_average": 6.25, "elo_rating": 1042.5}
         assert card["lineage"]["base_model"] == "tiny-llama" and card["lineage"]["run_id"]
@@ -115,6 +120,10 @@ def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
         meta = first.asset_materializations_for_node("serving_deployment")[0].metadata
         assert "| True |" in meta["smoke_test"].value
         assert meta["pid"].value == v1["pid"]
+        state = read_state(cfg)
+        for written in (state.config_path, state.log_path):
+            assert KEY not in Path(written).read_text(), f"API key leaked into {written}"
+        assert all(KEY not in str(v.value) for v in meta.values()), "API key leaked into metadata"
 
         second = _roll(overrides, instance, tiny_model_dir)
         assert second.success
