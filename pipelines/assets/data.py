@@ -86,7 +86,9 @@ def sharegpt_clean(
             "uri": result["uri"],
             "stats_uri": result["stats_uri"],
             "count": counts["kept"],
-            "counts": {k: counts[k] for k in ("input", "kept", "dropped")},
+            "input": counts["input"],
+            "kept": counts["kept"],
+            "dropped": counts["dropped"],
         },
         metadata={
             **meta,

@@ -44,7 +44,8 @@ def test_data_group_materializes(tmp_path, af_home, model_cache, tiny_model_dir)
         assert stats["kept"] + sum(stats["dropped"].values()) == 200
         assert 0 < stats["kept"] < 200
         lines = (af_home / "artifacts/data/sharegpt_clean.jsonl").read_text().split("\n")[:-1]
-        assert len(lines) == stats["kept"] == clean["count"]
+        assert len(lines) == stats["kept"] == clean["count"] == clean["kept"]
+        assert clean["dropped"] == stats["dropped"]
         first = json.loads(lines[0])
         assert set(first) == {"id", "conversations"}
         assert [t["from"] for t in first["conversations"][:2]] == ["human", "gpt"]

@@ -6,6 +6,10 @@ order-dependent dedup (by id, by first exchange, MinHash/LSH near-duplicates) ru
 over the results in input order, so the output is deterministic whatever the worker count.
 Markdown input passes through unchanged; only values that are HTML pay for conversion.
 Every dropped record is counted under one reason; `kept + sum(dropped) == input`.
+
+System turns: ShareGPT has a few dozen, mostly pasted instructions. `data.system_turns=drop`
+(default) removes them and counts them in the notes, so the model learns its own template's
+default system prompt; `keep` keeps a leading one (a system turn anywhere else is `wrong_format`).
 """
 
 from __future__ import annotations
@@ -143,13 +147,16 @@ def clean_value(value: str, notes: Counter) -> str:
 
 # -- one record -----------------------------------------------------------------------------------
 class _Blocked:
-    """Case-insensitive substring search for many words with one compiled regex."""
+    """Case-insensitive substring search for a few words (lower() + `in` beats an re.I regex)."""
 
     def __init__(self, words: Sequence[str]) -> None:
-        self.rx = re.compile("|".join(re.escape(w) for w in words), re.I) if words else None
+        self.words = tuple(w.lower() for w in words)
 
     def search(self, text: str) -> bool:
-        return self.rx is not None and self.rx.search(text) is not None
+        if not self.words:
+            return False
+        low = text.lower()
+        return any(w in low for w in self.words)
 
 
 _blocked_cache: dict[tuple[str, ...], _Blocked] = {}
@@ -159,6 +166,11 @@ def _blocked(words: tuple[str, ...]) -> _Blocked:
     if words not in _blocked_cache:
         _blocked_cache[words] = _Blocked(words)
     return _blocked_cache[words]
+
+
+def has_wrong_list_numbering(value: str) -> bool:
+    """FastChat's filter_wrong_format rule, with a substring pre-check before the regex."""
+    return value.count("\n1. ") >= 2 and _WRONG_LIST.search(value) is not None
 
 
 def clean_record(
@@ -221,7 +233,7 @@ def clean_record(
     out = out[: len(out) // 2 * 2]
     if chars < opts.min_chars or not out:
         return "too_short", record
-    if opts.wrong_list_filter and any(_WRONG_LIST.search(t["value"]) for t in out):
+    if opts.wrong_list_filter and any(has_wrong_list_numbering(t["value"]) for t in out):
         return "wrong_list_numbering", record
     if opts.keep_lang or opts.skip_lang:
         lang = detect_language(out)
@@ -254,10 +266,21 @@ _P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
+_pow_tables: dict[str, np.ndarray] = {}
+
+
 def _powers(base: np.uint64, n: int) -> np.ndarray:
-    out = np.full(n, base, dtype=np.uint64)
-    out[0] = 1
-    return np.cumprod(out, dtype=np.uint64)
+    """base**0 .. base**(n-1) mod 2**64, from a table grown on demand (shared by all calls)."""
+    key = str(int(base))
+    table = _pow_tables.get(key)
+    if table is None or len(table) < n:
+        size = max(n, 1 << 15)
+        table = np.full(size, base, dtype=np.uint64)
+        table[0] = 1
+        with np.errstate(over="ignore"):
+            table = np.cumprod(table, dtype=np.uint64)
+        _pow_tables[key] = table
+    return table[:n]
 
 
 def word_hashes(text: str) -> np.ndarray:
