@@ -396,11 +396,22 @@ def iter_results(
     if num_workers <= 1:
         yield from map(_star_clean, tasks)
         return
-    import multiprocessing as mp
-
-    # spawn: the parent may run threads (Dagster, tokenizers) that make fork unsafe
-    with mp.get_context("spawn").Pool(num_workers) as pool:
+    with pool_context().Pool(num_workers) as pool:
         yield from pool.imap(_star_clean, tasks)
+
+
+def pool_context() -> Any:
+    """fork when this process runs no other Python threads (cheap start), else spawn.
+
+    Forking a process that runs threads (Dagster's executor, MLflow's async logging) can copy a
+    held lock into the child; spawn pays a fresh interpreter per worker instead.
+    """
+    import multiprocessing as mp
+    import threading
+
+    if threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 class NearDuplicateIndex:
