@@ -1,9 +1,16 @@
-"""Dagster materializations of base_model and finetuned_model (through Pipes) on tiny settings."""
+"""Dagster materializations of base_model and finetuned_model on tiny settings.
+
+finetuned_model runs as `hardware=cpu_fsdp`: Pipes starts `python -m arenaflow.train`, which starts
+2 ranks with torchrun; FSDP2 really shards the parameters and the gathered checkpoint loads in
+transformers and generates.
+"""
 
 import json
 from pathlib import Path
 
 import dagster as dg
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arenaflow.tracking import tracker_from_cfg
 from pipelines.assets.train import base_model, finetuned_model
@@ -54,7 +61,11 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
             [sft_dataset_stub, base_model, finetuned_model],
             resources={"hydra": HydraConfigResource(overrides=overrides)},
             run_config=dg.RunConfig(
-                ops={"finetuned_model": StageConfig(overrides=["train.max_steps=3"])}
+                ops={
+                    "finetuned_model": StageConfig(
+                        overrides=["hardware=cpu_fsdp", "train.max_steps=3"]
+                    )
+                }
             ),
             instance=instance,
         )
@@ -68,6 +79,13 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
         assert value["model_uri"] == f"models:/arenaflow-chat/{value['version']}"
         assert (Path(value["path"]) / "model.safetensors").exists()
         assert value["final_loss"] > 0
+        trained = json.loads((Path(value["path"]).parent / "result.json").read_text())
+        assert trained["world_size"] == 2 and trained["steps"] == 3
+        sharding = trained["sharding"]
+        assert sharding["sharded_params"] == sharding["params"] > 0
+        assert sharding["local_numel"] < 0.6 * sharding["full_numel"]  # rank 0 holds about half
+        shards = list((Path(value["path"]).parent / "checkpoints").glob("step-*.ckpt/*.distcp"))
+        assert len(shards) == 2  # one shard file per rank
 
         mat = result.asset_materializations_for_node("finetuned_model")[-1]
         md = mat.metadata
@@ -84,6 +102,17 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
             if e.user_message and "step 3/3" in e.user_message
         ]
         assert logs
+
+    model = AutoModelForCausalLM.from_pretrained(value["path"]).eval()
+    assert sum(p.numel() for p in model.parameters()) == sharding["full_numel"]
+    tok = AutoTokenizer.from_pretrained(value["path"])
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 4
 
     from arenaflow.config import compose_config
 

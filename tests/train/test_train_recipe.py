@@ -10,7 +10,7 @@ from arenaflow.train.data import Collator, RankBatchSampler, SFTDataModule, pack
 from arenaflow.train.flops import model_shape
 from arenaflow.train.module import ChatLM, forward_logits, token_loss_sum
 from arenaflow.train.preflight import MemoryPreflightError, check_memory
-from arenaflow.train.recipe import accumulation
+from arenaflow.train.recipe import accumulation, batch_layout
 
 CONVERSATION = [
     {"from": "human", "value": "Name a colour."},
@@ -92,7 +92,7 @@ def test_tiny_model_overfits_a_repeated_batch(sft_dir, tiny_model_dir, tiny_toke
     )
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
     losses = []
-    for _ in range(60):
+    for _ in range(45):
         loss = module.training_step(batch, 0)
         opt.zero_grad()
         loss.backward()
@@ -128,6 +128,7 @@ def test_gradient_accumulation_keeps_the_global_batch(make_cfg) -> None:
     assert accumulation(make_cfg("train=vicuna", "hardware=a100_4x")) == 128 // (4 * 4)
     assert accumulation(make_cfg("train=vicuna", "hardware=h100_8x_2nodes")) == 1
     assert accumulation(make_cfg("hardware=cpu_fsdp")) == 1
+    assert batch_layout(make_cfg("train.global_batch_size=2")) == (2, 1)  # micro-batch shrinks
     with pytest.raises(ValueError, match="hardware.micro_batch_size"):
         accumulation(make_cfg("train.global_batch_size=6"))
 

@@ -39,6 +39,7 @@ class TrainPlan:
     data_hash: str
     out_dir: str
     world_size: int
+    micro_batch_size: int
     accumulate: int
     max_steps: int
     shape: dict[str, int]
@@ -71,17 +72,34 @@ def world_size(cfg: DictConfig) -> int:
     return int(cfg.hardware.devices) * int(cfg.hardware.num_nodes)
 
 
-def accumulation(cfg: DictConfig) -> int:
-    """Gradient accumulation that keeps `train.global_batch_size` on any hardware target."""
-    per_step = int(cfg.hardware.micro_batch_size) * world_size(cfg)
+def batch_layout(cfg: DictConfig) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) that keep `train.global_batch_size` on any target.
+
+    A global batch smaller than one micro-batch per rank shrinks the micro-batch instead.
+    """
+    world = world_size(cfg)
+    micro = int(cfg.hardware.micro_batch_size)
     gbs = int(cfg.train.global_batch_size)
-    if gbs % per_step:
+    if gbs < micro * world and gbs % world == 0:
+        log.info(
+            "global batch %d < %d ranks x micro-batch %d: micro-batch %d",
+            gbs,
+            world,
+            micro,
+            gbs // world,
+        )
+        micro = gbs // world
+    if gbs % (micro * world):
         raise ValueError(
             f"train.global_batch_size={gbs} is not a multiple of hardware.micro_batch_size "
-            f"({cfg.hardware.micro_batch_size}) x devices x num_nodes ({world_size(cfg)}) = "
-            f"{per_step}; change one of them"
+            f"({micro}) x devices x num_nodes ({world}) = {micro * world}; change one of them"
         )
-    return gbs // per_step
+    return micro, gbs // (micro * world)
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Gradient accumulation steps per optimizer step."""
+    return batch_layout(cfg)[1]
 
 
 def run_key(cfg: DictConfig, data_hash: str) -> str:
@@ -131,7 +149,8 @@ def plan(cfg: DictConfig) -> TrainPlan:
         data_hash=dhash,
         out_dir=str(output_dir(cfg, dhash)),
         world_size=world_size(cfg),
-        accumulate=accumulation(cfg),
+        micro_batch_size=batch_layout(cfg)[0],
+        accumulate=batch_layout(cfg)[1],
         max_steps=int(cfg.train.max_steps),
         shape=asdict(shape),
         memory=memory,
@@ -181,7 +200,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
     dm = SFTDataModule(
         p.data_dir,
         pad_id=tokenizer.pad_token_id,
-        micro_batch_size=int(hw.micro_batch_size),
+        micro_batch_size=p.micro_batch_size,
         max_length=int(tr.max_length),
         packing=bool(tr.packing),
         group_by_length=bool(tr.get("group_by_length", True)),
@@ -347,6 +366,7 @@ def _finish(
         "peak_tflops": peak / 1e12,
         "peak_source": peak_source,
         "world_size": p.world_size,
+        "micro_batch_size": p.micro_batch_size,
         "accumulate": p.accumulate,
         "n_params": p.shape["n_params"],
         "memory_estimate_gb": p.memory,
