@@ -1,4 +1,4 @@
-"""Whole training runs on the tiny Llama: MLflow registration, kill-and-resume through the CLI.
+"""A whole training run on the tiny Llama: killed via the CLI, resumed, registered in MLflow.
 
 The 2-rank cpu_fsdp run is tested through Dagster Pipes in tests/pipelines/test_train_assets.py.
 """
@@ -42,36 +42,11 @@ def _cli(overrides: list[str], **kw) -> subprocess.Popen:
     )
 
 
-def test_run_registers_a_model_version_with_its_tags(make_cfg, sft_dir, tiny_tokenizer) -> None:
-    from transformers import AutoModelForCausalLM
-
-    cfg = make_cfg(f"train.data_uri={sft_dir}", "train.max_steps=4")
-    result = run(cfg)
-    assert result["steps"] == 4
-    assert result["model_uri"] == f"models:/arenaflow-chat/{result['version']}"
-    info = tracker_from_cfg(cfg).get_version("arenaflow-chat", version=result["version"])
-    assert info.tags["base_model"] == "tiny-llama"
-    assert info.tags["data_hash"] == result["data_hash"] and len(result["data_hash"]) == 16
-    assert info.tags["chat_template_hash"] == result["chat_template_hash"]
-    assert info.tags["git_commit"] not in ("", "unknown")
-    client = tracker_from_cfg(cfg).client
-    losses = client.get_metric_history(result["run_id"], "loss")
-    assert [m.step for m in losses] == [1, 2, 3, 4]
-    assert {"lr", "grad_norm", "tokens_per_s", "val_loss", "mfu"} <= set(
-        client.get_run(result["run_id"]).data.metrics
-    )
-    assert client.get_run(result["run_id"]).data.params["train.lr"] == "0.001"
-    assert 0 < result["mfu"] < 1 and result["trained_tokens_per_s"] > 0
-    model = AutoModelForCausalLM.from_pretrained(result["path"])
-    assert (
-        model.get_output_embeddings().weight.data_ptr()
-        == model.get_input_embeddings().weight.data_ptr()
-    )
-
-
-def test_killed_run_resumes_from_its_last_checkpoint(
+def test_killed_run_resumes_then_registers_a_tagged_model_version(
     af_home, model_cache, sft_dir, tiny_tokenizer
 ) -> None:
+    from transformers import AutoModelForCausalLM
+
     from arenaflow.config import compose_config
 
     overrides = _overrides(
@@ -96,3 +71,23 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     assert result["steps"] == 6
     history = json.loads((output_dir(cfg) / "result.json").read_text())["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+
+    # the resumed run registered the gathered model with its lineage tags
+    assert result["model_uri"] == f"models:/arenaflow-chat/{result['version']}"
+    info = tracker_from_cfg(cfg).get_version("arenaflow-chat", version=result["version"])
+    assert info.tags["base_model"] == "tiny-llama"
+    assert info.tags["data_hash"] == result["data_hash"] and len(result["data_hash"]) == 16
+    assert info.tags["chat_template_hash"] == result["chat_template_hash"]
+    assert info.tags["git_commit"] not in ("", "unknown")
+    client = tracker_from_cfg(cfg).client
+    resumed_step = int(killed_at.removeprefix("step-").removesuffix(".ckpt"))
+    losses = client.get_metric_history(result["run_id"], "loss")
+    assert [m.step for m in losses] == list(range(resumed_step + 1, 7))
+    assert {"lr", "grad_norm", "tokens_per_s", "val_loss", "mfu"} <= set(
+        client.get_run(result["run_id"]).data.metrics
+    )
+    assert client.get_run(result["run_id"]).data.params["train.lr"] == "0.001"
+    assert 0 < result["mfu"] < 1 and result["trained_tokens_per_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(result["path"])
+    tied = model.get_output_embeddings().weight
+    assert tied.data_ptr() == model.get_input_embeddings().weight.data_ptr()
