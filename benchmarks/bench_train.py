@@ -192,21 +192,27 @@ def main() -> None:
     peak = measure_cpu_peak_flops(seconds=2.0)
     print(f"CPU fp32 matmul peak (probe): {peak / 1e9:.1f} GFLOP/s")
 
-    results = [bench_fastchat(model_dir, tokenizer, samples, peak, home)]
-    for variant in args.variants.split(","):
-        results.append(bench_arenaflow(samples, home, cache, variant == "packing", peak))
-    base = results[0]["trained_tokens_per_s"]
+    print(f"micro-batch {args.micro_batch}, one epoch over the samples per recipe")
     print(f"\n{'recipe':<48} {'trained tok/s':>14} {'tok/s':>8} {'MFU':>6} {'speed-up':>9}")
-    for r in results:
-        r["speedup"] = r["trained_tokens_per_s"] / base
-        print(
-            f"{r['recipe']:<48} {r['trained_tokens_per_s']:>14.1f} {r['tokens_per_s']:>8.1f} "
-            f"{r['mfu']:>6.1%} {r['speedup']:>8.2f}x"
-        )
-    if args.out:
-        Path(args.out).write_text(
-            json.dumps({"peak_gflops": peak / 1e9, "results": results}, indent=2)
-        )
+    results = [bench_fastchat(model_dir, tokenizer, samples, peak, home, args.micro_batch)]
+    _report(results, args.out, peak)
+    for variant in args.variants.split(","):
+        packing = variant == "packing"
+        results.append(bench_arenaflow(samples, home, cache, packing, peak, args.micro_batch))
+        _report(results, args.out, peak)
+
+
+def _report(results: list[dict], out: str | None, peak: float) -> None:
+    """Print the newest row (a long run shows results as they come) and rewrite the JSON."""
+    r = results[-1]
+    r["speedup"] = r["trained_tokens_per_s"] / results[0]["trained_tokens_per_s"]
+    print(
+        f"{r['recipe']:<48} {r['trained_tokens_per_s']:>14.1f} {r['tokens_per_s']:>8.1f} "
+        f"{r['mfu']:>6.1%} {r['speedup']:>8.2f}x",
+        flush=True,
+    )
+    if out:
+        Path(out).write_text(json.dumps({"peak_gflops": peak / 1e9, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
