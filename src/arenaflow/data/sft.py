@@ -48,14 +48,17 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+def _render_text(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
     except Exception as e:  # jinja raise_exception() in strict templates, TemplateError
         raise TemplateMismatchError(f"chat template refused the conversation: {e}") from e
-    return encode_text(tokenizer, text)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    return encode_text(tokenizer, _render_text(tokenizer, messages, generation_prompt))
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
@@ -80,33 +83,55 @@ def encode_conversation(
 ) -> dict[str, list[int]]:
     """Tokenize a conversation and label only assistant replies (+ their end-of-turn token).
 
-    Raises `TemplateMismatchError` when prefix renderings are not token prefixes of the whole
-    rendering (templates that rewrite earlier turns, BPE merges across a boundary), because the
-    labels could then point at the wrong tokens.
+    For every assistant turn i, the renderings of messages[:i] (with the generation prompt, as
+    the engine renders it) and of messages[:i+1] must be prefixes of the whole rendering, and the
+    whole token sequence must equal the concatenated tokens of the pieces between those prefixes,
+    i.e. every prefix's tokens are a prefix of the whole's. Otherwise (templates that rewrite
+    earlier turns, BPE merges across a boundary) the labels could point at the wrong tokens, so
+    `TemplateMismatchError` is raised. Tokenizing pieces keeps this linear in the length.
     """
     messages = to_messages(conversation)
     if not any(m["role"] == "assistant" for m in messages):
         raise TemplateMismatchError("conversation has no assistant turn to train on")
-    full = _render(tokenizer, messages, generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(full)
-    eot = end_of_turn_ids(tokenizer)
+    text = _render_text(tokenizer, messages, generation_prompt=False)
+    spans: list[tuple[int, int]] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start_ids = _render(tokenizer, messages[:i], generation_prompt=True)
-        stop_ids = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        start, stop = len(start_ids), len(stop_ids)
-        if full[:start] != start_ids or full[:stop] != stop_ids or stop <= start:
+        start = _render_text(tokenizer, messages[:i], generation_prompt=True)
+        stop = _render_text(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (text.startswith(start) and text.startswith(stop) and len(stop) > len(start)):
             raise TemplateMismatchError(
                 f"assistant turn {i}: the rendering of the conversation up to this turn is not a "
-                "token prefix of the whole rendering"
+                "prefix of the whole rendering"
             )
-        last_eot = max((j for j in range(start, stop) if full[j] in eot), default=None)
+        spans.append((len(start), len(stop)))
+    cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+    ids: list[int] = []
+    token_at: dict[int, int] = {}
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        token_at[a] = len(ids)
+        piece = text[a:b]
+        if a == 0:
+            ids += encode_text(tokenizer, piece)
+        else:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    token_at[len(text)] = len(ids)
+    if ids != encode_text(tokenizer, text):
+        raise TemplateMismatchError(
+            "tokens merge across a turn boundary: the turns' token prefixes are not prefixes of "
+            "the whole conversation's tokens"
+        )
+    labels = [IGNORE_INDEX] * len(ids)
+    eot = end_of_turn_ids(tokenizer)
+    for a, b in spans:
+        start, stop = token_at[a], token_at[b]
+        last_eot = max((j for j in range(start, stop) if ids[j] in eot), default=None)
         end = last_eot + 1 if last_eot is not None else stop
-        labels[start:end] = full[start:end]
+        labels[start:end] = ids[start:end]
     if max_length is not None:
-        full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "labels": labels}
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
 
 
 def content_tokens(tokenizer: Any, turns: Sequence[dict[str, str]]) -> list[int]:
@@ -186,7 +211,9 @@ def encode_record(
     conv = record["conversations"]
     try:
         enc = None
-        if sum(content_tokens(tokenizer, conv)) <= max_length:
+        # Either order is exact; guess from the length in chars which one tokenizes less.
+        likely_long = sum(len(t["value"]) for t in conv) > 4 * max_length
+        if not likely_long or sum(content_tokens(tokenizer, conv)) <= max_length:
             enc = encode_conversation(tokenizer, conv)
         if enc is not None and len(enc["input_ids"]) <= max_length:
             pieces_enc = [enc]
