@@ -141,3 +141,28 @@ def _train_metadata(result: dict[str, Any]) -> dict[str, Any]:
     if result.get("val_history"):
         metadata["validation"] = dg.MetadataValue.md(md_table(result["val_history"]))
     return {k: v for k, v in metadata.items() if v is not None}
+
+
+@dg.asset_check(
+    asset=finetuned_model,
+    description="The final checkpoint is complete and carries the chat template it was trained with.",
+)
+def finetuned_model_checkpoint_complete(finetuned_model: dict[str, Any]) -> dg.AssetCheckResult:
+    """The final checkpoint is complete and carries the chat template it was trained with."""
+    from arenaflow.models import chat_template_hash, load_tokenizer
+
+    path = Path(finetuned_model["path"])
+    missing = [
+        f
+        for f in ("config.json", "model.safetensors", "tokenizer_config.json")
+        if not (path / f).exists()
+    ]
+    saved_hash = chat_template_hash(load_tokenizer(path)) if not missing else None
+    return dg.AssetCheckResult(
+        passed=not missing and saved_hash == finetuned_model["chat_template_hash"],
+        metadata={
+            "missing_files": dg.MetadataValue.json(missing),
+            "saved_chat_template_hash": saved_hash or "",
+            "trained_chat_template_hash": finetuned_model["chat_template_hash"],
+        },
+    )

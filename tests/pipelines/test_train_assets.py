@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arenaflow.tracking import tracker_from_cfg
-from pipelines.assets.train import base_model, finetuned_model
+from pipelines.assets.train import base_model, finetuned_model, finetuned_model_checkpoint_complete
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 
 CONVERSATIONS = [
@@ -58,7 +58,7 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
     overrides = ["experiment=test", f"paths.home={af_home}", f"paths.cache_dir={model_cache}"]
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         result = dg.materialize(
-            [sft_dataset_stub, base_model, finetuned_model],
+            [sft_dataset_stub, base_model, finetuned_model, finetuned_model_checkpoint_complete],
             resources={"hydra": HydraConfigResource(overrides=overrides)},
             run_config=dg.RunConfig(
                 ops={
@@ -70,6 +70,9 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
             instance=instance,
         )
         assert result.success
+        checks = result.get_asset_check_evaluations()
+        assert [c.check_name for c in checks] == ["finetuned_model_checkpoint_complete"]
+        assert checks[0].passed
         base = result.output_for_node("base_model")
         assert (Path(base["path"]) / "model.safetensors").exists()
         assert base["name"] == "tiny-llama" and len(base["chat_template_hash"]) == 16
