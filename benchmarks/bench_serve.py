@@ -61,15 +61,15 @@ async def load(
     url: str, model: str, questions: list[str], concurrency: int, max_tokens: int
 ) -> dict[str, float]:
     gate = asyncio.Semaphore(concurrency)
-    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600) as client:
 
-    async def gated(q: str) -> tuple[float, float, int]:
-        async with gate:
-            return await one(client, model, q, max_tokens)
+        async def gated(q: str) -> tuple[float, float, int]:
+            async with gate:
+                return await one(client, model, q, max_tokens)
 
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(gated(q) for q in questions))
-    wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(gated(q) for q in questions))
+        wall = time.perf_counter() - t0
     lat = np.array([r[0] for r in results])
     ttft = np.array([r[1] for r in results])
     tokens = sum(r[2] for r in results)

@@ -34,7 +34,11 @@ def champion_model(config: ChampionConfig, hydra: HydraConfigResource) -> dict[s
     tracker = tracker_from_cfg(cfg)
     name = cfg.tracking.registered_model_name
     with tracker.start_run("champion_test", cfg) as run:
-        tags = {"mt_bench_average": "6.25", "elo_rating": "1042.5", "base_model": "tiny-llama"}
+        tags = {  # the tags the rating stage writes
+            "arenaflow.mt_bench_score": "6.250",
+            "arenaflow.rating": "1042.50",
+            "arenaflow.base_model": "tiny-llama",
+        }
         info = tracker.register_model(run, config.checkpoint, name, tags=tags)
     tracker.set_alias(name, "champion", info.version)
     return {
@@ -114,8 +118,8 @@ def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
         auth = {"Authorization": f"Bearer {KEY}"}
         card = httpx.get(f"{v1['url']}/models", headers=auth).json()["data"][0]
         assert card["version"] == "1"
-        assert card["results"] == {"mt_bench_average": 6.25, "elo_rating": 1042.5}
-        assert card["lineage"]["base_model"] == "tiny-llama" and card["lineage"]["run_id"]
+        assert card["results"] == {"arenaflow.mt_bench_score": 6.25, "arenaflow.rating": 1042.5}
+        assert card["lineage"]["arenaflow.base_model"] == "tiny-llama" and card["lineage"]["run_id"]
         assert "champion" in card["lineage"]["aliases"]
         meta = first.asset_materializations_for_node("serving_deployment")[0].metadata
         assert "| True |" in meta["smoke_test"].value

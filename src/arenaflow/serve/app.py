@@ -35,7 +35,7 @@ from arenaflow.engine import (
     StreamEvent,
     TokenLogprob,
 )
-from arenaflow.serve.errors import APIError, error_response, install_error_handlers
+from arenaflow.serve.errors import APIError, error_body, error_response, install_error_handlers
 from arenaflow.serve.loading import (
     ServedModel,
     describe_engine,
@@ -170,7 +170,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        eng, sched, s = ready_state()
+        eng, _, s = ready_state()
         check_model(body.model, s)
         try:
             messages = [
@@ -199,7 +199,7 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest) -> Any:
-        eng, sched, s = ready_state()
+        eng, _, s = ready_state()
         check_model(body.model, s)
         prompts = body.prompt_list()
         plist = [
@@ -288,6 +288,7 @@ class _Generation:
         finally:
             for t in tasks:
                 t.cancel()
+        # without streaming the first token reaches the client with the whole answer
         self.state.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.t0)
         for r in results:
             self.state.metrics.observe_usage(r.prompt_tokens, r.completion_tokens)
@@ -419,7 +420,7 @@ class _Generation:
                     continue
                 if isinstance(item, Exception):
                     log.error("stream failed: %s", item)
-                    yield _sse(error_body_for(item))
+                    yield _sse(error_body(500, f"generation failed: {item}"))
                     return
                 ev: StreamEvent = item
                 if self.first_token_at is None and ev.token_id is not None:
@@ -490,12 +491,6 @@ async def _mapped(aw: Awaitable[Any]) -> Any:
         raise APIError(400, str(e), code="invalid_value") from e
     except RuntimeError as e:
         raise APIError(503, f"the server could not finish the request: {e}") from e
-
-
-def error_body_for(exc: Exception) -> dict[str, Any]:
-    from arenaflow.serve.errors import error_body
-
-    return error_body(500, f"generation failed: {exc}")
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -22,7 +22,10 @@ from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 
 log = logging.getLogger(__name__)
 
-_RESULT_TAG = re.compile(r"^(mt_?bench|elo|bt|bradley|rating|leaderboard|score|win|judge)", re.I)
+# version tags that are results (the rating stage writes arenaflow.rating*, arenaflow.mt_bench_score)
+_RESULT_TAG = re.compile(
+    r"^(arenaflow\.)?(mt_?bench|elo|bt_|bradley|rating|leaderboard|score|win|judge)", re.I
+)
 
 
 @dataclass
