@@ -135,3 +135,29 @@ def test_split_conversation_whole_pairs(tok):
         assert len(encode_conversation(tok, p)["input_ids"]) <= limit
     whole, none_dropped = split_conversation(tok, CONV, 10_000)
     assert whole == [CONV] and none_dropped == 0
+
+
+def test_sft_limit_samples_and_counts_the_rest(tiny_model_dir, tmp_path):
+    from datasets import load_from_disk
+    from omegaconf import OmegaConf
+
+    from arenaflow import io
+    from arenaflow.data.sft import build_sft_dataset
+
+    clean = tmp_path / "clean.jsonl"
+    io.write_jsonl(str(clean), [{"id": f"c{i}", "conversations": CONV} for i in range(10)])
+    model_cfg = OmegaConf.create(
+        {"name": "tiny", "chat_template": None, "trust_remote_code": False}
+    )
+    stats = build_sft_dataset(
+        str(clean),
+        str(tmp_path / "sft"),
+        tokenizer_dir=str(tiny_model_dir),
+        model_cfg=model_cfg,
+        max_length=128,
+        val_ratio=0.0,
+        seed=0,
+        limit=4,
+    )
+    assert (stats["input"], stats["kept"], stats["dropped"]) == (10, 4, {"over_sft_limit": 6})
+    assert len(load_from_disk(str(tmp_path / "sft"))["train"]) == 4

@@ -145,6 +145,7 @@ def run_sft(
             val_ratio=float(cfg.data.val_ratio),
             seed=int(cfg.data.split_seed),
             num_workers=int(cfg.data.num_workers),
+            limit=cfg.data.get("sft_limit"),
         )
         lengths = stats.pop("lengths")
         key = "|".join(
@@ -154,6 +155,7 @@ def run_sft(
                 str(max_length),
                 str(cfg.data.val_ratio),
                 str(cfg.data.split_seed),
+                str(cfg.data.get("sft_limit")),
             ]
         )
         data_hash = hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -264,6 +264,7 @@ def build_sft_dataset(
     seed: int,
     num_workers: int = 1,
     chunk_size: int = 64,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize cleaned conversations with the model's template into a train/validation DatasetDict.
 
@@ -279,6 +280,11 @@ def build_sft_dataset(
 
     with fsspec.open(clean_uri, "r", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
+    n_input = len(lines)
+    if limit is not None and 0 <= limit < n_input:
+        # A seeded sample (in file order) for small training budgets; the rest is counted, not lost.
+        keep = np.sort(np.random.default_rng(seed).choice(n_input, size=limit, replace=False))
+        lines = [lines[i] for i in keep]
     chunks = [(lines[i : i + chunk_size], max_length) for i in range(0, len(lines), chunk_size)]
     results: list[tuple[list[dict[str, Any]], Counter]] = []
     bar = tqdm(total=len(lines), desc="sft_dataset", unit="conv", mininterval=2.0)
@@ -326,6 +332,7 @@ def build_sft_dataset(
                 {k: [r[k] for r in rows] for k in features}, features=features
             )
             for name, rows in splits.items()
+            if rows or name == "train"  # datasets cannot reload an empty split (val_ratio=0)
         }
     )
     dd.save_to_disk(out_uri)
@@ -336,8 +343,10 @@ def build_sft_dataset(
     total = sum(lengths)
     tok = load_tokenizer(tokenizer_dir, model_cfg)
     dropped = {k: counts[k] for k in ("template_mismatch", "too_long") if counts[k]}
+    if n_input > len(lines):
+        dropped["over_sft_limit"] = n_input - len(lines)
     return {
-        "input": len(lines),
+        "input": n_input,
         "kept": len(groups),
         "dropped": dropped,
         "examples": len(all_rows),
