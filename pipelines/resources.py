@@ -11,11 +11,22 @@ from omegaconf import DictConfig
 from pydantic import Field
 
 from arenaflow.config import compose_config, to_yaml
+from arenaflow.tracking import redact
 
 
 def default_overrides() -> list[str]:
     """`$ARENAFLOW_OVERRIDES` (shell-quoted), else the demo experiment (what `make run` uses)."""
     return shlex.split(os.environ.get("ARENAFLOW_OVERRIDES", "experiment=demo"))
+
+
+def redact_overrides(overrides: Sequence[str]) -> list[str]:
+    """`serve.api_keys=[sk-..]` -> `serve.api_keys=***`: overrides are shown, secrets are not."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+        out.append(f"{key}={redact({leaf: value})[leaf]}" if sep else o)
+    return out
 
 
 class HydraConfigResource(dg.ConfigurableResource):
@@ -51,6 +62,6 @@ def stage_config(
 
     yaml_text = to_yaml(OmegaConf.create(config_container(cfg)))
     return cfg, {
-        "hydra_overrides": dg.MetadataValue.json(overrides),
+        "hydra_overrides": dg.MetadataValue.json(redact_overrides(overrides)),
         "resolved_config": dg.MetadataValue.md(f"```yaml\n{yaml_text}```"),
     }

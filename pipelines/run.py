@@ -20,7 +20,7 @@ import dagster as dg
 
 from arenaflow.config import compose_config, config_hash
 from pipelines.definitions import build_definitions
-from pipelines.resources import HydraConfigResource
+from pipelines.resources import HydraConfigResource, redact_overrides
 
 FINGERPRINT_TAG = "arenaflow/fingerprint"
 ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always check/roll it
@@ -93,7 +93,10 @@ def materialize_all(overrides: list[str], instance: dg.DagsterInstance) -> dict[
                 instance=instance,
                 resources=resources,
                 partition_key=pk,
-                tags={f"{FINGERPRINT_TAG}/{name}": fp, "arenaflow/overrides": " ".join(overrides)},
+                tags={
+                    f"{FINGERPRINT_TAG}/{name}": fp,
+                    "arenaflow/overrides": " ".join(redact_overrides(overrides)),
+                },
             )
             timings[label] = f"{time.perf_counter() - t0:.1f}s"
     return {"defs": defs, "timings": timings}

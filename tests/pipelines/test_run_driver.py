@@ -74,4 +74,4 @@ def test_stage_config_records_resolved_yaml_without_secrets(af_home) -> None:
     assert cfg.train.lr == 0.5
     yaml_md = meta["resolved_config"].value
     assert "lr: 0.5" in yaml_md and "sk-live-1" not in yaml_md
-    assert meta["hydra_overrides"].value[-1] == "train.lr=0.5"
+    assert meta["hydra_overrides"].value[-2:] == ["serve.api_keys=***", "train.lr=0.5"]
