@@ -49,7 +49,8 @@ def test_bad_judgments_are_counted_by_reason() -> None:
     counts: Counter = Counter()
     out = list(battles_from_pairwise(rows, counts))
     assert [b["winner"] for b in out] == ["model_a", "model_a"]
-    assert out[0]["source"] == "mt_bench" and out[0]["model_a"] == "finetuned"
+    assert out[0]["source"] == "judge" and out[0]["origin"] == "mt_bench"
+    assert out[0]["model_a"] == "finetuned"
     assert counts == Counter(
         valid=2,
         duplicate_judgment=1,
@@ -88,13 +89,16 @@ def test_build_battles_merges_external_files(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(f"rating.external_battles=[{arena_json},{arena_jsonl}]")
     out = build_battles(cfg, {"pair_uri": str(pair), "judge_model": "judge"})
     assert out["count"] == 5
-    assert out["by_source"] == {"mt_bench": 2, str(arena_json): 2, str(arena_jsonl): 1}
+    assert out["by_origin"] == {"mt_bench": 2, str(arena_json): 2, str(arena_jsonl): 1, "arena": 0}
+    assert out["by_source"] == {"judge": 2, "human": 3}  # arena exports without a judge: human
+    assert out["human_votes"]["votes"] == 0 and "no vote database" in out["human_votes"]["note"]
     assert out["invalid"][str(arena_json)] == {"bad_winner": 1, "missing_model": 1}
     assert out["invalid"][str(arena_jsonl)] == {"bad_json": 1}
     rows = list(io.read_jsonl(out["uri"]))
     assert out["uri"].endswith("rating/battles.jsonl")
     assert [r["tstamp"] for r in rows] == sorted(r["tstamp"] for r in rows)  # Elo order by time
-    assert rows[0]["source"] == str(arena_json) and rows[0]["anony"] is True
+    assert rows[0]["origin"] == str(arena_json) and rows[0]["anony"] is True
+    assert rows[0]["source"] == "human"
 
 
 def test_missing_or_empty_inputs_name_the_fix(make_cfg, tmp_path: Path) -> None:

@@ -52,7 +52,11 @@ def test_run_reads_the_judge_layout_and_crowns_the_latest_version(make_cfg, tmp_
         tracker.register_model(r, ckpt, "arenaflow-chat")
 
     out = run(cfg)
-    assert out["battles"]["count"] == 6 and out["battles"]["by_source"] == {"mt_bench": 6}
+    assert out["battles"]["count"] == 6 and out["battles"]["by_origin"] == {
+        "mt_bench": 6,
+        "arena": 0,
+    }
+    assert out["battles"]["by_source"] == {"judge": 6, "human": 0}
     rows = {r["model"]: r for r in out["leaderboard"]["rows"]}
     assert rows["finetuned"]["rating"] > rows["base"]["rating"] == pytest.approx(1000.0)
     assert rows["finetuned"]["mt_bench"] == 7.0 and rows["finetuned"]["wins"] == 4

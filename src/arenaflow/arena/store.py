@@ -45,6 +45,27 @@ def default_db_url(home: str | Path) -> str:
     return f"sqlite:///{Path(home) / 'arena' / 'votes.db'}"
 
 
+def vote_db_url(cfg: Any) -> str:
+    """`serve.arena.db_url`, else the default SQLite file under `paths.home`."""
+    serve = cfg.get("serve") if hasattr(cfg, "get") else None
+    arena = serve.get("arena") if serve is not None else None
+    url = arena.get("db_url") if arena is not None else None
+    return str(url) if url else default_db_url(cfg.paths.home)
+
+
+def database_exists(url: str) -> bool:
+    """False only for a SQLite file that is not there (opening it would create an empty one)."""
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return True
+    return Path(u.database).expanduser().is_file()
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for logs and metadata."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
 def count_turns(conversation: list[dict]) -> int:
     """Turns = user messages (FastChat's `turn`: the number of prompts in the battle)."""
     return sum(1 for m in conversation if m.get("role") == "user")
@@ -104,12 +125,7 @@ class VoteStore:
     @classmethod
     def from_cfg(cls, cfg: Any) -> VoteStore:
         """The store at `serve.arena.db_url`; default a SQLite file under `paths.home`."""
-        url = None
-        serve = cfg.get("serve") if hasattr(cfg, "get") else None
-        arena = serve.get("arena") if serve is not None else None
-        if arena is not None:
-            url = arena.get("db_url")
-        return cls(str(url) if url else default_db_url(cfg.paths.home))
+        return cls(vote_db_url(cfg))
 
     def record_vote(
         self,
@@ -180,7 +196,7 @@ class VoteStore:
         self.engine.dispose()
 
     def __repr__(self) -> str:
-        return f"VoteStore({self.url.render_as_string(hide_password=True)!r})"
+        return f"VoteStore({safe_url(self.url)!r})"
 
 
 def _battle(row: Any) -> dict:

@@ -1,5 +1,6 @@
-"""Ratings from battles: online Elo, Bradley–Terry with bootstrap intervals, the leaderboard, and
-eval-gated promotion of the registry's `champion` alias.
+"""Ratings from battles: online Elo, Bradley–Terry with bootstrap intervals, the leaderboard
+(judge-only, human-only and combined, with judge-human agreement), and eval-gated promotion of the
+registry's `champion` alias.
 
 `run(cfg)` is the stage entry point (`python -m arenaflow.rating`); the Dagster assets call its
 three steps, `build_battles`, `build_leaderboard` and `promote_champion`, one per asset.
@@ -13,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow import io
+from arenaflow.rating.agreement import judge_human_agreement
 from arenaflow.rating.promote import decide, promote_champion
 from arenaflow.rating.ratings import (
     battle_count_matrix,
@@ -40,6 +42,7 @@ __all__ = [
     "compute_bt",
     "compute_elo",
     "decide",
+    "judge_human_agreement",
     "pair_counts",
     "predicted_win_rate",
     "promote_champion",
@@ -72,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     champion = promote_champion(cfg, leaderboard, finetuned)
     return {
-        "battles": {k: battles[k] for k in ("uri", "count", "by_source", "invalid")},
+        "battles": {k: battles[k] for k in ("uri", "count", "by_source", "by_origin", "invalid")},
         "leaderboard": {"uri": leaderboard["uri"], "rows": leaderboard["rows"]},
         "champion": champion,
     }

@@ -6,6 +6,9 @@ them swapped, both already mapped back to "model_1" / "model_2" / "tie" (FastCha
 when both games name it; a tie in g1 or games that disagree make a tie, which is how a judge's
 position bias turns into a tie instead of a win. A game the judge failed ("error", or a verdict
 that is missing) leaves nothing to compare, so that judgment is counted as invalid, not scored.
+
+Every battle carries `source` (who voted: "judge" for an LLM judge, "human" for a person) and
+`origin` (where it was read: "mt_bench", "arena" for the vote store, or an external file's URI).
 """
 
 from __future__ import annotations
@@ -24,6 +27,24 @@ log = logging.getLogger(__name__)
 GAME_WINNERS = ("model_1", "model_2", "tie")
 PAIR_FIELDS = ("question_id", "model_1", "model_2", "g1_winner", "g2_winner")
 KEEP_FIELDS = ("question_id", "turn", "tstamp", "judge", "language", "anony", "category")
+SOURCES = ("judge", "human")
+# FastChat's `judge` field of human votes: Chatbot Arena users, MT-bench experts and authors
+HUMAN_JUDGE_PREFIXES = ("arena_user", "expert", "author", "human")
+
+
+def battle_source(row: dict[str, Any]) -> str:
+    """Who cast an external battle's vote: an explicit `source` ("judge" / "human") wins; else an
+    LLM judge is named by FastChat's `judge` field ([model, prompt] or a name that is not a person's,
+    e.g. "gpt4_pair"); rows without a judge are Chatbot Arena exports, human votes."""
+    source = row.get("source")
+    if source in SOURCES:
+        return source
+    judge = row.get("judge")
+    if isinstance(judge, list | tuple) and judge:
+        return "judge"
+    if isinstance(judge, str) and judge:
+        return "human" if judge.lower().startswith(HUMAN_JUDGE_PREFIXES) else "judge"
+    return "human"
 
 
 def swap_rule(g1: str, g2: str) -> str:
@@ -67,7 +88,7 @@ def battles_from_pairwise(
         seen.add(key)
         battle = {"model_a": a, "model_b": b, "winner": swap_rule(g1, g2)}
         battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
-        battle.update({"g1_winner": g1, "g2_winner": g2, "source": "mt_bench"})
+        battle.update({"g1_winner": g1, "g2_winner": g2, "source": "judge", "origin": "mt_bench"})
         counts["valid"] += 1
         yield battle
 
@@ -94,9 +115,13 @@ def read_records(uri: str, counts: Counter[str]) -> Iterator[Any]:
 
 
 def battles_from_records(
-    records: Iterable[Any], source: str, counts: Counter[str] | None = None
+    records: Iterable[Any],
+    origin: str,
+    counts: Counter[str] | None = None,
+    source: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """FastChat / Chatbot Arena battle rows (model_a, model_b, winner) from an external file."""
+    """FastChat / Chatbot Arena battle rows (model_a, model_b, winner) from a file or the vote
+    store; `source` forces who voted, else `battle_source` tells it per row."""
     counts = counts if counts is not None else Counter()
     for row in records:
         if not isinstance(row, dict):
@@ -114,7 +139,8 @@ def battles_from_records(
             continue
         battle = {"model_a": str(a), "model_b": str(b), "winner": winner}
         battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
-        battle["source"] = source
+        battle["source"] = source or battle_source(row)
+        battle["origin"] = origin
         counts["valid"] += 1
         yield battle
 

@@ -6,7 +6,8 @@ The rule, in order:
    the competitor named "finetuned" (or with `local: finetuned`) is the `finetuned_model`
    asset's version; a competitor whose `local:` is a `models:/<name>/<version>` or
    `models:/<name>@<alias>` URI of that registered model is the version it resolves to.
-   The candidate is the one with the highest Bradley–Terry rating on the leaderboard.
+   The candidate is the one with the highest Bradley–Terry rating on the leaderboard (the
+   `rating.promote_on` board: judge, human or combined battles).
 2. No current champion (alias unset): the candidate is promoted.
 3. The candidate already is the champion: nothing moves.
 4. The bar is the current champion's lower CI bound. When the champion is a competitor of this
@@ -191,6 +192,11 @@ def promote_champion(
             else f"{row['mt_bench']:.3f}",
             **_lineage(cfg, competitor, info, leaderboard, finetuned),
         }
+        if leaderboard.get("rating_on"):
+            tags["arenaflow.rating_on"] = leaderboard["rating_on"]
+        for view in ("judge", "human", "combined"):
+            if row.get(f"{view}_rating") is not None:
+                tags[f"arenaflow.rating_{view}"] = f"{row[f'{view}_rating']:.2f}"
         tracker.set_version_tags(name, version, tags)
         tagged[competitor] = version
     if decision.promoted and not cfg.rating.promote:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from arenaflow import io
 from arenaflow.plots import to_png
 from arenaflow.rating import battles as bt_io
+from arenaflow.rating.agreement import judge_human_agreement
 from arenaflow.rating.plots import heatmap_figure, rating_ci_figure
 from arenaflow.rating.ratings import (
     battle_count_matrix,
@@ -31,6 +32,7 @@ from arenaflow.tracking import tracker_from_cfg
 log = logging.getLogger(__name__)
 
 PLOTS = ("rating_ci", "win_fraction", "battle_count")
+VIEWS = ("judge", "human", "combined")
 
 
 def metric_name(name: str) -> str:
@@ -42,14 +44,44 @@ def rating_uri(cfg: DictConfig, *parts: str) -> str:
     return io.artifact_uri(cfg, "rating", *parts)
 
 
-def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str, Any]:
-    """Battles from the pairwise judgments (swap rule) plus `rating.external_battles`, one file.
+def read_human_votes(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The arena's votes (FastChat battle dicts) and where they came from; none when
+    `rating.human_votes` is off or the SQLite file does not exist yet (no vote was cast)."""
+    from arenaflow.arena import VoteStore, database_exists, safe_url, vote_db_url
 
-    Rows that cannot be a battle are counted per source and reason; the stage fails only when
+    info: dict[str, Any] = {"enabled": bool(cfg.rating.human_votes), "db": None, "votes": 0}
+    if not cfg.rating.human_votes:
+        info["note"] = "rating.human_votes=false"
+        return [], info
+    url = vote_db_url(cfg)
+    info["db"] = safe_url(url)
+    if not database_exists(url):
+        info["note"] = f"no vote database at {info['db']} yet: zero human votes"
+        return [], info
+    store = VoteStore(url)
+    try:
+        votes = store.battles()
+    except Exception as e:
+        raise RuntimeError(
+            f"could not read the arena votes at {info['db']} ({e}); fix serve.arena.db_url "
+            "or set rating.human_votes=false"
+        ) from e
+    finally:
+        store.dispose()
+    info["votes"] = len(votes)
+    info["note"] = f"{len(votes)} vote(s) from {info['db']}"
+    return votes, info
+
+
+def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str, Any]:
+    """Battles from the pairwise judgments (swap rule), `rating.external_battles` and the arena's
+    human votes (`rating.human_votes`), one file; each row's `source` says judge or human.
+
+    Rows that cannot be a battle are counted per origin and reason; the stage fails only when
     nothing usable is left, naming what to fix.
     """
     invalid: dict[str, dict[str, int]] = {}
-    by_source: dict[str, int] = {}
+    by_origin: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     pair_uri = (judgments or {}).get("pair_uri")
     if pair_uri:
@@ -61,7 +93,7 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
         counts: Counter[str] = Counter()
         records = bt_io.read_records(pair_uri, counts)
         rows.extend(bt_io.battles_from_pairwise(records, counts))
-        by_source["mt_bench"] = counts.pop("valid", 0)
+        by_origin["mt_bench"] = counts.pop("valid", 0)
         invalid["mt_bench"] = dict(counts)
     for uri in cfg.rating.external_battles or []:
         if not io.exists(uri):
@@ -71,35 +103,63 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
             )
         counts = Counter()
         rows.extend(bt_io.battles_from_records(bt_io.read_records(uri, counts), uri, counts))
-        by_source[uri] = counts.pop("valid", 0)
+        by_origin[uri] = counts.pop("valid", 0)
         invalid[uri] = dict(counts)
-    for source, reasons in invalid.items():
+    votes, human = read_human_votes(cfg)
+    if human["enabled"]:
+        counts = Counter()
+        rows.extend(bt_io.battles_from_records(votes, "arena", counts, source="human"))
+        by_origin["arena"] = counts.pop("valid", 0)
+        invalid["arena"] = dict(counts)
+    for origin, reasons in invalid.items():
         for reason, n in reasons.items():
-            log.warning("%s: %d row(s) not used as battles: %s", source, n, reason)
+            log.warning("%s: %d row(s) not used as battles: %s", origin, n, reason)
     if not rows:
         raise ValueError(
-            f"no valid battles (invalid rows by source and reason: {invalid}); "
-            "check the judge's pairwise output or rating.external_battles"
+            f"no valid battles (invalid rows by origin and reason: {invalid}; human votes: "
+            f"{human['note']}); check the judge's pairwise output or rating.external_battles"
         )
     rows = bt_io.order_battles(rows)
     uri = rating_uri(cfg, "battles.jsonl")
     io.write_jsonl(uri, rows)
     models = sorted({r["model_a"] for r in rows} | {r["model_b"] for r in rows})
     winners = dict(Counter(r["winner"] for r in rows))
+    by_source = {s: sum(r["source"] == s for r in rows) for s in bt_io.SOURCES}
+    # Human battles may name models this run did not evaluate (older champions, other servers):
+    # they stay in the fit and are listed here.
+    competitors = {str(c.name) for c in cfg.eval.competitors}
+    outside: Counter[str] = Counter()
+    with_outside = 0
+    for r in rows:
+        if r["source"] == "human":
+            names = [m for m in (r["model_a"], r["model_b"]) if m not in competitors]
+            outside.update(names)
+            with_outside += bool(names)
+    human["battles"] = by_source["human"]
+    human["battles_with_other_models"] = with_outside
+    human["not_competitors"] = dict(sorted(outside.items()))
     result = {
         "uri": uri,
         "count": len(rows),
         "models": models,
         "by_source": by_source,
+        "by_origin": by_origin,
         "invalid": invalid,
         "winners": winners,
+        "human_votes": human,
         "pair_uri": pair_uri,
         "judge_model": (judgments or {}).get("judge_model"),
     }
     tracker = tracker_from_cfg(cfg)
     with tracker.start_run("battles", cfg) as run:
         run.log_metrics(
-            {"battles": len(rows), **{metric_name(f"battles.{k}"): v for k, v in winners.items()}}
+            {
+                "battles": len(rows),
+                **{metric_name(f"battles.{k}"): v for k, v in winners.items()},
+                **{f"battles_{k}": v for k, v in by_source.items()},
+                "human_votes": human["votes"],
+                "human_battles_with_other_models": with_outside,
+            }
         )
         run.log_dict(result, "battles_summary.json")
         result["run_id"], result["run_url"] = run.run_id, run.url
@@ -126,12 +186,20 @@ def rating_scale(cfg: DictConfig, anchor: tuple[str, float] | None, judge_model:
     return f"anchor={anchor[0]}@{anchor[1]:g};judge={judge_model};bench={cfg.eval.bench_name}"
 
 
-def build_leaderboard(
-    cfg: DictConfig, battles: dict[str, Any], scores: dict[str, Any] | None
+def _voters(df: pd.DataFrame, judge_model: str | None) -> str:
+    """Who voted in a battle set, for its rating scale: the judge model, "human", or both."""
+    sources = set(df["source"])
+    parts = ([str(judge_model)] if "judge" in sources else []) + (
+        ["human"] if "human" in sources else []
+    )
+    return "+".join(parts)
+
+
+def fit_ratings(
+    cfg: DictConfig, df: pd.DataFrame, judge_model: str | None, scores: dict[str, Any]
 ) -> dict[str, Any]:
-    """BT rating with bootstrap CI, online Elo, CI-aware rank, MT-bench score and win rates per model."""
+    """BT rating with bootstrap CI, online Elo, CI-aware rank and win counts on one battle set."""
     r = cfg.rating
-    df = pd.DataFrame(list(io.read_jsonl(battles["uri"])))
     models = sorted(set(df["model_a"]) | set(df["model_b"]))
     anchor, anchor_note = _anchor(cfg, models)
     if anchor is None and r.anchor is not None:
@@ -142,7 +210,6 @@ def build_leaderboard(
     ci = bootstrap_intervals(boot, float(r.ci_level))
     rank = ci_rank(ci["lower"], ci["upper"])
     elo = compute_elo(df, k=r.k, scale=r.scale, base=r.base, init_rating=r.init_rating)
-    score_map = (scores or {}).get("scores") or {}
     rows = []
     for model in point.index:
         as_a, as_b = df["model_a"] == model, df["model_b"] == model
@@ -151,7 +218,7 @@ def build_leaderboard(
             ((as_a & (df["winner"] == "model_a")) | (as_b & (df["winner"] == "model_b"))).sum()
         )
         ties = int(((as_a | as_b) & df["winner"].isin(["tie", "tie (bothbad)"])).sum())
-        mt = score_map.get(model) or {}
+        mt = scores.get(model) or {}
         rows.append(
             {
                 "rank": int(rank[model]),
@@ -171,11 +238,71 @@ def build_leaderboard(
             }
         )
     rows.sort(key=lambda row: (row["rank"], -row["rating"]))
+    return {
+        "rows": rows,
+        "point": point,
+        "anchor": anchor_note,
+        "scale": rating_scale(cfg, anchor, _voters(df, judge_model)),
+        "battles": int(len(df)),
+    }
+
+
+def build_leaderboard(
+    cfg: DictConfig, battles: dict[str, Any], scores: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Three leaderboards, judge-only, human-only and combined (each BT with bootstrap CI, online
+    Elo, CI-aware rank), the judge-human agreement, and `rows`: the `rating.promote_on` board with
+    every model's three ratings alongside (`judge_rating`, `human_ci_lower`, ...)."""
+    r = cfg.rating
+    primary = str(r.promote_on)
+    if primary not in VIEWS:
+        raise ValueError(f"rating.promote_on must be one of {list(VIEWS)}, got {primary!r}")
+    df = pd.DataFrame(list(io.read_jsonl(battles["uri"])))
+    if "source" not in df.columns:  # battles written before human votes were a source
+        df["source"] = "judge"
+    judge_model = battles.get("judge_model")
+    score_map = (scores or {}).get("scores") or {}
+    subsets = {
+        "judge": df[df["source"] == "judge"],
+        "human": df[df["source"] == "human"],
+        "combined": df,
+    }
+    fits: dict[str, dict[str, Any] | None] = {}
+    for view in VIEWS:
+        sub = subsets[view].reset_index(drop=True)
+        if sub.empty:
+            fits[view] = None
+        elif view == "combined" and fits["judge"] and len(sub) == fits["judge"]["battles"]:
+            fits[view] = fits["judge"]  # no human battles: the same fit
+        elif view == "combined" and fits["human"] and len(sub) == fits["human"]["battles"]:
+            fits[view] = fits["human"]
+        else:
+            fits[view] = fit_ratings(cfg, sub, judge_model, score_map)
+    main = fits[primary]
+    if main is None:
+        raise ValueError(
+            f"rating.promote_on={primary} but there are no {primary} battles "
+            f"(battles by source: {dict(Counter(df['source']))}); "
+            "set rating.promote_on=combined, or collect votes first"
+        )
+    by_view = {
+        v: {row["model"]: row for row in fit["rows"]} if fit else {} for v, fit in fits.items()
+    }
+    rows = []
+    for row in main["rows"]:
+        row = dict(row)
+        for v in VIEWS:
+            other = by_view[v].get(row["model"])
+            for key in ("rating", "ci_lower", "ci_upper", "battles"):
+                row[f"{v}_{key}"] = other[key] if other else None
+        rows.append(row)
+    agreement = judge_human_agreement(df.to_dict("records"))
+    view_df = subsets[primary]
     order = [row["model"] for row in rows]
-    win_frac = win_fraction_matrix(df, order)
-    counts = battle_count_matrix(df, order)
-    predicted = predicted_win_rate(point[order], r.scale, r.base)
-    scale = rating_scale(cfg, anchor, battles.get("judge_model"))
+    win_frac = win_fraction_matrix(view_df, order)
+    counts = battle_count_matrix(view_df, order)
+    predicted = predicted_win_rate(main["point"][order], r.scale, r.base)
+    scale = main["scale"]
     level = float(r.ci_level)
     figures = {
         "rating_ci": rating_ci_figure(rows, level),
@@ -190,30 +317,48 @@ def build_leaderboard(
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(png)
+    ratings = {
+        v: None if fit is None else {k: fit[k] for k in ("rows", "scale", "anchor", "battles")}
+        for v, fit in fits.items()
+    }
     uri = rating_uri(cfg, "leaderboard.json")
     report = {
         "rows": rows,
+        "rating_on": primary,
         "scale": scale,
-        "anchor": anchor_note,
+        "anchor": main["anchor"],
         "ci_level": level,
         "bootstrap_rounds": int(r.bootstrap_rounds),
-        "battles": int(len(df)),
+        "battles": main["battles"],
+        "battles_by_source": {v: len(subsets[v]) for v in ("judge", "human")},
         "battles_uri": battles["uri"],
         "win_fraction": _matrix_json(win_frac),
         "battle_count": _matrix_json(counts),
         "predicted_win_rate": _matrix_json(predicted),
+        "ratings": ratings,
+        "agreement": agreement,
     }
     io.write_json(uri, report)
     tracker = tracker_from_cfg(cfg)
     with tracker.start_run("leaderboard", cfg) as run:
-        metrics = {"battles": float(len(df)), "models": float(len(rows))}
+        metrics = {"battles": float(main["battles"]), "models": float(len(rows))}
         for row in rows:
             for key in ("rating", "ci_lower", "ci_upper", "elo", "rank", "win_rate", "mt_bench"):
                 if row[key] is not None:
                     metrics[metric_name(f"{key}.{row['model']}")] = float(row[key])
+        for v, fit in fits.items():
+            metrics[f"battles_{v}"] = float(len(subsets[v]))
+            for row in fit["rows"] if fit else []:
+                for key in ("rating", "ci_lower", "ci_upper"):
+                    metrics[metric_name(f"{v}_{key}.{row['model']}")] = float(row[key])
+        for key in ("with_tie", "without_tie"):
+            if agreement[key] is not None:
+                metrics[f"agreement_{key}"] = float(agreement[key])
         run.log_metrics(metrics)
-        run.set_tags({"arenaflow.rating_scale": scale})
+        run.set_tags({"arenaflow.rating_scale": scale, "arenaflow.rating_on": primary})
         run.log_table(rows, "leaderboard.json")
+        if agreement["pairs"]:
+            run.log_table(agreement["pairs"], "agreement.json")
         run.log_dict(report, "leaderboard_full.json")
         for name in PLOTS:
             run.log_figure(figures[name], f"plots/{name}.png")
@@ -221,8 +366,11 @@ def build_leaderboard(
     return {
         "uri": uri,
         "rows": rows,
+        "rating_on": primary,
         "scale": scale,
-        "anchor": anchor_note,
+        "anchor": main["anchor"],
+        "ratings": ratings,
+        "agreement": agreement,
         "plots": plots,
         "battles_uri": battles["uri"],
         "pair_uri": battles.get("pair_uri"),
