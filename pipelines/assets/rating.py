@@ -1,11 +1,13 @@
 """Dagster assets of the rating group: battles, the leaderboard, and the eval-gated `champion`
-alias. Each calls one step of `arenaflow.rating`, the library `python -m arenaflow.rating` runs."""
+alias. Each calls one step of `arenaflow.rating`, the library `python -m arenaflow.rating` runs.
+The vote sensor refreshes battles + leaderboard when the arena has collected enough new votes."""
 
 from typing import Any
 
 import dagster as dg
 
 from arenaflow import io
+from arenaflow.arena import VoteStore, database_exists, safe_url, vote_db_url
 from arenaflow.rating import build_battles, build_leaderboard, promote_champion
 from pipelines.metadata import md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
@@ -26,6 +28,28 @@ LEADERBOARD_COLUMNS = [
     "losses",
     "win_rate",
 ]
+VIEWS = ("judge", "human", "combined")
+
+
+def ratings_table(ratings: dict[str, dict[str, Any] | None]) -> str:
+    """One line per model (best combined rating first): its judge-only, human-only and combined
+    rating with CI and battles; blank where the model has no battles of that source."""
+    by_view = {
+        v: {r["model"]: r for r in (fit or {}).get("rows", [])} for v, fit in ratings.items()
+    }
+    order = [r["model"] for r in (ratings.get("combined") or {}).get("rows", [])]
+    order += sorted({m for rows in by_view.values() for m in rows} - set(order))
+    table = []
+    for model in order:
+        line: dict[str, Any] = {"model": model}
+        for v in VIEWS:
+            r = by_view.get(v, {}).get(model)
+            line[v] = f"{r['rating']:.1f}" if r else ""
+            line[f"{v} CI"] = f"[{r['ci_lower']:.1f}, {r['ci_upper']:.1f}]" if r else ""
+        line["judge battles"] = by_view.get("judge", {}).get(model, {}).get("battles", 0)
+        line["human battles"] = by_view.get("human", {}).get(model, {}).get("battles", 0)
+        table.append(line)
+    return md_table(table)
 
 
 def _png(uri: str) -> bytes:
@@ -40,7 +64,7 @@ def _png(uri: str) -> bytes:
     tags=TAGS,
     code_version="1",
     kinds={"python"},
-    description="Battles (FastChat columns) from pairwise judgments by the swap rule, plus external battle files.",
+    description="Battles (FastChat columns, source judge|human) from pairwise judgments by the swap rule, external battle files and the arena's human votes.",
 )
 def battles(
     context: dg.AssetExecutionContext,
@@ -48,16 +72,30 @@ def battles(
     config: StageConfig,
     mt_bench_judgments: dict[str, Any],
 ) -> dg.Output[dict[str, Any]]:
-    """Battles (FastChat columns) from pairwise judgments by the swap rule, plus external battle files."""
+    """Battles (FastChat columns, source judge|human) from pairwise judgments by the swap rule,
+    external battle files and the arena's human votes."""
     cfg, meta = stage_config(context, hydra, config)
     out = build_battles(cfg, mt_bench_judgments)
+    human = out["human_votes"]
+    context.log.info("human votes: %s", human["note"])
     invalid_rows = [
-        {"source": src, "reason": reason, "count": n}
+        {"origin": src, "reason": reason, "count": n}
         for src, reasons in out["invalid"].items()
         for reason, n in sorted(reasons.items())
     ]
     return dg.Output(
-        value={k: out[k] for k in ("uri", "count", "models", "pair_uri", "judge_model")},
+        value={
+            k: out[k]
+            for k in (
+                "uri",
+                "count",
+                "models",
+                "by_source",
+                "pair_uri",
+                "judge_model",
+                "human_votes",
+            )
+        },
         metadata={
             **meta,
             "uri": dg.MetadataValue.path(out["uri"]),
@@ -66,6 +104,16 @@ def battles(
             "by_source": dg.MetadataValue.md(
                 md_table([{"source": s, "battles": n} for s, n in out["by_source"].items()])
             ),
+            "by_origin": dg.MetadataValue.md(
+                md_table([{"origin": s, "battles": n} for s, n in out["by_origin"].items()])
+            ),
+            "judge_battles": out["by_source"]["judge"],
+            "human_battles": out["by_source"]["human"],
+            "human_votes": human["votes"],
+            "human_votes_db": dg.MetadataValue.text(str(human["db"])),
+            "human_votes_note": dg.MetadataValue.text(human["note"]),
+            "human_battles_with_other_models": human.get("battles_with_other_models", 0),
+            "human_models_not_competitors": dg.MetadataValue.json(human.get("not_competitors", {})),
             "winners": dg.MetadataValue.md(
                 md_table([{"winner": w, "count": n} for w, n in sorted(out["winners"].items())])
             ),
@@ -82,7 +130,7 @@ def battles(
     tags=TAGS,
     code_version="1",
     kinds={"python", "mlflow"},
-    description="Leaderboard: Bradley–Terry rating with bootstrap CI, online Elo, CI-aware rank, MT-bench score, win rate.",
+    description="Leaderboard: Bradley–Terry rating with bootstrap CI (judge-only, human-only, combined), online Elo, CI-aware rank, MT-bench score, win rate, judge-human agreement.",
 )
 def leaderboard(
     context: dg.AssetExecutionContext,
@@ -91,21 +139,50 @@ def leaderboard(
     battles: dict[str, Any],
     mt_bench_scores: dict[str, Any],
 ) -> dg.Output[dict[str, Any]]:
-    """Leaderboard: Bradley–Terry rating with bootstrap CI, online Elo, CI-aware rank, MT-bench score, win rate."""
+    """Leaderboard: Bradley–Terry rating with bootstrap CI (judge-only, human-only, combined),
+    online Elo, CI-aware rank, MT-bench score, win rate, judge-human agreement."""
     cfg, meta = stage_config(context, hydra, config)
     out = build_leaderboard(cfg, battles, mt_bench_scores)
     report = io.read_json(out["uri"])
     matrix_rows = [{"model": m, **row} for m, row in report["predicted_win_rate"].items()]
     top = out["rows"][0]
+    agreement = out["agreement"]
+    agreement_meta: dict[str, Any] = {
+        "agreement": dg.MetadataValue.md(
+            md_table(agreement["pairs"])
+            if agreement["pairs"]
+            else "_no model pair has both judge and human votes yet_"
+        ),
+        "agreement_shared_pairs": agreement["shared_pairs"],
+    }
+    for key in ("with_tie", "without_tie"):
+        if agreement[key] is not None:
+            agreement_meta[f"agreement_{key}"] = float(agreement[key])
     return dg.Output(
         value={
             k: out[k]
-            for k in ("uri", "rows", "scale", "battles_uri", "pair_uri", "judge_model", "run_id")
+            for k in (
+                "uri",
+                "rows",
+                "scale",
+                "rating_on",
+                "battles_uri",
+                "pair_uri",
+                "judge_model",
+                "run_id",
+            )
         },
         metadata={
             **meta,
             "uri": dg.MetadataValue.path(out["uri"]),
             "leaderboard": dg.MetadataValue.md(md_table(out["rows"], LEADERBOARD_COLUMNS)),
+            "rating_on": dg.MetadataValue.text(out["rating_on"]),
+            "ratings": dg.MetadataValue.md(ratings_table(out["ratings"])),
+            **{
+                f"{v}_scale": dg.MetadataValue.text(fit["scale"] if fit else "no battles")
+                for v, fit in out["ratings"].items()
+            },
+            **agreement_meta,
             "top_model": top["model"],
             "top_rating": float(top["rating"]),
             "models": len(out["rows"]),
@@ -178,3 +255,57 @@ def champion_model(
             **mlflow_link(out.get("run_url")),
         },
     )
+
+
+rating_refresh_job = dg.define_asset_job(
+    "rating_refresh_job",
+    selection=dg.AssetSelection.assets(battles, leaderboard),
+    description="Re-rate with the newest arena votes: battles + leaderboard (promotion waits for a full run).",
+)
+
+
+@dg.sensor(
+    job=rating_refresh_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Refreshes battles + leaderboard once rating.vote_sensor.min_new_votes new arena votes have arrived.",
+)
+def arena_votes_sensor(
+    context: dg.SensorEvaluationContext, hydra: HydraConfigResource
+) -> dg.RunRequest | dg.SkipReason:
+    """Refreshes battles + leaderboard once `rating.vote_sensor.min_new_votes` new arena votes
+    have arrived; the cursor is the vote count of the last requested run (votes are never deleted)."""
+    cfg = hydra.compose()
+    if not cfg.rating.human_votes:
+        return dg.SkipReason("rating.human_votes=false: human votes are not rated")
+    url = vote_db_url(cfg)
+    if not database_exists(url):
+        return dg.SkipReason(f"no vote database at {safe_url(url)} yet")
+    for key in ("mt_bench_judgments", "mt_bench_scores"):
+        if context.instance.get_latest_materialization_event(dg.AssetKey(key)) is None:
+            return dg.SkipReason(
+                f"{key} was never materialized; run the pipeline once, then new votes refresh "
+                "the leaderboard"
+            )
+    store = VoteStore(url)
+    try:
+        total = store.count()
+    finally:
+        store.dispose()
+    seen = int(context.cursor or 0)
+    if total < seen:  # the database was replaced: count from its start
+        seen = 0
+    need = int(cfg.rating.vote_sensor.min_new_votes)
+    if total - seen < need:
+        return dg.SkipReason(
+            f"{total - seen} new vote(s) since the last refresh ({total} in all); waiting for {need}"
+        )
+    context.update_cursor(str(total))
+    context.log.info("%d new arena votes: refreshing battles + leaderboard", total - seen)
+    return dg.RunRequest(
+        tags={"arenaflow/votes": str(total), "arenaflow/new_votes": str(total - seen)}
+    )
+
+
+jobs = [rating_refresh_job]
+sensors = [arena_votes_sensor]

@@ -169,3 +169,128 @@ def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ck
     assert float(v2.tags["arenaflow.rating"]) < 1000.0
     meta2 = result2.asset_materializations_for_node("champion_model")[0].metadata
     assert meta2["promoted"].value is False and "lower CI bound" in meta2["reason"].value
+
+
+def cast_votes(cfg, votes: list[tuple[str, str, str]], start: int = 0) -> None:
+    """Arena votes through the real store at the configured URL (what the /arena page writes)."""
+    from arenaflow.arena import VoteStore
+
+    store = VoteStore.from_cfg(cfg)
+    try:
+        for i, (a, b, winner) in enumerate(votes, start=start):
+            conv = [{"role": "user", "content": f"prompt {i}"}]
+            assert store.record_vote(
+                battle_id=f"b{i}",
+                model_a=a,
+                model_b=b,
+                winner=winner,
+                anony=True,
+                conversation_a=[*conv, {"role": "assistant", "content": "a"}],
+                conversation_b=[*conv, {"role": "assistant", "content": "b"}],
+                client_id=f"client-{i % 3}",
+            )
+    finally:
+        store.dispose()
+
+
+def test_human_votes_join_the_judge_battles_and_the_leaderboard(af_home, model_cache, ckpt) -> None:
+    overrides = [
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "rating.bootstrap_rounds=40",
+    ]
+    cfg = compose_config(overrides)
+    # Humans disagree with the judge: base wins most human votes; one vote involves a model that
+    # is not a competitor of this evaluation (it is still a battle, reported separately).
+    human = [("finetuned", "base", "model_b")] * 5 + [("base", "finetuned", "tie")]
+    human += [("finetuned", "base", "model_a"), ("base", "other-model", "model_a")]
+    cast_votes(cfg, human)
+    judged = pair_rows({q: ("model_1", "model_1") for q in QUESTIONS})  # judge: finetuned wins all
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [*upstream_assets(overrides, judged, ckpt), battles, leaderboard],
+        resources={"hydra": HydraConfigResource(overrides=overrides)},
+        instance=instance,
+    )
+    assert result.success
+    b = result.output_for_node("battles")
+    assert b["by_source"] == {"judge": 6, "human": 8}
+    assert b["human_votes"]["votes"] == 8
+    rows = list(io.read_jsonl(b["uri"]))
+    assert sorted({r["source"] for r in rows}) == ["human", "judge"]
+    assert sum(r["source"] == "human" and r["winner"] == "tie" for r in rows) == 1
+    bmeta = result.asset_materializations_for_node("battles")[0].metadata
+    assert bmeta["human_battles"].value == 8 and bmeta["judge_battles"].value == 6
+
+    lb = result.output_for_node("leaderboard")
+    assert lb["rating_on"] == "combined"
+    by_model = {r["model"]: r for r in lb["rows"]}
+    fin = by_model["finetuned"]
+    # judge-only: finetuned above base; human-only: below; combined: in between, all with CIs
+    assert fin["judge_rating"] > 1000.0 > fin["human_rating"]
+    assert fin["human_rating"] < fin["combined_rating"] < fin["judge_rating"]
+    for view in ("judge", "human", "combined"):
+        assert fin[f"{view}_ci_lower"] <= fin[f"{view}_rating"] <= fin[f"{view}_ci_upper"]
+    assert fin["judge_battles"] == 6 and fin["human_battles"] == 7
+    assert by_model["other-model"]["judge_rating"] is None  # human votes only
+    lmeta = result.asset_materializations_for_node("leaderboard")[0].metadata
+    table = lmeta["ratings"].value
+    assert "judge CI" in table and "human CI" in table and "combined CI" in table
+    # one shared pair (finetuned vs base): judge always says finetuned; humans 1 of 7 (1 tie)
+    assert lmeta["agreement_shared_pairs"].value == 1
+    assert lmeta["agreement_with_tie"].value == pytest.approx(1 / 7)
+    assert lmeta["agreement_without_tie"].value == pytest.approx(1 / 6)
+
+    # The human-only board can drive promotion; no human battles for it is a clear error.
+    only_judge = [*overrides, "rating.promote_on=human", "rating.human_votes=false"]
+    failed = dg.materialize(
+        [*upstream_assets(only_judge, judged, ckpt), battles, leaderboard],
+        resources={"hydra": HydraConfigResource(overrides=only_judge)},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not failed.success
+    err = [e for e in failed.all_events if e.is_step_failure][0]
+    assert "no human battles" in err.step_failure_data.error.to_string()
+
+
+def test_vote_sensor_requests_a_refresh_after_enough_new_votes(af_home, model_cache, ckpt) -> None:
+    from pipelines.assets.rating import arena_votes_sensor
+
+    overrides = [
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "rating.vote_sensor.min_new_votes=3",
+    ]
+    cfg = compose_config(overrides)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"hydra": HydraConfigResource(overrides=overrides)}
+
+    def tick(cursor: str | None = None):
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+        return arena_votes_sensor(ctx), ctx.cursor
+
+    out, _ = tick()
+    assert isinstance(out, dg.SkipReason) and "no vote database" in out.skip_message
+    cast_votes(cfg, [("finetuned", "base", "model_a")] * 4)
+    out, _ = tick()
+    assert isinstance(out, dg.SkipReason) and "never materialized" in out.skip_message
+    dg.materialize(
+        upstream_assets(overrides, pair_rows({81: ("model_1", "model_2")}), ckpt)[:2],
+        resources=resources,
+        instance=instance,
+    )
+    out, cursor = tick()
+    assert isinstance(out, dg.RunRequest) and cursor == "4"
+    assert out.tags["arenaflow/new_votes"] == "4"
+    out, cursor2 = tick(cursor)
+    assert isinstance(out, dg.SkipReason) and "0 new vote(s)" in out.skip_message
+    cast_votes(cfg, [("base", "finetuned", "tie")] * 2, start=4)
+    out, _ = tick(cursor)
+    assert isinstance(out, dg.SkipReason) and "waiting for 3" in out.skip_message
+    cast_votes(cfg, [("base", "finetuned", "model_b")], start=6)
+    out, cursor3 = tick(cursor)
+    assert isinstance(out, dg.RunRequest) and cursor3 == "7"
+    assert out.job_name in (None, "rating_refresh_job")
