@@ -11,7 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from arenaflow.serve.app import create_app
+from arenaflow.serve.app import ServeState, create_app
+from arenaflow.serve.errors import ServeConfigError
+from arenaflow.serve.slots import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -26,4 +28,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"url": f"http://{host}:{port}/v1", "model_uri": str(cfg.serve.model_uri)}
 
 
-__all__ = ["create_app", "run"]
+__all__ = ["ModelSlot", "ServeConfigError", "ServeState", "create_app", "run"]

@@ -1,7 +1,8 @@
-"""`create_app(cfg)`: the OpenAI-compatible FastAPI app around one model and the shared engine's scheduler.
+"""`create_app(cfg)`: the OpenAI-compatible FastAPI app around one or more models, each with its batcher.
 
 Endpoints: /v1/models, /v1/chat/completions, /v1/completions (both streamed as SSE on request),
-/health, /ready and /metrics. Concurrent requests share decode steps through `Scheduler`
+/health, /ready and /metrics. Every served model (`serve.models`, default the single
+`serve.model_uri`) has its own `Scheduler`: concurrent requests to a model share its decode steps
 (continuous batching); a full queue answers 429, a client that leaves a stream frees its rows.
 """
 
@@ -35,15 +36,24 @@ from arenaflow.engine import (
     StreamEvent,
     TokenLogprob,
 )
-from arenaflow.serve.errors import APIError, error_body, error_response, install_error_handlers
+from arenaflow.serve.errors import (
+    APIError,
+    ServeConfigError,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from arenaflow.serve.loading import (
+    ModelSpec,
     ServedModel,
     describe_engine,
     load_engine,
+    model_specs,
     resolve_served_model,
 )
 from arenaflow.serve.metrics import ServeMetrics, batch_sampler
 from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
+from arenaflow.serve.slots import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +69,54 @@ ENDPOINTS = (
 
 @dataclass
 class ServeState:
-    """What the app holds once its lifespan has started."""
+    """What the app holds: one `ModelSlot` per served model (config order) once the lifespan started."""
 
     cfg: DictConfig
     metrics: ServeMetrics
     api_keys: list[str]
-    served: ServedModel | None = None
-    engine: Engine | None = None
-    scheduler: Scheduler | None = None
+    specs: list[ModelSpec] = field(default_factory=list)
+    models: dict[str, ModelSlot] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # other ids a client may send -> name
+    ready: bool = False
     fingerprint: str = field(default_factory=lambda: f"fp_{uuid.uuid4().hex[:10]}")
 
-    def stats(self) -> dict[str, Any] | None:
-        return self.scheduler.stats() if self.scheduler else None
+    def slot(self, name: str) -> ModelSlot:
+        """The slot serving `name` (its name, its URI or its pinned registry version)."""
+        if not self.ready:
+            raise APIError(503, "the models are still loading; retry when /ready answers 200")
+        key = name if name in self.models else self.aliases.get(name)
+        if key is None:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist on this server; it serves "
+                f"{', '.join(repr(n) for n in self.models)}",
+                param="model",
+                code="model_not_found",
+            )
+        return self.models[key]
+
+    def add(self, slot: ModelSlot) -> None:
+        self.models[slot.name] = slot
+        for alias in slot.served.names:
+            if alias != slot.name and alias not in self.models:
+                self.aliases.setdefault(alias, slot.name)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Each model's scheduler stats (queue depth, running rows, counters), by name."""
+        return {name: s.scheduler.stats() for name, s in list(self.models.items())}
+
+    # the first (or only) model, for single-model callers
+    @property
+    def served(self) -> ServedModel | None:
+        return next(iter(self.models.values())).served if self.models else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return next(iter(self.models.values())).engine if self.models else None
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return next(iter(self.models.values())).scheduler if self.models else None
 
 
 def api_keys_from_cfg(cfg: DictConfig) -> list[str]:
@@ -83,28 +129,58 @@ def api_keys_from_cfg(cfg: DictConfig) -> list[str]:
 
 
 def create_app(
-    cfg: DictConfig, *, engine: Engine | None = None, served: ServedModel | None = None
+    cfg: DictConfig,
+    *,
+    engine: Engine | None = None,
+    served: ServedModel | None = None,
+    engines: dict[str, Engine] | None = None,
 ) -> FastAPI:
-    """The app for `cfg.serve`; pass an already loaded `engine` (+ `served`) to skip loading."""
+    """The app for `cfg.serve`; the models load in its lifespan (before /ready answers 200).
+
+    Pre-loaded engines skip loading: `engine` (+ `served`) for the single-model case, `engines`
+    (served name -> engine) for any of `serve.models`. A bad `serve.models` (duplicate names,
+    missing fields) raises ServeConfigError here, before anything loads.
+    """
+    specs = model_specs(cfg)
+    preloaded = dict(engines or {})
+    if engine is not None:
+        preloaded.setdefault(specs[0].name, engine)
+    unknown = sorted(set(preloaded) - {s.name for s in specs})
+    if unknown:
+        raise ServeConfigError(
+            f"engines given for {unknown}, which are not served models "
+            f"(serve.models names: {[s.name for s in specs]})"
+        )
     state = ServeState(cfg=cfg, metrics=ServeMetrics(lambda: state.stats()), api_keys=[])
     state.api_keys = api_keys_from_cfg(cfg)
+    state.specs = specs
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.served = served or await asyncio.to_thread(resolve_served_model, cfg)
-        state.engine = engine or await asyncio.to_thread(load_engine, cfg, state.served)
-        describe_engine(state.served, state.engine)
-        state.scheduler = Scheduler(
-            state.engine,
-            max_batch_size=int(cfg.serve.max_batch_size),
-            max_queue=int(cfg.serve.max_queue),
-        )
-        state.scheduler.start()
-        state.metrics.ready.set(1)
-        async with batch_sampler(state.metrics):
-            yield
-        state.metrics.ready.set(0)
-        await state.scheduler.close()
+        for i, spec in enumerate(specs):
+            sm = served if (i == 0 and served is not None) else None
+            sm = sm or await asyncio.to_thread(resolve_served_model, cfg, spec)
+            eng = preloaded.get(spec.name) or await asyncio.to_thread(load_engine, cfg, sm)
+            describe_engine(sm, eng)
+            scheduler = Scheduler(
+                eng,
+                max_batch_size=int(cfg.serve.max_batch_size),
+                max_queue=int(cfg.serve.max_queue),
+            )
+            state.add(ModelSlot(name=spec.name, served=sm, engine=eng, scheduler=scheduler))
+        try:
+            for slot in state.models.values():
+                slot.scheduler.start()
+            state.ready = True
+            state.metrics.ready.set(1)
+            log.info("serving %d model(s): %s", len(state.models), ", ".join(state.models))
+            async with batch_sampler(state.metrics):
+                yield
+        finally:
+            state.ready = False
+            state.metrics.ready.set(0)
+            for slot in state.models.values():
+                await slot.scheduler.close()
 
     app = FastAPI(title="arenaflow", version="0.1.0", lifespan=lifespan)
     app.state.serve = state
@@ -126,31 +202,26 @@ def create_app(
         if not any(hmac.compare_digest(token.strip(), k) for k in state.api_keys):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
-    def ready_state() -> tuple[Engine, Scheduler, ServedModel]:
-        if state.engine is None or state.scheduler is None or state.served is None:
-            raise APIError(503, "the model is still loading; retry when /ready answers 200")
-        return state.engine, state.scheduler, state.served
-
-    def check_model(name: str, served_model: ServedModel) -> None:
-        if name not in served_model.names:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist on this server; it serves {served_model.names[0]!r}",
-                param="model",
-                code="model_not_found",
-            )
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if state.scheduler is None or state.served is None:
+        if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        card = state.served.card
+        first = next(iter(state.models.values())).served.card
+        models = [
+            {"id": name, "version": s.served.card.get("version"), "root": s.served.card.get("root")}
+            for name, s in state.models.items()
+        ]
         return JSONResponse(
-            {"status": "ready", "model": card["id"], "version": card.get("version")}
+            {
+                "status": "ready",
+                "model": first["id"],
+                "version": first.get("version"),
+                "models": models,
+            }
         )
 
     @app.get("/metrics")
@@ -159,19 +230,18 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models() -> dict[str, Any]:
-        _, _, s = ready_state()
-        return {"object": "list", "data": [s.card]}
+        if not state.ready:
+            raise APIError(503, "the models are still loading; retry when /ready answers 200")
+        return {"object": "list", "data": [s.served.card for s in state.models.values()]}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
     async def get_model(model: str) -> dict[str, Any]:
-        _, _, s = ready_state()
-        check_model(model, s)
-        return s.card
+        return state.slot(model).served.card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        eng, _, s = ready_state()
-        check_model(body.model, s)
+        slot = state.slot(body.model)
+        eng = slot.engine
         try:
             messages = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -190,7 +260,7 @@ def create_app(
             ) from e
         params = sampling_params(state, eng, body, prompt, logprobs=body.logprobs)
         params.top_logprobs = body.top_logprobs or 0
-        gen = _Generation(state, "/v1/chat/completions", s.card["id"], "chatcmpl")
+        gen = _Generation(state, slot, "/v1/chat/completions", "chatcmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await gen.stream([prompt], params, chat=True, include_usage=include_usage)
@@ -199,8 +269,8 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest) -> Any:
-        eng, _, s = ready_state()
-        check_model(body.model, s)
+        slot = state.slot(body.model)
+        eng = slot.engine
         prompts = body.prompt_list()
         plist = [
             sampling_params(state, eng, body, p, logprobs=body.logprobs is not None, param="prompt")
@@ -208,7 +278,7 @@ def create_app(
         ]
         for p in plist:
             p.top_logprobs = body.logprobs or 0
-        gen = _Generation(state, "/v1/completions", s.card["id"], "cmpl")
+        gen = _Generation(state, slot, "/v1/completions", "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await gen.stream(prompts, plist, chat=False, include_usage=include_usage)
@@ -263,8 +333,9 @@ def sampling_params(
 class _Generation:
     """One HTTP request's generation: submit to the scheduler, map errors, shape OpenAI bodies."""
 
-    def __init__(self, state: ServeState, endpoint: str, model: str, prefix: str) -> None:
-        self.state, self.endpoint, self.model = state, endpoint, model
+    def __init__(self, state: ServeState, slot: ModelSlot, endpoint: str, prefix: str) -> None:
+        self.state, self.slot, self.endpoint = state, slot, endpoint
+        self.model = slot.name
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.t0 = time.perf_counter()
@@ -272,8 +343,7 @@ class _Generation:
 
     @property
     def scheduler(self) -> Scheduler:
-        assert self.state.scheduler is not None
-        return self.state.scheduler
+        return self.slot.scheduler
 
     async def run(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams]
@@ -289,9 +359,11 @@ class _Generation:
             for t in tasks:
                 t.cancel()
         # without streaming the first token reaches the client with the whole answer
-        self.state.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+        self.state.metrics.ttft.labels(self.endpoint, self.model).observe(
+            time.perf_counter() - self.t0
+        )
         for r in results:
-            self.state.metrics.observe_usage(r.prompt_tokens, r.completion_tokens)
+            self.state.metrics.observe_usage(self.model, r.prompt_tokens, r.completion_tokens)
         return results
 
     # -- bodies --------------------------------------------------------------------------------
@@ -425,7 +497,7 @@ class _Generation:
                 ev: StreamEvent = item
                 if self.first_token_at is None and ev.token_id is not None:
                     self.first_token_at = time.perf_counter()
-                    self.state.metrics.ttft.labels(self.endpoint).observe(
+                    self.state.metrics.ttft.labels(self.endpoint, self.model).observe(
                         self.first_token_at - self.t0
                     )
                 if ev.prompt_tokens is not None:
@@ -434,7 +506,7 @@ class _Generation:
                 if ev.text or ev.logprob is not None or ev.finish_reason:
                     index = ev.index if chat else i * n + ev.index
                     yield _sse(self._chunk([self._choice_delta(ev, index, chat)], extra))
-            self.state.metrics.observe_usage(prompt_tokens, completion_tokens)
+            self.state.metrics.observe_usage(self.model, prompt_tokens, completion_tokens)
             if include_usage:
                 yield _sse(self._chunk([], {"usage": _usage(prompt_tokens, completion_tokens)}))
             yield "data: [DONE]\n\n"

@@ -28,6 +28,10 @@ _TYPES = {
 }
 
 
+class ServeConfigError(ValueError):
+    """A serving set-up the app refuses at start-up (bad `serve.models`, a set that does not fit)."""
+
+
 class APIError(Exception):
     """An error the server answers with an OpenAI-style body and the given status."""
 

@@ -1,4 +1,4 @@
-"""Resolve `serve.model_uri` to an engine and a model card (lineage + MT-bench / rating results).
+"""Resolve the served models (`serve.models`, or `serve.model_uri`) to engines and model cards.
 
 The registry is the source of truth for what is served: a `models:/name@champion` URI is pinned to
 the version the alias names at start-up, and that version's tags become the card that
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from arenaflow.engine import Engine
+from arenaflow.serve.errors import ServeConfigError
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 
 log = logging.getLogger(__name__)
@@ -37,25 +38,106 @@ class ServedModel:
     card: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_served_model(cfg: DictConfig) -> ServedModel:
-    """Download (if needed) the model named by `serve.model_uri` and build its card."""
-    uri = str(cfg.serve.model_uri)
-    name = str(cfg.serve.served_model_name)
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: the name clients ask for and where it comes from."""
+
+    name: str
+    uri: str  # a checkpoint folder or models:/name/3 | models:/name@alias
+    origin: str  # the config entry it came from, for messages
+
+
+def model_specs(cfg: DictConfig) -> list[ModelSpec]:
+    """The models to serve, in config order; bad or duplicate entries raise ServeConfigError.
+
+    `serve.models` lists `{name, uri}`; `serve.models_from: competitors` adds the current
+    evaluation's local competitors (`eval.competitors`); with neither, the app serves the single
+    `serve.model_uri` as `serve.served_model_name`.
+    """
+    serve = cfg.serve
+    specs: list[ModelSpec] = []
+    source = serve.get("models_from")
+    if source:
+        if str(source) != "competitors":
+            raise ServeConfigError(
+                f"serve.models_from={source!r} is not supported; use `competitors` (the local "
+                "models of eval.competitors) or null"
+            )
+        specs += _competitor_specs(cfg)
+    entries = serve.get("models") or []
+    if isinstance(entries, ListConfig):
+        entries = OmegaConf.to_container(entries, resolve=True)
+    if not isinstance(entries, list):
+        raise ServeConfigError("serve.models must be a list of {name, uri}")
+    for i, e in enumerate(entries):
+        where = f"serve.models[{i}]"
+        if not isinstance(e, dict) or not e.get("name") or not e.get("uri"):
+            raise ServeConfigError(
+                f"{where} must be a mapping with `name` (the id clients send as `model`) and `uri` "
+                f"(a checkpoint folder or models:/name@alias | models:/name/3), got {e!r}"
+            )
+        unknown = sorted(set(e) - {"name", "uri"})
+        if unknown:
+            raise ServeConfigError(f"{where} has unknown keys {unknown}; it takes `name` and `uri`")
+        specs.append(ModelSpec(str(e["name"]), str(e["uri"]), where))
+    if not specs:
+        specs = [ModelSpec(str(serve.served_model_name), str(serve.model_uri), "serve.model_uri")]
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ServeConfigError(
+                f"the model name {spec.name!r} is used twice ({seen[spec.name].origin} and "
+                f"{spec.origin}); every served model needs its own name"
+            )
+        seen[spec.name] = spec
+    return specs
+
+
+def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
+    """The local competitors of eval.competitors; remote ones are served by their own servers."""
+    from arenaflow.evaluate.competitors import parse_competitors, resolve_local_ref
+
+    try:
+        competitors = parse_competitors(cfg.eval.competitors)
+    except ValueError as e:
+        raise ServeConfigError(f"serve.models_from=competitors: {e}") from e
+    specs = []
+    for i, c in enumerate(competitors):
+        if c.is_remote:
+            log.info("not serving competitor %r: it is a remote endpoint (%s)", c.name, c.base_url)
+            continue
+        try:
+            uri = resolve_local_ref(cfg, str(c.local))
+        except ValueError as e:
+            raise ServeConfigError(f"serve.models_from=competitors ({c.name}): {e}") from e
+        specs.append(ModelSpec(c.name, uri, f"eval.competitors[{i}]"))
+    if not specs:
+        raise ServeConfigError(
+            "serve.models_from=competitors: eval.competitors has no local competitor to serve"
+        )
+    return specs
+
+
+def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> ServedModel:
+    """Download (if needed) the model of `spec` (default: `serve.model_uri`) and build its card."""
+    if spec is None:
+        spec = ModelSpec(str(cfg.serve.served_model_name), str(cfg.serve.model_uri), "serve")
+    uri, name = spec.uri, spec.name
     card: dict[str, Any] = {"id": name, "object": "model", "created": int(time.time())}
     card.update({"owned_by": "arenaflow", "root": uri})
     if uri.startswith("models:/"):
         reg_name, version, alias = parse_models_uri(uri)
         tracker = tracker_from_cfg(cfg)
         if not tracker.enabled:
-            raise ValueError(
-                f"serve.model_uri={uri} needs the MLflow registry, but tracking is disabled; "
+            raise ServeConfigError(
+                f"{spec.origin}={uri} needs the MLflow registry, but tracking is disabled; "
                 "use tracking=local or give a checkpoint folder"
             )
         info = tracker.get_version(reg_name, alias=alias, version=version)
         if info is None:
             what = f"alias @{alias}" if alias else f"version {version}"
-            raise ValueError(
-                f"serve.model_uri={uri}: the MLflow registry has no {what} of {reg_name!r}; "
+            raise ServeConfigError(
+                f"{spec.origin}={uri}: the MLflow registry has no {what} of {reg_name!r}; "
                 "materialize champion_model (or register a model) first, or serve a checkpoint folder"
             )
         # keyed by the artifact source too: two registries can both have a "version 1"
@@ -79,6 +161,11 @@ def resolve_served_model(cfg: DictConfig) -> ServedModel:
         names = [name, uri, f"models:/{reg_name}/{info.version}"]
     else:
         path = Path(uri)
+        if not (path / "config.json").exists():
+            raise ServeConfigError(
+                f"{spec.origin}={uri} is not a checkpoint folder (no config.json); give a folder "
+                "saved by save_pretrained or a registry URI models:/name@alias | models:/name/3"
+            )
         card.update({"version": None, "lineage": {"checkpoint": str(path)}, "results": {}})
         names = [name, uri]
     return ServedModel(path=path, names=list(dict.fromkeys(names)), card=card)

@@ -2,8 +2,9 @@
 
 Each app owns its `CollectorRegistry`, so several apps (tests, blue/green in one process) never
 share or clash over global metrics. Scheduler state (queue depth, running rows, last batch size)
-is read at scrape time; batch sizes of decode steps are sampled into a histogram by a background
-task, so a scrape after a burst still shows how large the batches were.
+is read at scrape time, one series per served model (label `model`); batch sizes of decode steps
+are sampled into a histogram by a background task, so a scrape after a burst still shows how
+large the batches were.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class _SchedulerCollector:
-    """Reads `scheduler.stats()` on every scrape."""
+StatsFn = Callable[[], dict[str, dict[str, Any]]]  # served model name -> scheduler.stats()
 
-    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+
+class _SchedulerCollector:
+    """Reads every model's `scheduler.stats()` on every scrape."""
+
+    def __init__(self, stats: StatsFn) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[Any]:
-        stats = self._stats() or {}
+        by_model = self._stats() or {}
         gauges = {
             "queue_depth": "requests waiting for a batch row",
             "running": "requests being decoded",
@@ -35,7 +39,10 @@ class _SchedulerCollector:
             "last_batch_size": "rows in the last decode step",
         }
         for key, doc in gauges.items():
-            yield GaugeMetricFamily(f"arenaflow_scheduler_{key}", doc, value=stats.get(key, 0))
+            g = GaugeMetricFamily(f"arenaflow_scheduler_{key}", doc, labels=["model"])
+            for model, stats in by_model.items():
+                g.add_metric([model], stats.get(key, 0))
+            yield g
         counters = {
             "steps": "decode steps run",
             "tokens_generated": "tokens decoded",
@@ -45,13 +52,16 @@ class _SchedulerCollector:
             "failed": "requests failed by a model error",
         }
         for key, doc in counters.items():
-            yield CounterMetricFamily(f"arenaflow_scheduler_{key}", doc, value=stats.get(key, 0))
+            c = CounterMetricFamily(f"arenaflow_scheduler_{key}", doc, labels=["model"])
+            for model, stats in by_model.items():
+                c.add_metric([model], stats.get(key, 0))
+            yield c
 
 
 class ServeMetrics:
     """The app's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, stats: StatsFn) -> None:
         self.registry = CollectorRegistry()
         self._stats = stats
         r = self.registry
@@ -71,46 +81,47 @@ class ServeMetrics:
         self.ttft = Histogram(
             "arenaflow_time_to_first_token_seconds",
             "time from request to the first generated token",
-            ["endpoint"],
+            ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "arenaflow_prompt_tokens", "prompt tokens processed", registry=r
+            "arenaflow_prompt_tokens", "prompt tokens processed", ["model"], registry=r
         )
         self.generation_tokens = Counter(
-            "arenaflow_generation_tokens", "completion tokens generated", registry=r
+            "arenaflow_generation_tokens", "completion tokens generated", ["model"], registry=r
         )
         self.batch_size = Histogram(
             "arenaflow_batch_size",
             "rows per decode step, sampled while generating",
+            ["model"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.batch_size_peak = Gauge(
-            "arenaflow_batch_size_peak", "largest decode batch seen", registry=r
+            "arenaflow_batch_size_peak", "largest decode batch seen", ["model"], registry=r
         )
         self.ready = Gauge("arenaflow_ready", "1 when the model is loaded", registry=r)
         r.register(_SchedulerCollector(stats))
-        self._peak = 0
+        self._peak: dict[str, int] = {}
 
-    def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(completion_tokens)
+    def observe_usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
 
     async def sample_batches(self, interval_s: float = 0.01) -> None:
-        """Observe the batch size of every decode step seen (runs until cancelled)."""
-        last_steps = 0
+        """Observe the batch size of every model's decode steps seen (runs until cancelled)."""
+        last_steps: dict[str, int] = {}
         while True:
-            stats = self._stats() or {}
-            steps = int(stats.get("steps", 0))
-            if steps != last_steps:
-                size = int(stats.get("last_batch_size", 0))
-                self.batch_size.observe(size)
-                if size > self._peak:
-                    self._peak = size
-                    self.batch_size_peak.set(size)
-                last_steps = steps
+            for model, stats in (self._stats() or {}).items():
+                steps = int(stats.get("steps", 0))
+                if steps != last_steps.get(model, 0):
+                    size = int(stats.get("last_batch_size", 0))
+                    self.batch_size.labels(model).observe(size)
+                    if size > self._peak.get(model, 0):
+                        self._peak[model] = size
+                        self.batch_size_peak.labels(model).set(size)
+                    last_steps[model] = steps
             await asyncio.sleep(interval_s)
 
     def render(self) -> bytes:
