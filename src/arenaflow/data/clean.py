@@ -168,6 +168,11 @@ def _blocked(words: tuple[str, ...]) -> _Blocked:
     return _blocked_cache[words]
 
 
+def contains_blocked_word(text: str, words: Sequence[str]) -> bool:
+    """The cleaning stage's blocked-word rule (case-insensitive substring), for other callers."""
+    return _blocked(tuple(words)).search(text)
+
+
 def has_wrong_list_numbering(value: str) -> bool:
     """FastChat's filter_wrong_format rule, with a substring pre-check before the regex."""
     return value.count("\n1. ") >= 2 and _WRONG_LIST.search(value) is not None

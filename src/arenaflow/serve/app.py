@@ -36,6 +36,7 @@ from arenaflow.engine import (
     StreamEvent,
     TokenLogprob,
 )
+from arenaflow.serve.arena import arena_router
 from arenaflow.serve.errors import (
     APIError,
     ServeConfigError,
@@ -185,6 +186,7 @@ def create_app(
     app = FastAPI(title="arenaflow", version="0.1.0", lifespan=lifespan)
     app.state.serve = state
     install_error_handlers(app)
+    app.include_router(arena_router(state))  # GET /arena and its API (serve.arena)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.serve.max_body_bytes))
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outermost: counts 413s
 

@@ -1,0 +1,574 @@
+"""Chatbot Arena on the serving app: `GET /arena` and the JSON/SSE API behind it.
+
+A person chats with two served models side by side ("Model A" / "Model B", names hidden unless
+they picked them in named mode), then votes; the vote goes to `arenaflow.arena.VoteStore` as one
+FastChat battle row, which the rating stage reads as human battles. Battles live in memory
+(bounded, expiring); votes are durable. Guards: a per-client token bucket, the prompt length,
+the data config's blocked words, one vote per battle and only once both answers have finished.
+
+`arena_router(state)` returns the routes; the app mounts it with `app.include_router`. The router's
+lifespan opens the vote store after the models are loaded and disposes of it at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from arenaflow.arena import VoteStore, safe_url, vote_db_url
+from arenaflow.data.clean import CleanOptions, contains_blocked_word
+from arenaflow.engine import PromptTooLongError, QueueFullError, SamplingParams, StreamEvent
+from arenaflow.serve.errors import APIError, error_body
+
+if TYPE_CHECKING:
+    from arenaflow.serve.app import ServeState
+
+log = logging.getLogger(__name__)
+
+COOKIE = "arena_client"
+SIDES = ("a", "b")
+# The page's buttons -> FastChat's battle winners.
+VOTES = {
+    "leftvote": "model_a",
+    "rightvote": "model_b",
+    "tievote": "tie",
+    "bothbad_vote": "tie (bothbad)",
+}
+_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+# -- settings -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArenaSettings:
+    """`serve.arena` plus the data config's blocked words."""
+
+    enabled: bool = True
+    max_prompt_chars: int = 2000
+    max_turns: int = 8
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    per_minute: float = 20.0
+    burst: int = 10
+    max_clients: int = 10_000
+    max_battles: int = 1000
+    battle_ttl_s: float = 3600.0
+    blocked_words: tuple[str, ...] = ()
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> ArenaSettings:
+        arena = cfg.serve.get("arena") or {}
+        rate = arena.get("rate_limit") or {}
+        words = CleanOptions.from_cfg(cfg.data).blocked_words if "data" in cfg else ()
+        out = cls(
+            enabled=bool(arena.get("enabled", True)),
+            max_prompt_chars=int(arena.get("max_prompt_chars", 2000)),
+            max_turns=int(arena.get("max_turns", 8)),
+            max_tokens=int(arena.get("max_tokens", 256)),
+            temperature=float(arena.get("temperature", 0.7)),
+            top_p=float(arena.get("top_p", 1.0)),
+            per_minute=float(rate.get("per_minute", 20)),
+            burst=int(rate.get("burst", 10)),
+            max_clients=int(rate.get("max_clients", 10_000)),
+            max_battles=int(arena.get("max_battles", 1000)),
+            battle_ttl_s=float(arena.get("battle_ttl_s", 3600)),
+            blocked_words=tuple(words),
+        )
+        for name in ("max_prompt_chars", "max_turns", "max_tokens", "burst", "max_battles"):
+            if getattr(out, name) < 1:
+                raise ValueError(f"serve.arena.{name} must be >= 1, got {getattr(out, name)}")
+        if out.per_minute <= 0:
+            raise ValueError(f"serve.arena.rate_limit.per_minute must be > 0, got {out.per_minute}")
+        SamplingParams(temperature=out.temperature, top_p=out.top_p).validate()
+        return out
+
+
+# -- rate limit -----------------------------------------------------------------------------------
+class RateLimiter:
+    """A token bucket per client: `burst` calls at once, refilled at `per_minute`."""
+
+    def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """0.0 when the call may go ahead (one token taken), else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[client] = (tokens, now)  # most recently used last
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)  # the least recently seen client starts afresh
+        return wait
+
+    def check(self, client: str) -> None:
+        wait = self.take(client)
+        if wait > 0:
+            retry = max(1, int(wait + 0.999))
+            raise APIError(
+                429,
+                f"too many arena requests from this client; wait {retry} s and try again "
+                f"(serve.arena.rate_limit: {self.rate * 60:g} per minute, burst {self.burst:g})",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry)},
+            )
+
+
+# -- battles --------------------------------------------------------------------------------------
+@dataclass
+class Battle:
+    id: str
+    models: tuple[str, str]  # (model_a, model_b)
+    anony: bool
+    client_id: str
+    conversations: tuple[list[dict[str, str]], list[dict[str, str]]] = field(
+        default_factory=lambda: ([], [])
+    )
+    turns: int = 0  # completed turns (both sides answered)
+    streaming: bool = False
+    voted: bool = False
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Battles:
+    """Battles in memory: at most `max_battles`, each forgotten `ttl_s` after its last use."""
+
+    def __init__(self, max_battles: int, ttl_s: float) -> None:
+        self.max_battles, self.ttl_s = max_battles, ttl_s
+        self._items: OrderedDict[str, Battle] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, battle: Battle) -> None:
+        self._expire()
+        while len(self._items) >= self.max_battles:
+            old_id, _ = self._items.popitem(last=False)
+            log.info("arena battle %s dropped to make room (serve.arena.max_battles)", old_id)
+        self._items[battle.id] = battle
+
+    def get(self, battle_id: str) -> Battle:
+        self._expire()
+        battle = self._items.get(battle_id)
+        if battle is None:
+            raise APIError(
+                404,
+                f"no arena battle {battle_id!r} on this server (unknown, or expired after "
+                "serve.arena.battle_ttl_s); start a new round",
+                param="battle_id",
+                code="battle_not_found",
+            )
+        battle.touched = time.monotonic()
+        self._items.move_to_end(battle_id)
+        return battle
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - self.ttl_s
+        while self._items:
+            first = next(iter(self._items.values()))
+            if first.touched >= limit:
+                return
+            self._items.popitem(last=False)
+
+
+# -- request bodies -------------------------------------------------------------------------------
+class NewBattle(BaseModel):
+    models: list[str] | None = Field(
+        default=None, description="named mode: [model_a, model_b]; omitted = two random models"
+    )
+
+
+class Turn(BaseModel):
+    prompt: str
+
+
+class Vote(BaseModel):
+    winner: Literal["leftvote", "rightvote", "tievote", "bothbad_vote"]
+
+
+# -- the router -----------------------------------------------------------------------------------
+class Arena:
+    """The arena's state on one server: settings, battles, rate limits and the vote store."""
+
+    def __init__(self, state: ServeState) -> None:
+        self.state = state
+        self.settings = ArenaSettings.from_cfg(state.cfg)
+        self.limiter = RateLimiter(
+            self.settings.per_minute, self.settings.burst, self.settings.max_clients
+        )
+        self.battles = Battles(self.settings.max_battles, self.settings.battle_ttl_s)
+        self.store: VoteStore | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return list(getattr(self.state, "models", None) or {})
+
+    def require_models(self) -> list[str]:
+        names = self.model_names()
+        if len(names) < 2:
+            raise APIError(
+                503,
+                f"the arena needs at least two served models and this server has {len(names)}; "
+                "list them under serve.models",
+                code="arena_unavailable",
+            )
+        return names
+
+    def client_id(self, request: Request) -> str:
+        cookie = request.cookies.get(COOKIE, "")
+        if _COOKIE_VALUE.match(cookie):
+            return cookie
+        host = request.client.host if request.client else "unknown"
+        return f"ip:{host}"
+
+    def check_prompt(self, prompt: str) -> str:
+        text = prompt.strip()
+        if not text:
+            raise APIError(400, "the prompt is empty; type a question", param="prompt")
+        limit = self.settings.max_prompt_chars
+        if len(prompt) > limit:
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt)} characters; the arena takes at most {limit} "
+                "(serve.arena.max_prompt_chars)",
+                param="prompt",
+                code="prompt_too_long",
+            )
+        if contains_blocked_word(prompt, self.settings.blocked_words):
+            raise APIError(
+                400,
+                "the prompt contains a word on the arena's blocked list (data.blocked_words); "
+                "rephrase it",
+                param="prompt",
+                code="blocked_word",
+            )
+        return prompt
+
+    def params_for(self, side: int, battle: Battle, messages: list[dict[str, str]]):
+        """(rendered prompt, sampling params) for one side; 400 when the chat outgrew the model."""
+        slot = self.state.slot(battle.models[side])
+        engine = slot.engine
+        try:
+            prompt = engine.render_chat(messages)
+        except Exception as e:  # a template that rejects the messages
+            raise APIError(
+                400, f"the chat cannot be rendered for Model {SIDES[side].upper()}: {e}"
+            ) from e
+        room = engine.context_length - len(engine.encode(prompt))
+        if room < 1:
+            raise APIError(
+                400,
+                f"the conversation no longer fits Model {SIDES[side].upper()}'s context window "
+                f"({engine.context_length} tokens); vote, then start a new round",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_new_tokens=min(self.settings.max_tokens, room),
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+        )
+        return slot.scheduler, prompt, params
+
+    # -- endpoints -----------------------------------------------------------------------------
+    def page(self, request: Request) -> HTMLResponse:
+        names = self.model_names()
+        named = request.query_params.get("mode") == "named"
+        config = {
+            "mode": "named" if named else "anony",
+            "models": names if named else [],
+            "n_models": len(names),
+            "max_prompt_chars": self.settings.max_prompt_chars,
+            "max_turns": self.settings.max_turns,
+            "unavailable": None
+            if len(names) >= 2
+            else f"The arena needs at least two served models; this server has {len(names)}. "
+            "List them under serve.models and restart it.",
+        }
+        script = json.dumps(config).replace("<", "\\u003c")
+        html = _page_html().replace("/*ARENA_CONFIG*/null", script)
+        response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
+        if not _COOKIE_VALUE.match(request.cookies.get(COOKIE, "")):
+            response.set_cookie(
+                COOKIE,
+                uuid.uuid4().hex,
+                max_age=365 * 24 * 3600,
+                httponly=True,
+                samesite="lax",
+                path="/arena",
+            )
+        return response
+
+    def create(self, body: NewBattle, request: Request) -> dict[str, Any]:
+        client = self.client_id(request)
+        self.limiter.check(client)
+        names = self.require_models()
+        if body.models is not None:
+            if len(body.models) != 2:
+                raise APIError(
+                    400, f"models must name two models, got {len(body.models)}", param="models"
+                )
+            a, b = body.models
+            for name in (a, b):
+                if name not in names:
+                    raise APIError(
+                        404,
+                        f"the model {name!r} is not served here; pick one of {names}",
+                        param="models",
+                        code="model_not_found",
+                    )
+            if a == b:
+                raise APIError(400, "pick two different models", param="models")
+            pair, anony = (a, b), False
+        else:
+            a, b = random.sample(names, 2)
+            pair, anony = (a, b), True
+        battle = Battle(id=uuid.uuid4().hex, models=pair, anony=anony, client_id=client)
+        self.battles.add(battle)
+        log.info("arena battle %s (%s)", battle.id, "anonymous" if anony else "named")
+        return {
+            "battle_id": battle.id,
+            "anony": anony,
+            "models": None if anony else list(pair),
+            "max_turns": self.settings.max_turns,
+        }
+
+    async def turn(self, battle_id: str, body: Turn, request: Request) -> StreamingResponse:
+        self.limiter.check(self.client_id(request))
+        self.require_models()
+        battle = self.battles.get(battle_id)
+        if battle.voted:
+            raise APIError(
+                409, "this battle has been voted on; start a new round", code="battle_closed"
+            )
+        if battle.streaming:
+            raise APIError(
+                409,
+                "the previous answers are still streaming; wait until both have finished",
+                code="turn_in_progress",
+            )
+        if battle.turns >= self.settings.max_turns:
+            raise APIError(
+                400,
+                f"a battle has at most {self.settings.max_turns} prompts "
+                "(serve.arena.max_turns); vote, then start a new round",
+                code="max_turns",
+            )
+        prompt = self.check_prompt(body.prompt)
+        messages = [[*c, {"role": "user", "content": prompt}] for c in battle.conversations]
+        sides = [self.params_for(i, battle, messages[i]) for i in range(2)]
+        battle.streaming = True  # no await since the checks: a second turn sees it
+        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]] = []
+        try:
+            iters = [sched.stream(p, sp).__aiter__() for sched, p, sp in sides]
+            firsts = await asyncio.gather(
+                *(_mapped(it.__anext__()) for it in iters), return_exceptions=True
+            )
+            for it, first in zip(iters, firsts, strict=True):
+                if isinstance(first, BaseException):
+                    for other in iters:
+                        with contextlib.suppress(Exception):
+                            await other.aclose()  # type: ignore[attr-defined]
+                    raise first
+                opened.append((it, first))
+        except BaseException:
+            battle.streaming = False
+            raise
+        return StreamingResponse(
+            self._stream(battle, messages, opened),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(
+        self,
+        battle: Battle,
+        messages: list[list[dict[str, str]]],
+        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]],
+    ) -> AsyncIterator[str]:
+        """Both answers as one SSE stream of `{"side", "text"}` / `{"side", "finish_reason"}`,
+        then `{"done": true}`; the turn joins the battle only when both answers are complete."""
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump(side: int, it: AsyncIterator[StreamEvent], first: StreamEvent) -> None:
+            try:
+                await queue.put((side, first))
+                async for ev in it:
+                    await queue.put((side, ev))
+            except Exception as e:
+                await queue.put((side, e))
+            finally:
+                await queue.put((side, end))
+
+        tasks = [asyncio.create_task(pump(i, it, f)) for i, (it, f) in enumerate(opened)]
+        texts = ["", ""]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                side, item = await queue.get()
+                if item is end:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    log.error("arena generation failed: %s", item)
+                    yield _sse(error_body(503, f"generation failed: {item}; send the prompt again"))
+                    return
+                ev: StreamEvent = item
+                if ev.text:
+                    texts[side] += ev.text
+                    yield _sse({"side": SIDES[side], "text": ev.text})
+                if ev.finish_reason:
+                    yield _sse({"side": SIDES[side], "finish_reason": ev.finish_reason})
+            for i in range(2):
+                battle.conversations[i][:] = [
+                    *messages[i],
+                    {"role": "assistant", "content": texts[i]},
+                ]
+            battle.turns += 1
+            yield _sse({"done": True, "turn": battle.turns})
+        finally:
+            battle.streaming = False
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for it, _ in opened:
+                with contextlib.suppress(Exception):
+                    await it.aclose()  # type: ignore[attr-defined]
+
+    async def vote(self, battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
+        client = self.client_id(request)
+        self.limiter.check(client)
+        battle = self.battles.get(battle_id)
+        if battle.streaming or battle.turns == 0:
+            raise APIError(
+                409,
+                "vote after both answers have finished"
+                + (" (they are still streaming)" if battle.streaming else " (send a prompt first)"),
+                code="answers_not_finished",
+            )
+        if battle.voted:
+            raise APIError(409, "this battle already has a vote", code="already_voted")
+        if self.store is None:
+            raise APIError(503, "the vote store is not open yet; retry in a moment")
+        battle.voted = True  # set before the first await: concurrent votes see it
+        winner = VOTES[body.winner]
+        try:
+            stored = await asyncio.to_thread(
+                self.store.record_vote,
+                battle_id=battle.id,
+                model_a=battle.models[0],
+                model_b=battle.models[1],
+                winner=winner,
+                anony=battle.anony,
+                conversation_a=list(battle.conversations[0]),
+                conversation_b=list(battle.conversations[1]),
+                client_id=client,
+            )
+        except Exception as e:
+            battle.voted = False
+            log.exception("arena vote on battle %s could not be stored", battle.id)
+            raise APIError(
+                503, f"the vote could not be stored ({type(e).__name__}); try again"
+            ) from e
+        if not stored:
+            raise APIError(409, "this battle already has a vote", code="already_voted")
+        return {
+            "battle_id": battle.id,
+            "winner": winner,
+            "model_a": battle.models[0],
+            "model_b": battle.models[1],
+            "anony": battle.anony,
+        }
+
+
+def arena_router(state: ServeState) -> APIRouter:
+    """The arena's routes for an app whose `state.models` holds the served models."""
+    arena = Arena(state)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        url = vote_db_url(state.cfg)
+        arena.store = await asyncio.to_thread(VoteStore, url)
+        log.info("arena at /arena: %d models, votes in %s", len(arena.model_names()), safe_url(url))
+        try:
+            yield
+        finally:
+            store, arena.store = arena.store, None
+            await asyncio.to_thread(store.dispose)
+
+    if not arena.settings.enabled:
+        return APIRouter()
+    router = APIRouter(lifespan=lifespan)
+
+    @router.get("/arena", response_class=HTMLResponse, include_in_schema=False)
+    async def page(request: Request) -> HTMLResponse:
+        return arena.page(request)
+
+    @router.post("/arena/api/battles")
+    async def create_battle(request: Request, body: NewBattle | None = None) -> dict[str, Any]:
+        return arena.create(body or NewBattle(), request)
+
+    @router.post("/arena/api/battles/{battle_id}/turn")
+    async def turn(battle_id: str, body: Turn, request: Request) -> StreamingResponse:
+        return await arena.turn(battle_id, body, request)
+
+    @router.post("/arena/api/battles/{battle_id}/vote")
+    async def vote(battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
+        return await arena.vote(battle_id, body, request)
+
+    return router
+
+
+async def _mapped(aw: Any) -> Any:
+    """Scheduler errors -> arena HTTP errors."""
+    try:
+        return await aw
+    except QueueFullError as e:
+        raise APIError(
+            429,
+            "the models are busy; send the prompt again in a moment",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from e
+    except PromptTooLongError as e:
+        raise APIError(400, f"{e}; start a new round", code="context_length_exceeded") from e
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+    except RuntimeError as e:
+        raise APIError(503, f"the server could not answer: {e}") from e
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@functools.cache
+def _page_html() -> str:
+    return resources.files("arenaflow.serve").joinpath("static/arena.html").read_text("utf-8")
