@@ -52,6 +52,7 @@ from arenaflow.serve.loading import (
     model_specs,
     resolve_served_model,
 )
+from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
 from arenaflow.serve.metrics import ServeMetrics, batch_sampler
 from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
 from arenaflow.serve.slots import ModelSlot
@@ -78,6 +79,7 @@ class ServeState:
     specs: list[ModelSpec] = field(default_factory=list)
     models: dict[str, ModelSlot] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)  # other ids a client may send -> name
+    memory: MemoryPlan | None = None  # the start-up estimate (serve/memory.py)
     ready: bool = False
     fingerprint: str = field(default_factory=lambda: f"fp_{uuid.uuid4().hex[:10]}")
 
@@ -135,12 +137,15 @@ def create_app(
     engine: Engine | None = None,
     served: ServedModel | None = None,
     engines: dict[str, Engine] | None = None,
+    served_models: dict[str, ServedModel] | None = None,
 ) -> FastAPI:
     """The app for `cfg.serve`; the models load in its lifespan (before /ready answers 200).
 
     Pre-loaded engines skip loading: `engine` (+ `served`) for the single-model case, `engines`
-    (served name -> engine) for any of `serve.models`. A bad `serve.models` (duplicate names,
-    missing fields) raises ServeConfigError here, before anything loads.
+    (served name -> engine) for any of `serve.models`; `served_models` are already resolved
+    cards (what `preflight` returns). A bad `serve.models` (duplicate names, missing fields)
+    raises ServeConfigError here; a set that does not fit in memory raises ModelsDoNotFitError
+    in the lifespan, before any weights load.
     """
     specs = model_specs(cfg)
     preloaded = dict(engines or {})
@@ -158,9 +163,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        for i, spec in enumerate(specs):
-            sm = served if (i == 0 and served is not None) else None
-            sm = sm or await asyncio.to_thread(resolve_served_model, cfg, spec)
+        resolved = dict(served_models or {})
+        if served is not None:
+            resolved.setdefault(specs[0].name, served)
+        for spec in specs:
+            if spec.name not in resolved:
+                resolved[spec.name] = await asyncio.to_thread(resolve_served_model, cfg, spec)
+        paths = {spec.name: resolved[spec.name].path for spec in specs}
+        state.memory = await asyncio.to_thread(plan_memory, cfg, paths, set(preloaded))
+        check_memory(state.memory)
+        state.metrics.set_memory(state.memory)
+        for spec in specs:
+            sm = resolved[spec.name]
             eng = preloaded.get(spec.name) or await asyncio.to_thread(load_engine, cfg, sm)
             describe_engine(sm, eng)
             scheduler = Scheduler(
@@ -213,8 +227,14 @@ def create_app(
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         first = next(iter(state.models.values())).served.card
+        memory = state.memory.as_dict() if state.memory else {}
         models = [
-            {"id": name, "version": s.served.card.get("version"), "root": s.served.card.get("root")}
+            {
+                "id": name,
+                "version": s.served.card.get("version"),
+                "root": s.served.card.get("root"),
+                "memory_estimate_bytes": memory.get("models", {}).get(name, {}).get("total_bytes"),
+            }
             for name, s in state.models.items()
         ]
         return JSONResponse(
@@ -223,6 +243,7 @@ def create_app(
                 "model": first["id"],
                 "version": first.get("version"),
                 "models": models,
+                "memory": memory,
             }
         )
 

@@ -11,7 +11,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from arenaflow.serve import run
+from arenaflow.serve import run_cli
 
 
 def main(argv: list[str]) -> None:
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         level=str(cfg.serve.log_level).upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    run(cfg)
+    run_cli(cfg)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from arenaflow.serve.memory import MemoryPlan
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -101,9 +103,31 @@ class ServeMetrics:
         self.batch_size_peak = Gauge(
             "arenaflow_batch_size_peak", "largest decode batch seen", ["model"], registry=r
         )
-        self.ready = Gauge("arenaflow_ready", "1 when the model is loaded", registry=r)
+        self.ready = Gauge("arenaflow_ready", "1 when the models are loaded", registry=r)
+        self.model_memory = Gauge(
+            "arenaflow_model_memory_estimate_bytes",
+            "start-up estimate of a model's memory (weights + full KV cache)",
+            ["model"],
+            registry=r,
+        )
+        self.memory_total = Gauge(
+            "arenaflow_memory_estimate_total_bytes",
+            "start-up estimate of all served models' memory",
+            registry=r,
+        )
+        self.memory_budget = Gauge(
+            "arenaflow_memory_budget_bytes",
+            "memory the models may use: serve.memory_headroom x available at start-up",
+            registry=r,
+        )
         r.register(_SchedulerCollector(stats))
         self._peak: dict[str, int] = {}
+
+    def set_memory(self, plan: MemoryPlan) -> None:
+        for m in plan.models:
+            self.model_memory.labels(m.name).set(m.total_bytes)
+        self.memory_total.set(plan.total_bytes)
+        self.memory_budget.set(plan.budget_bytes)
 
     def observe_usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt_tokens)

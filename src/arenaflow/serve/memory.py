@@ -1,0 +1,281 @@
+"""Start-up memory check: estimate what the served models need, from their files, before loading any.
+
+A set of models that cannot fit should fail in a second with a message that says why, not after
+minutes of loading with an out-of-memory kill. The estimate reads only `config.json` and the
+safetensors headers; the available memory is the GPU's free memory (`torch.cuda.mem_get_info`)
+when serving on GPU, else the available RAM (psutil), or `serve.memory_budget_bytes` when set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from arenaflow.serve.errors import ServeConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+
+
+class ModelsDoNotFitError(ServeConfigError):
+    """The configured models need more memory than the server may use; raised before loading."""
+
+
+@dataclass
+class ModelMemory:
+    """One model's estimate: weights in the serving dtype plus a full KV cache."""
+
+    name: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    dtype: str
+    context_length: int
+    max_batch_size: int
+    preloaded: bool = False  # already in memory (passed to create_app), so not checked again
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.name!r} {gib(self.total_bytes)} (weights {gib(self.weights_bytes)} + KV cache "
+            f"{gib(self.kv_cache_bytes)} for {self.max_batch_size} rows x {self.context_length} "
+            f"tokens, {self.dtype})"
+        )
+
+
+@dataclass
+class MemoryPlan:
+    """The estimates of all served models against the memory the server may use."""
+
+    models: list[ModelMemory]
+    available_bytes: int
+    available_source: str
+    headroom: float
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.total_bytes for m in self.models)
+
+    @property
+    def to_load_bytes(self) -> int:
+        return sum(m.total_bytes for m in self.models if not m.preloaded)
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.available_bytes * self.headroom)
+
+    @property
+    def fits(self) -> bool:
+        return self.to_load_bytes <= self.budget_bytes
+
+    def summary(self) -> str:
+        per_model = "; ".join(m.describe() for m in self.models)
+        return (
+            f"{len(self.models)} model(s) need an estimated {gib(self.total_bytes)} "
+            f"({per_model}); usable: {gib(self.budget_bytes)} = {self.headroom:g} x "
+            f"{gib(self.available_bytes)} available ({self.available_source})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "total_estimate_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes,
+            "available_source": self.available_source,
+            "headroom": self.headroom,
+            "budget_bytes": self.budget_bytes,
+            "models": {m.name: {**asdict(m), "total_bytes": m.total_bytes} for m in self.models},
+        }
+
+
+def gib(n: int | float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def serving_dtype(cfg: DictConfig) -> tuple[str, str]:
+    """(dtype, device) as `load_engine` uses them: fp32 on CPU, the hardware's dtype on GPU."""
+    if cfg.hardware.accelerator == "gpu":
+        return str(cfg.hardware.dtype), "cuda"
+    return "float32", "cpu"
+
+
+def estimate_model_memory(
+    name: str, path: str | Path, *, dtype: str, max_batch_size: int
+) -> ModelMemory:
+    """Bytes to serve the checkpoint at `path`, from its files alone.
+
+    weights  = parameters x bytes(dtype), parameters counted from the safetensors headers
+               (shape products; pytorch .bin files: size / bytes of config.torch_dtype)
+    KV cache = 2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim
+               x context_length x max_batch_size x bytes(dtype)
+    where head_dim = config.head_dim or hidden_size / num_attention_heads and context_length =
+    config.max_position_embeddings (the engine's window), i.e. every batch row at a full window.
+    Activations and the allocator's slack are what `serve.memory_headroom` leaves room for.
+    """
+    path = Path(path)
+    if dtype not in DTYPE_BYTES:
+        raise ServeConfigError(f"unknown serving dtype {dtype!r}; one of {sorted(DTYPE_BYTES)}")
+    nbytes = DTYPE_BYTES[dtype]
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ServeConfigError(f"model {name!r}: {path} has no config.json to estimate memory from")
+    config = json.loads(config_file.read_text())
+    text = config.get("text_config") or config  # multimodal configs nest the language model
+    params = count_parameters(path, config)
+    context = _context_length(path, text)
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(text, "num_attention_heads", "n_head")
+    hidden = _first(text, "hidden_size", "n_embd", "d_model")
+    kv_heads = _first(text, "num_key_value_heads", "multi_query_group_num") or heads
+    head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        raise ServeConfigError(
+            f"model {name!r}: cannot size the KV cache from {config_file} (needs the number of "
+            "layers, attention heads and hidden size)"
+        )
+    kv = 2 * layers * kv_heads * head_dim * context * max_batch_size * nbytes
+    return ModelMemory(
+        name=name,
+        weights_bytes=params * nbytes,
+        kv_cache_bytes=kv,
+        dtype=dtype,
+        context_length=context,
+        max_batch_size=max_batch_size,
+    )
+
+
+def count_parameters(path: Path, config: dict[str, Any]) -> int:
+    """Parameters stored in a checkpoint folder, without loading a tensor."""
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return sum(_safetensors_numel(f) for f in shards)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        stored = DTYPE_BYTES.get(
+            str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4
+        )
+        return sum(f.stat().st_size for f in bins) // stored
+    raise ServeConfigError(
+        f"{path} has no *.safetensors or pytorch_model*.bin weights to estimate memory from"
+    )
+
+
+def _safetensors_numel(file: Path) -> int:
+    with file.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    total = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_BYTES:
+            start, end = info["data_offsets"]  # unknown element type: count bytes as elements
+            total += end - start
+            continue
+        total += math.prod(info["shape"])
+    return total
+
+
+def _first(config: dict[str, Any], *keys: str) -> int | None:
+    for k in keys:
+        if config.get(k):
+            return int(config[k])
+    return None
+
+
+def _context_length(path: Path, config: dict[str, Any]) -> int:
+    """The engine's window: max_position_embeddings, else the tokenizer's limit, else 2048."""
+    n = _first(config, "max_position_embeddings", "n_positions", "max_sequence_length")
+    if n:
+        return n
+    tok = path / "tokenizer_config.json"
+    if tok.exists():
+        limit = json.loads(tok.read_text()).get("model_max_length")
+        if isinstance(limit, int | float) and 0 < limit < 10**7:
+            return int(limit)
+    return 2048
+
+
+def available_memory(cfg: DictConfig) -> tuple[int, str]:
+    """(bytes, where the number comes from): the configured budget, free GPU memory or free RAM."""
+    budget = cfg.serve.get("memory_budget_bytes")
+    if budget is not None:
+        if float(budget) <= 0:
+            raise ServeConfigError(f"serve.memory_budget_bytes must be > 0, got {budget}")
+        return int(float(budget)), "serve.memory_budget_bytes"
+    _, device = serving_dtype(cfg)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ServeConfigError(
+                "hardware.accelerator=gpu but CUDA is not available; use hardware=cpu"
+            )
+        free, _total = torch.cuda.mem_get_info()
+        return int(free), f"free memory of {torch.cuda.get_device_name()}"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+def plan_memory(
+    cfg: DictConfig, paths: dict[str, Path], preloaded: set[str] | frozenset[str] = frozenset()
+) -> MemoryPlan:
+    """Estimate every model (name -> checkpoint folder) against the usable memory."""
+    headroom = float(cfg.serve.get("memory_headroom", 0.9))
+    if not 0 < headroom <= 1:
+        raise ServeConfigError(
+            f"serve.memory_headroom must be in (0, 1] (the share of available memory the "
+            f"models may use), got {headroom}"
+        )
+    dtype, device = serving_dtype(cfg)
+    batch = int(cfg.serve.max_batch_size)
+    models = []
+    for name, path in paths.items():
+        m = estimate_model_memory(name, path, dtype=dtype, max_batch_size=batch)
+        m.preloaded = name in preloaded
+        models.append(m)
+    available, source = available_memory(cfg)
+    plan = MemoryPlan(models, available, source, headroom, device)
+    if preloaded:
+        plan.notes.append(
+            f"already loaded, not checked: {sorted(preloaded)} (the available memory excludes them)"
+        )
+    return plan
+
+
+def check_memory(plan: MemoryPlan) -> None:
+    """Log the plan; raise ModelsDoNotFitError naming every model when the set does not fit."""
+    if plan.fits:
+        log.info("memory: %s", plan.summary())
+        return
+    raise ModelsDoNotFitError(
+        f"the served models do not fit in memory: {plan.summary()}; the models to load need "
+        f"{gib(plan.to_load_bytes)} > {gib(plan.budget_bytes)} usable. Serve fewer models "
+        "(serve.models), lower serve.max_batch_size, or raise serve.memory_headroom / "
+        "serve.memory_budget_bytes"
+    )
