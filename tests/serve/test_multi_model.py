@@ -297,3 +297,14 @@ def test_a_registry_model_next_to_a_folder(
         ).json()
         assert out["model"] == "champ"
         assert out["choices"][0]["message"]["content"] == greedy(engine_b, QUESTION, 6)
+
+
+def test_estimate_follows_dtype_and_batch(tiny_model_dir: Path) -> None:
+    from arenaflow.serve.memory import estimate_model_memory
+
+    fp32 = estimate_model_memory("m", tiny_model_dir, dtype="float32", max_batch_size=16)
+    bf16 = estimate_model_memory("m", tiny_model_dir, dtype="bfloat16", max_batch_size=4)
+    assert bf16.weights_bytes * 2 == fp32.weights_bytes
+    assert bf16.kv_cache_bytes * 8 == fp32.kv_cache_bytes  # half the bytes, a quarter of the rows
+    with pytest.raises(ServeConfigError, match="unknown serving dtype"):
+        estimate_model_memory("m", tiny_model_dir, dtype="float7", max_batch_size=1)
