@@ -2,14 +2,19 @@
 
 MFU counts only useful work: 6 FLOPs per matmul parameter per non-padding token (forward +
 backward) plus causal attention over each sample's own length; padding and activation
-recomputation are not counted. On CPU the peak is measured with a short fp32 matmul probe.
+recomputation are not counted. On CPU the peak is measured with a short fp32 matmul probe; a probe
+taken while other work shares the cores reads low (and MFU high), so the best probe seen on this
+CPU (model name + thread count) is kept in a small cache file and the peak is the larger of the two.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,8 +81,51 @@ def measure_cpu_peak_flops(size: int = 1024, seconds: float = 1.0) -> float:
     return best
 
 
-def peak_flops(hardware: Any) -> tuple[float, str]:
-    """Per-device peak FLOP/s: `hardware.peak_tflops` when set, else a CPU probe."""
+def cpu_key() -> str:
+    """This CPU's model name and torch's thread count: probes are comparable only within a key."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} | threads={torch.get_num_threads()}"
+
+
+def best_cpu_peak_flops(cache_dir: str | Path | None, seconds: float = 1.0) -> float:
+    """max(a fresh probe, the best earlier probe of this CPU), the cache updated with the max."""
+    fresh = measure_cpu_peak_flops(seconds=seconds)
+    if cache_dir is None:
+        return fresh
+    path = Path(cache_dir) / "cpu_peak_flops.json"
+    key = cpu_key()
+    try:
+        seen = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        seen = {}
+    best = max(fresh, float(seen.get(key, 0.0)))
+    if best > float(seen.get(key, 0.0)):
+        seen[key] = best
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(seen, indent=1))
+            tmp.replace(path)
+        except OSError as e:  # a read-only cache only loses the memory of a better probe
+            log.warning("could not update %s: %s", path, e)
+    if best > fresh * 1.05:
+        log.info(
+            "CPU peak: %.1f GFLOP/s (best earlier probe; this one read %.1f: the cores are shared)",
+            best / 1e9,
+            fresh / 1e9,
+        )
+    return best
+
+
+def peak_flops(hardware: Any, cache_dir: str | Path | None = None) -> tuple[float, str]:
+    """Per-device peak FLOP/s: `hardware.peak_tflops` when set, else the CPU probe (best seen)."""
     if hardware.get("peak_tflops"):
         return float(hardware.peak_tflops) * 1e12, "config"
     if hardware.accelerator != "cpu":
@@ -85,4 +133,4 @@ def peak_flops(hardware: Any) -> tuple[float, str]:
             "hardware.peak_tflops is null on a GPU target; set it to the device's dense peak "
             "for the training precision (e.g. 312 for A100 bf16, 989 for H100 SXM bf16)"
         )
-    return measure_cpu_peak_flops(), "cpu_fp32_matmul_probe"
+    return best_cpu_peak_flops(cache_dir), "cpu_fp32_matmul_probe"

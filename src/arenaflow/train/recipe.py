@@ -24,7 +24,7 @@ from arenaflow import io
 from arenaflow.config import config_hash
 from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
-from arenaflow.train.flops import ModelShape, model_shape, peak_flops
+from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
 from arenaflow.train.preflight import check_memory
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     tracker = tracker_from_cfg(cfg) if rank == 0 else Tracker()
     shape = ModelShape(**p.shape)
-    peak, peak_source = peak_flops(cfg.hardware)
+    peak, peak_source = peak_flops(cfg.hardware, cfg.paths.cache_dir)
     # ranks on one CPU share its cores; GPUs each bring their own peak
     peak_total = peak if cfg.hardware.accelerator == "cpu" else peak * p.world_size
 
@@ -333,6 +333,14 @@ def _finish(
 ) -> dict[str, Any]:
     history = read_history(Path(p.out_dir))
     summary = _summary(metrics_cb.history)
+    if peak_source == "cpu_fp32_matmul_probe":
+        # A start probe taken while other work shared the cores reads low; probe again now and
+        # rate the run against the better of the two (the step logs keep the start peak).
+        end_peak = best_cpu_peak_flops(cfg.paths.cache_dir)
+        if end_peak > peak:
+            if summary["mfu"] is not None:
+                summary["mfu"] *= peak / end_peak
+            peak = end_peak
     run.log_metrics({f"summary_{k}": v for k, v in summary.items() if v is not None})
     run.log_dict({"plan": p.to_json(), "data_counts": counts}, "train_plan.json")
     version = None

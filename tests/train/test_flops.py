@@ -1,0 +1,34 @@
+"""The CPU peak used for MFU: a real matmul probe, and the best earlier probe of this CPU kept."""
+
+import json
+
+from arenaflow.train import flops
+
+
+def test_peak_is_the_best_probe_seen_on_this_cpu(tmp_path) -> None:
+    first = flops.best_cpu_peak_flops(tmp_path, seconds=0.2)
+    assert first > 1e8  # any CPU that runs torch does more than 0.1 GFLOP/s of fp32 matmul
+    cache = json.loads((tmp_path / "cpu_peak_flops.json").read_text())
+    assert cache == {flops.cpu_key(): first}
+
+    # A better earlier probe (a quieter moment) wins over a fresh one and stays in the cache.
+    cache[flops.cpu_key()] = first * 50
+    (tmp_path / "cpu_peak_flops.json").write_text(json.dumps(cache))
+    assert flops.best_cpu_peak_flops(tmp_path, seconds=0.2) == first * 50
+
+    # Another CPU's entry is not used, and a corrupt cache is replaced, not fatal.
+    (tmp_path / "cpu_peak_flops.json").write_text(json.dumps({"other cpu | threads=2": 1e15}))
+    assert flops.best_cpu_peak_flops(tmp_path, seconds=0.2) < 1e15
+    (tmp_path / "cpu_peak_flops.json").write_text("{not json")
+    fresh = flops.best_cpu_peak_flops(tmp_path, seconds=0.2)
+    assert json.loads((tmp_path / "cpu_peak_flops.json").read_text()) == {flops.cpu_key(): fresh}
+
+
+def test_configured_peak_wins_and_gpu_needs_one() -> None:
+    import pytest
+    from omegaconf import OmegaConf
+
+    hw = OmegaConf.create({"accelerator": "gpu", "peak_tflops": 989})
+    assert flops.peak_flops(hw) == (989e12, "config")
+    with pytest.raises(ValueError, match="peak_tflops is null"):
+        flops.peak_flops(OmegaConf.create({"accelerator": "gpu", "peak_tflops": None}))
