@@ -34,17 +34,11 @@ class ArenaServer:
 
 @pytest.fixture(scope="session")
 def tiny_model_b_dir(model_cache: Path) -> Path:
-    """The tiny model again with another seed: a second, different competitor."""
+    """The tiny model again with another seed: a second, different competitor (the same
+    checkpoint as tests/serve/test_multi_model.py's, so a session builds it once)."""
     from arenaflow.models import resolve_model
 
-    cfg = compose_config(
-        [
-            "model=tiny_llama",
-            "model.seed=4321",
-            "model.name=tiny-llama-b",
-            f"paths.cache_dir={model_cache}",
-        ]
-    )
+    cfg = compose_config(["model=tiny_llama", "model.seed=4321", f"paths.cache_dir={model_cache}"])
     return resolve_model(cfg.model, cfg.paths.cache_dir)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -167,7 +168,7 @@ def test_vote_before_both_answers_finished_is_refused(start_arena) -> None:
 
 def test_rate_limit_per_client_answers_429_with_retry_after(start_arena) -> None:
     with (
-        start_arena("serve.arena.rate_limit.burst=2", "serve.arena.rate_limit.per_minute=1") as a,
+        start_arena("serve.arena.rate_limit.burst=2", "serve.arena.rate_limit.per_minute=60") as a,
         httpx.Client(base_url=a.url, timeout=60) as client,
     ):
         client.get("/arena")  # the page sets this browser's client cookie
@@ -178,12 +179,15 @@ def test_rate_limit_per_client_answers_429_with_retry_after(start_arena) -> None
         err = error_of(r, 429)
         assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
         assert "too many arena requests" in err["message"]
-        assert 1 <= int(r.headers["Retry-After"]) <= 60
-        # another client (its own cookie) has its own bucket
+        assert r.headers["Retry-After"] == "1"
+        # another client (its own cookie) has its own bucket, and its own battles
         with httpx.Client(base_url=a.url, timeout=60) as other:
             other.get("/arena")
             assert other.cookies.get("arena_client") != client.cookies.get("arena_client")
-            new_battle(other)
+            theirs = new_battle(other)
+        time.sleep(1.1)  # refills one call (per_minute=60)
+        err = error_of(client.post(f"/arena/api/battles/{theirs}/turn", json={"prompt": "hi"}), 403)
+        assert err["code"] == "not_your_battle"
 
 
 def test_vote_already_in_the_database_from_another_process_is_refused(arena, client) -> None:
@@ -280,3 +284,16 @@ def test_200_concurrent_votes_land_exactly_once(start_arena) -> None:
         assert row["winner"] == fastchat[winners[i % 4]]
         assert row["anony"] is True and {row["model_a"], row["model_b"]} == set(MODEL_NAMES)
         assert row["conversation_a"][0] == {"role": "user", "content": "Hi!"}
+
+
+def test_a_battle_takes_at_most_max_turns_prompts(start_arena) -> None:
+    with (
+        start_arena("serve.arena.max_turns=1") as arena,
+        httpx.Client(base_url=arena.url, timeout=60) as client,
+    ):
+        bid = new_battle(client)
+        play_turn(client, bid)
+        r = client.post(f"/arena/api/battles/{bid}/turn", json={"prompt": "one more"})
+        err = error_of(r, 400)
+        assert err["code"] == "max_turns" and "serve.arena.max_turns" in err["message"]
+        assert client.post(f"/arena/api/battles/{bid}/vote", json={"winner": "tievote"}).is_success

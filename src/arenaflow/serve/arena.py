@@ -34,7 +34,13 @@ from pydantic import BaseModel, Field
 
 from arenaflow.arena import VoteStore, safe_url, vote_db_url
 from arenaflow.data.clean import CleanOptions, contains_blocked_word
-from arenaflow.engine import PromptTooLongError, QueueFullError, SamplingParams, StreamEvent
+from arenaflow.engine import (
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    Scheduler,
+    StreamEvent,
+)
 from arenaflow.serve.errors import APIError, error_body
 
 if TYPE_CHECKING:
@@ -245,6 +251,18 @@ class Arena:
         host = request.client.host if request.client else "unknown"
         return f"ip:{host}"
 
+    def own_battle(self, battle_id: str, client: str) -> Battle:
+        """The battle, if this client started it: only the person who chatted may go on or vote."""
+        battle = self.battles.get(battle_id)
+        if battle.client_id != client:
+            raise APIError(
+                403,
+                "this battle belongs to another browser; start your own round on /arena",
+                param="battle_id",
+                code="not_your_battle",
+            )
+        return battle
+
     def check_prompt(self, prompt: str) -> str:
         text = prompt.strip()
         if not text:
@@ -268,7 +286,9 @@ class Arena:
             )
         return prompt
 
-    def params_for(self, side: int, battle: Battle, messages: list[dict[str, str]]):
+    def params_for(
+        self, side: int, battle: Battle, messages: list[dict[str, str]]
+    ) -> tuple[Scheduler, str, SamplingParams]:
         """(rendered prompt, sampling params) for one side; 400 when the chat outgrew the model."""
         slot = self.state.slot(battle.models[side])
         engine = slot.engine
@@ -349,7 +369,7 @@ class Arena:
             pair, anony = (a, b), True
         battle = Battle(id=uuid.uuid4().hex, models=pair, anony=anony, client_id=client)
         self.battles.add(battle)
-        log.info("arena battle %s (%s)", battle.id, "anonymous" if anony else "named")
+        log.debug("arena battle %s (%s)", battle.id, "anonymous" if anony else "named")
         return {
             "battle_id": battle.id,
             "anony": anony,
@@ -358,9 +378,10 @@ class Arena:
         }
 
     async def turn(self, battle_id: str, body: Turn, request: Request) -> StreamingResponse:
-        self.limiter.check(self.client_id(request))
+        client = self.client_id(request)
+        self.limiter.check(client)
         self.require_models()
-        battle = self.battles.get(battle_id)
+        battle = self.own_battle(battle_id, client)
         if battle.voted:
             raise APIError(
                 409, "this battle has been voted on; start a new round", code="battle_closed"
@@ -465,7 +486,7 @@ class Arena:
     async def vote(self, battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
         client = self.client_id(request)
         self.limiter.check(client)
-        battle = self.battles.get(battle_id)
+        battle = self.own_battle(battle_id, client)
         if battle.streaming or battle.turns == 0:
             raise APIError(
                 409,
