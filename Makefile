@@ -17,7 +17,7 @@ export ARENAFLOW_HOME ?= $(CURDIR)/.arenaflow
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint format dev mlflow serve bench clean chromium screenshot
+.PHONY: install run test lint format dev mlflow serve chat bench clean chromium screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,9 @@ mlflow: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/python -m arenaflow.serve $(OVERRIDES)
+
+chat: $(STAMP)
+	$(BIN)/python -m arenaflow.chat $(OVERRIDES)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

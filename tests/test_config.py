@@ -19,6 +19,7 @@ GROUPS = [
     "judge",
     "rating",
     "serve",
+    "chat",
     "tracking",
     "paths",
     "experiment",

@@ -326,7 +326,14 @@ class MlflowTracker(Tracker):
             self.client.set_model_version_tag(name, str(version), k, str(v))
 
     def download_model(self, uri: str, dest: str | Path | None = None) -> Path:
-        """Resolve `models:/name/version` or `models:/name@alias` to a local checkpoint folder."""
+        """Resolve `models:/name/version`, `models:/name@alias` or `runs:/<run id>/<path>` to a folder."""
+        if uri.startswith("runs:/"):
+            dest = Path(dest or tempfile.mkdtemp(prefix="arenaflow-model-"))
+            dest.mkdir(parents=True, exist_ok=True)
+            local = self._mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dest), tracking_uri=self.tracking_uri
+            )
+            return Path(local)
         name, version, alias = parse_models_uri(uri)
         info = self.get_version(name, alias=alias, version=version)
         if info is None:

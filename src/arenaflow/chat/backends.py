@@ -1,0 +1,194 @@
+"""Who answers in a terminal chat: the project's engine on a local model, or an OpenAI-compatible endpoint.
+
+Both stream the assistant's text for a whole conversation (list of role/content messages), so the
+session loop and the renderers do not care where the tokens come from. A problem the user can fix
+(the conversation no longer fits, the server is down, the key is refused) is a `ChatError` with a
+one-line message; the session reports it and goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from arenaflow.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+class ChatError(RuntimeError):
+    """A turn (or the start-up) failed for a reason the user can act on; the message says how."""
+
+
+class ChatBackend(Protocol):
+    """Streams an answer to a conversation; `name` and `where` describe it in the banner."""
+
+    name: str
+    where: str
+
+    def stream(
+        self, messages: list[Message], *, temperature: float, max_tokens: int
+    ) -> Generator[str, None, None]: ...
+
+
+class LocalChat:
+    """The project's `Engine` on a checkpoint: the prompt is the model's own chat template."""
+
+    def __init__(self, engine: Engine, *, name: str, where: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.where = where
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> LocalChat:
+        """Load `chat.model_uri` the way the server loads `serve.model_uri` (same cache, same dtype)."""
+        from transformers.utils import logging as hf_logging
+
+        from arenaflow.serve.loading import ModelSpec, load_engine, resolve_served_model
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in the chat
+        uri = str(cfg.chat.model_uri)
+        location = _download_run_artifact(cfg, uri) if uri.startswith("runs:/") else uri
+        served = resolve_served_model(cfg, ModelSpec(uri, location, "chat.model_uri"))
+        engine = load_engine(cfg, served)
+        return cls(engine, name=uri, where=str(served.path))
+
+    def stream(
+        self, messages: list[Message], *, temperature: float, max_tokens: int
+    ) -> Generator[str, None, None]:
+        from arenaflow.engine import SamplingParams
+
+        try:
+            prompt = self.engine.render_chat(messages)
+        except Exception as e:  # a template that rejects the roles (e.g. no system turn allowed)
+            raise ChatError(
+                f"the model's chat template cannot render this conversation: {e}"
+            ) from e
+        used = len(self.engine.encode(prompt))
+        room = self.engine.context_length - used
+        if room < 1:
+            raise ChatError(
+                f"prompt too long: the conversation is {used} tokens and this model's context "
+                f"window is {self.engine.context_length}; send a shorter message or /clear"
+            )
+        params = SamplingParams(max_new_tokens=min(max_tokens, room), temperature=temperature)
+        for event in self.engine.stream(prompt, params):
+            if event.text:
+                yield event.text
+
+
+class EndpointChat:
+    """Any OpenAI-compatible server (an arenaflow endpoint, vLLM, api.openai.com) via the `openai` client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+    ) -> None:
+        from openai import OpenAI
+
+        self.where = base_url
+        self.name = model or ""
+        self.api_key_env = api_key_env
+        api_key = os.environ.get(api_key_env) if api_key_env else None
+        self._client = OpenAI(
+            base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s
+        )
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> EndpointChat:
+        c = cfg.chat
+        backend = cls(
+            str(c.endpoint),
+            model=None if c.model is None else str(c.model),
+            api_key_env=None if c.api_key_env is None else str(c.api_key_env),
+            timeout_s=float(c.timeout_s),
+        )
+        backend.check()
+        return backend
+
+    def check(self) -> list[str]:
+        """Ask the endpoint which models it serves; pick the first when none was named."""
+        try:
+            models = [m.id for m in self._client.models.list()]
+        except Exception as e:
+            raise ChatError(self._explain(e, "/models")) from e
+        if not self.name:
+            if not models:
+                raise ChatError(f"{self.where} lists no models; name one with --model")
+            self.name = models[0]
+        elif models and self.name not in models:
+            log.warning("%s does not list %r (it lists %s)", self.where, self.name, models)
+        return models
+
+    def stream(
+        self, messages: list[Message], *, temperature: float, max_tokens: int
+    ) -> Generator[str, None, None]:
+        try:
+            response = self._client.chat.completions.create(
+                model=self.name,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stream=True,
+            )
+            with response:
+                for chunk in response:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
+        except Exception as e:
+            raise ChatError(self._explain(e, "/chat/completions")) from e
+
+    def _explain(self, error: Exception, path: str) -> str:
+        """One line naming the endpoint, what went wrong and what to do (never the key)."""
+        import httpx
+        import openai
+
+        url = self.where.rstrip("/") + path
+        if isinstance(error, openai.APITimeoutError):
+            return f"{url} did not answer in time; is the server overloaded? (chat.timeout_s)"
+        if isinstance(error, openai.APIConnectionError):
+            return f"cannot reach {url}: is the server running and the URL right? ({error.__cause__ or error})"
+        if isinstance(error, openai.AuthenticationError):
+            env = self.api_key_env or "--api-key-env"
+            return f"{url} refused the API key; put the right key in the environment variable {env}"
+        if isinstance(error, openai.APIStatusError):
+            body: Any = error.body
+            detail = body.get("message") if isinstance(body, dict) else None
+            return f"{url} answered {error.status_code}: {detail or error.message}"
+        if isinstance(error, openai.APIError):
+            return f"{url} failed: {error.message}"
+        if isinstance(error, httpx.HTTPError):  # the connection broke mid-stream
+            return f"the connection to {url} broke: {error}"
+        raise error
+
+
+def backend_from_cfg(cfg: DictConfig) -> ChatBackend:
+    """An endpoint when `chat.endpoint` is set, else the local model `chat.model_uri`."""
+    if cfg.chat.get("endpoint"):
+        return EndpointChat.from_cfg(cfg)
+    return LocalChat.from_cfg(cfg)
+
+
+def _download_run_artifact(cfg: DictConfig, uri: str) -> str:
+    """A `runs:/` checkpoint, downloaded once into the cache (run artifacts never change)."""
+    from arenaflow.tracking import tracker_from_cfg
+
+    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    dest = Path(cfg.paths.cache_dir) / "chat" / f"run-{key}"
+    leaf = dest / uri.rstrip("/").rsplit("/", 1)[-1]
+    if (leaf / "config.json").exists():
+        return str(leaf)
+    return str(tracker_from_cfg(cfg).download_model(uri, dest))
