@@ -8,11 +8,9 @@ one-line message; the session reports it and goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Generator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig
@@ -57,8 +55,7 @@ class LocalChat:
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in the chat
         uri = str(cfg.chat.model_uri)
-        location = _download_run_artifact(cfg, uri) if uri.startswith("runs:/") else uri
-        served = resolve_served_model(cfg, ModelSpec(uri, location, "chat.model_uri"))
+        served = resolve_served_model(cfg, ModelSpec(uri, uri, "chat.model_uri"))
         engine = load_engine(cfg, served)
         return cls(engine, name=uri, where=str(served.path))
 
@@ -180,15 +177,3 @@ def backend_from_cfg(cfg: DictConfig) -> ChatBackend:
     if cfg.chat.get("endpoint"):
         return EndpointChat.from_cfg(cfg)
     return LocalChat.from_cfg(cfg)
-
-
-def _download_run_artifact(cfg: DictConfig, uri: str) -> str:
-    """A `runs:/` checkpoint, downloaded once into the cache (run artifacts never change)."""
-    from arenaflow.tracking import tracker_from_cfg
-
-    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    dest = Path(cfg.paths.cache_dir) / "chat" / f"run-{key}"
-    leaf = dest / uri.rstrip("/").rsplit("/", 1)[-1]
-    if (leaf / "config.json").exists():
-        return str(leaf)
-    return str(tracker_from_cfg(cfg).download_model(uri, dest))

@@ -43,7 +43,7 @@ class ModelSpec:
     """One model to serve: the name clients ask for and where it comes from."""
 
     name: str
-    uri: str  # a checkpoint folder or models:/name/3 | models:/name@alias
+    uri: str  # a checkpoint folder, models:/name/3 | models:/name@alias or runs:/<run id>/<path>
     origin: str  # the config entry it came from, for messages
 
 
@@ -159,6 +159,10 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
         )
         card.update({"version": info.version, "lineage": lineage, "results": results})
         names = [name, uri, f"models:/{reg_name}/{info.version}"]
+    elif uri.startswith("runs:/"):
+        path = _download_run_artifact(cfg, spec)
+        card.update({"version": None, "lineage": {"run_uri": uri}, "results": {}})
+        names = [name, uri]
     else:
         path = Path(uri)
         if not (path / "config.json").exists():
@@ -169,6 +173,31 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
         card.update({"version": None, "lineage": {"checkpoint": str(path)}, "results": {}})
         names = [name, uri]
     return ServedModel(path=path, names=list(dict.fromkeys(names)), card=card)
+
+
+def _download_run_artifact(cfg: DictConfig, spec: ModelSpec) -> Path:
+    """A `runs:/<run id>/<path>` checkpoint, downloaded once into the cache (run artifacts are
+    immutable)."""
+    tracker = tracker_from_cfg(cfg)
+    if not tracker.enabled:
+        raise ServeConfigError(
+            f"{spec.origin}={spec.uri} needs the MLflow store, but tracking is disabled; "
+            "use tracking=local or give a checkpoint folder"
+        )
+    key = hashlib.sha256(f"{cfg.tracking.get('tracking_uri')}|{spec.uri}".encode()).hexdigest()[:12]
+    dest = Path(cfg.paths.cache_dir) / "serve" / f"run-{key}"
+    leaf = dest / spec.uri.rstrip("/").rsplit("/", 1)[-1]
+    if (leaf / "config.json").exists():
+        return leaf
+    try:
+        path = tracker.download_model(spec.uri, dest)
+    except Exception as e:
+        raise ServeConfigError(f"{spec.origin}={spec.uri}: could not download it ({e})") from e
+    if not (path / "config.json").exists():
+        raise ServeConfigError(
+            f"{spec.origin}={spec.uri} is not a checkpoint folder (no config.json in the artifact)"
+        )
+    return path
 
 
 def _cached_download(dest: Path) -> Path | None:
