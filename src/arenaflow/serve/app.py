@@ -9,7 +9,6 @@ Endpoints: /v1/models, /v1/chat/completions, /v1/completions (both streamed as S
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -56,6 +55,7 @@ from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
 from arenaflow.serve.metrics import ServeMetrics, batch_sampler
 from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
 from arenaflow.serve.slots import ModelSlot
+from arenaflow.serve.streams import merge_streams
 
 log = logging.getLogger(__name__)
 
@@ -475,20 +475,7 @@ class _Generation:
         chat: bool,
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(i: int, it: AsyncIterator[StreamEvent], first: StreamEvent) -> None:
-            try:
-                await queue.put((i, first))
-                async for ev in it:
-                    await queue.put((i, ev))
-            except Exception as e:  # the scheduler failed this request
-                await queue.put((i, e))
-            finally:
-                await queue.put((i, done))
-
-        tasks = [asyncio.create_task(pump(i, it, f)) for i, (it, f) in enumerate(opened)]
+        stream = merge_streams(opened)
         prompt_tokens = completion_tokens = 0
         extra = {"usage": None} if include_usage else {}
         try:
@@ -507,12 +494,7 @@ class _Generation:
                             extra,
                         )
                     )
-            remaining = len(tasks)
-            while remaining:
-                i, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                    continue
+            async for i, item in stream:
                 if isinstance(item, Exception):
                     log.error("stream failed: %s", item)
                     yield _sse(error_body(500, f"generation failed: {item}"))
@@ -534,14 +516,7 @@ class _Generation:
                 yield _sse(self._chunk([], {"usage": _usage(prompt_tokens, completion_tokens)}))
             yield "data: [DONE]\n\n"
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            for it, _ in opened:
-                with contextlib.suppress(Exception):
-                    await it.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
         return {

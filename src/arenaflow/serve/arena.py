@@ -42,6 +42,7 @@ from arenaflow.engine import (
     StreamEvent,
 )
 from arenaflow.serve.errors import APIError, error_body
+from arenaflow.serve.streams import merge_streams
 
 if TYPE_CHECKING:
     from arenaflow.serve.app import ServeState
@@ -433,38 +434,19 @@ class Arena:
     ) -> AsyncIterator[str]:
         """Both answers as one SSE stream of `{"side", "text"}` / `{"side", "finish_reason"}`,
         then `{"done": true}`; the turn joins the battle only when both answers are complete."""
-        queue: asyncio.Queue = asyncio.Queue()
-        end = object()
-
-        async def pump(side: int, it: AsyncIterator[StreamEvent], first: StreamEvent) -> None:
-            try:
-                await queue.put((side, first))
-                async for ev in it:
-                    await queue.put((side, ev))
-            except Exception as e:
-                await queue.put((side, e))
-            finally:
-                await queue.put((side, end))
-
-        tasks = [asyncio.create_task(pump(i, it, f)) for i, (it, f) in enumerate(opened)]
         texts = ["", ""]
+        stream = merge_streams(opened)
         try:
-            remaining = len(tasks)
-            while remaining:
-                side, item = await queue.get()
-                if item is end:
-                    remaining -= 1
-                    continue
+            async for side, item in stream:
                 if isinstance(item, Exception):
                     log.error("arena generation failed: %s", item)
                     yield _sse(error_body(503, f"generation failed: {item}; send the prompt again"))
                     return
-                ev: StreamEvent = item
-                if ev.text:
-                    texts[side] += ev.text
-                    yield _sse({"side": SIDES[side], "text": ev.text})
-                if ev.finish_reason:
-                    yield _sse({"side": SIDES[side], "finish_reason": ev.finish_reason})
+                if item.text:
+                    texts[side] += item.text
+                    yield _sse({"side": SIDES[side], "text": item.text})
+                if item.finish_reason:
+                    yield _sse({"side": SIDES[side], "finish_reason": item.finish_reason})
             for i in range(2):
                 battle.conversations[i][:] = [
                     *messages[i],
@@ -474,14 +456,7 @@ class Arena:
             yield _sse({"done": True, "turn": battle.turns})
         finally:
             battle.streaming = False
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            for it, _ in opened:
-                with contextlib.suppress(Exception):
-                    await it.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     async def vote(self, battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
         client = self.client_id(request)
