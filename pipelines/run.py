@@ -156,7 +156,7 @@ def report(
         lines += [
             "",
             f"endpoint: {url}  (pid {dep.get('pid')}, {dep.get('model_uri')})",
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"  curl {url}/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{dep.get("model_name", "arenaflow-chat")}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
         ]
     lines += [

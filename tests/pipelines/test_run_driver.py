@@ -75,3 +75,19 @@ def test_stage_config_records_resolved_yaml_without_secrets(af_home) -> None:
     yaml_md = meta["resolved_config"].value
     assert "lr: 0.5" in yaml_md and "sk-live-1" not in yaml_md
     assert meta["hydra_overrides"].value[-2:] == ["serve.api_keys=***", "train.lr=0.5"]
+
+
+def test_report_prints_a_curl_line_that_hits_the_endpoint(tmp_path) -> None:
+    """The deployment's URL already ends in /v1: the curl line must not repeat it."""
+
+    @dg.asset(name="serving_deployment")
+    def deployment() -> dict:
+        return {"url": "http://127.0.0.1:8123/v1", "pid": 1, "model_uri": "models:/m/1"}
+
+    defs = dg.Definitions(assets=[deployment])
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert dg.materialize([deployment], instance=instance).success
+        text = driver.report(defs, instance, {"serving_deployment": 0.1}, 0.1)
+    assert "endpoint: http://127.0.0.1:8123/v1" in text
+    assert "curl http://127.0.0.1:8123/v1/chat/completions " in text
+    assert "/v1/v1" not in text
