@@ -2,10 +2,10 @@
 
 Why our own loop instead of `model.generate`: every row carries its own sampling settings (temperature,
 top_p, seed, stop strings, logprobs), and new requests join between decode steps (continuous
-batching). Rows are left-padded; newcomers are prefilled on their own, their cache is left-padded to
-the running cache's length and concatenated on the batch axis, and finished rows are dropped, so a
-long answer never holds up a short one. Position ids count only real tokens, so a padded row
-computes exactly what it would compute alone.
+batching). Newcomers are prefilled on their own and copied, left-padded, into the batch's
+preallocated KV cache (`BatchKVCache`, written in place, never re-concatenated); finished rows are
+dropped, so a long answer never holds up a short one. Position ids count only real tokens and the
+attention mask hides the padding, so a padded row computes what it would compute alone.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from arenaflow.engine.api import (
     TokenLogprob,
     TopLogprob,
 )
+from arenaflow.engine.kvcache import BatchKVCache
 from arenaflow.engine.text import find_stop, stream_safe_end
 
 log = logging.getLogger(__name__)
+
+_EMPTY = torch.empty(0, dtype=torch.long)
 
 
 @dataclass
@@ -102,10 +105,9 @@ class RunningBatch:
         self.context_length = context_length
         self.device = next(model.parameters()).device
         self.rows: list[Sequence] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [rows, cache_len] 1 = real token
-        self.positions: torch.Tensor | None = None  # [rows] position of the next input token
-        self.next_tokens: torch.Tensor | None = None  # [rows] last sampled token, not yet in cache
+        self.cache: BatchKVCache | None = None
+        self.positions = _EMPTY  # [rows] tokens cached per row = position of the next input token
+        self.next_tokens = _EMPTY  # [rows] last sampled token, not yet in cache
         self.last_batch_size = 0
         self.steps = 0
         self.tokens_generated = 0
@@ -128,25 +130,16 @@ class RunningBatch:
         if not seqs:
             return []
         prefilled = [self._prefill(r.prompt_ids) for r in requests]
-        width = max(len(r.prompt_ids) for r in requests)
-        cache = prefilled[0][0]
-        for li, layer in enumerate(cache.layers):
-            for name in ("keys", "values"):
-                parts = [
-                    _left_pad(getattr(c.layers[li], name), width).repeat(r.params.n, 1, 1, 1)
-                    for (c, _), r in zip(prefilled, requests, strict=True)
-                ]
-                setattr(layer, name, torch.cat(parts, dim=0))
-        lengths = [len(s.request.prompt_ids) for s in seqs]
-        mask = torch.stack(
-            [_left_pad(torch.ones(n, dtype=torch.long), width, dim=0) for n in lengths]
-        )
+        if self.cache is None:
+            self.cache = BatchKVCache(len(prefilled[0][0].layers))
+        self.cache.add([c for c, _ in prefilled], [r.params.n for r in requests])
         logits = torch.cat(
             [last.expand(r.params.n, -1) for (_, last), r in zip(prefilled, requests, strict=True)]
         )
-        self._merge(cache, mask, torch.tensor(lengths, dtype=torch.long), seqs)
-        tokens = self._sample(logits, seqs)
-        self.next_tokens = torch.cat([self.next_tokens[: len(self.rows) - len(seqs)], tokens])
+        lengths = torch.tensor([len(s.request.prompt_ids) for s in seqs], dtype=torch.long)
+        self.positions = torch.cat([self.positions, lengths])
+        self.rows.extend(seqs)
+        self.next_tokens = torch.cat([self.next_tokens, self._sample(logits, seqs)])
         return self._finish_rows()
 
     def _prefill(self, prompt_ids: list[int]) -> tuple[Any, torch.Tensor]:
@@ -162,39 +155,23 @@ class RunningBatch:
         )
         return cache, out.logits[:, -1, :].float().cpu()
 
-    def _merge(
-        self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]
-    ) -> None:
-        if self.cache is None or not self.rows:
-            self.cache, self.mask, self.positions, self.rows = cache, mask, positions, list(seqs)
-            self.next_tokens = torch.empty(0, dtype=torch.long)
-            return
-        old_len, new_len = self.mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a, b = getattr(old_layer, name), getattr(new_layer, name)
-                setattr(
-                    old_layer, name, torch.cat([_left_pad(a, width), _left_pad(b, width)], dim=0)
-                )
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.rows.extend(seqs)
-
     # -- decoding ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Decode one token for every row; returns the requests that finished in this step."""
         if not self.rows:
             return []
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        self.cache.reserve(1)
+        width = self.cache.width + 1  # columns attended to, this step's token included
+        mask = torch.arange(width) >= (width - 1 - self.positions)[:, None]  # left padding
         out = self.model(
             input_ids=self.next_tokens[:, None].to(self.device),
-            attention_mask=self.mask.to(self.device),
+            attention_mask=mask.to(self.device),
             position_ids=self.positions[:, None].to(self.device),
             use_cache=True,
             **{self.cache_kwarg: self.cache},
         )
+        self.cache.advance(1)
         self.positions = self.positions + 1
         self.last_batch_size = len(self.rows)
         self.steps += 1
@@ -291,40 +268,19 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
         self.positions = self.positions[idx]
         self.next_tokens = self.next_tokens[idx]
-        self.mask = self.mask[idx]
         if not self.rows:
             self.cache = None
             return finished
-        dev_idx = idx.to(self.device)
-        lead = int((self.mask.cumsum(1) == 0).sum(1).min())  # columns that are padding in all rows
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[dev_idx, :, lead:, :]
-            layer.values = layer.values[dev_idx, :, lead:, :]
-        self.mask = self.mask[:, lead:]
+        lead = self.cache.width - int(self.positions.max())  # columns that are padding in all rows
+        self.cache.keep(keep, lead)
         return finished
 
     def cancel_all(self, error: BaseException) -> list[Request]:
         """Abort every row (after a model error); returns the affected requests."""
         reqs = list({id(s.request): s.request for s in self.rows}.values())
-        self.rows, self.cache, self.mask, self.positions, self.next_tokens = (
-            [],
-            None,
-            None,
-            None,
-            None,
-        )
+        self.rows, self.cache, self.positions, self.next_tokens = [], None, _EMPTY, _EMPTY
         log.error("generation batch failed, %d request(s) aborted: %s", len(reqs), error)
         return reqs
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Pad `t` with zeros on the left of `dim` up to `width`."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _sample_row(
