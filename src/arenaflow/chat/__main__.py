@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 EPILOG = """\
@@ -90,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
+    # Ctrl-C is part of the interface (stop an answer, leave at the prompt): Python leaves SIGINT
+    # ignored when it started ignored (a shell's background job, nohup), so claim it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from arenaflow.config import compose_config
