@@ -46,7 +46,7 @@ def _step(cache: BatchKVCache, rows: list[list[torch.Tensor]]) -> None:
 def test_rows_join_grow_and_leave() -> None:
     torch.manual_seed(0)
     (a, ka), (b, kb) = _prefilled(3), _prefilled(5)
-    cache = BatchKVCache(LAYERS)
+    cache = BatchKVCache(LAYERS, max_rows=4, max_columns=512)
     cache.add([a, b], [1, 2])  # the second prompt fills two rows (n=2)
     rows = [list(ka), list(kb), list(kb)]
     _check(cache, rows)

@@ -98,8 +98,16 @@ class Sequence:
 class RunningBatch:
     """Rows being decoded together; `admit` adds rows (prefill), `step` decodes one token for all."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_ids: set[int],
+        context_length: int,
+        max_batch_size: int = 16,
+    ) -> None:
         self.model = model
+        self.max_batch_size = max_batch_size
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context_length = context_length
@@ -131,7 +139,9 @@ class RunningBatch:
             return []
         prefilled = [self._prefill(r.prompt_ids) for r in requests]
         if self.cache is None:
-            self.cache = BatchKVCache(len(prefilled[0][0].layers))
+            self.cache = BatchKVCache(
+                len(prefilled[0][0].layers), self.max_batch_size, self.context_length
+            )
         self.cache.add([c for c, _ in prefilled], [r.params.n for r in requests])
         logits = torch.cat(
             [last.expand(r.params.n, -1) for (_, last), r in zip(prefilled, requests, strict=True)]

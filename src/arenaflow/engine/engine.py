@@ -84,7 +84,9 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
     def new_batch(self) -> RunningBatch:
-        return RunningBatch(self.model, self.tokenizer, self.eos_ids, self.context_length)
+        return RunningBatch(
+            self.model, self.tokenizer, self.eos_ids, self.context_length, self.max_batch_size
+        )
 
     def generate(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams]

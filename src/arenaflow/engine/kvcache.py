@@ -39,8 +39,11 @@ class _BufferLayer(DynamicLayer):
 class BatchKVCache(Cache):
     """Preallocated, right-aligned KV cache for a batch whose rows join and leave between steps."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_rows: int, max_columns: int) -> None:
+        """`max_rows`/`max_columns` bound the spare capacity (batch size, context window), not what fits."""
         super().__init__(layers=[_BufferLayer(self, i) for i in range(num_layers)])
+        self.max_rows = max_rows
+        self.max_columns = max_columns
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.rows = 0
@@ -116,7 +119,7 @@ class BatchKVCache(Cache):
 
     def _allocate_like(self, cache: Any, rows: int, width: int, spare: int) -> None:
         self.k, self.v = [], []
-        columns = _grow(width + spare)
+        columns = self._grow(width + spare)
         for layer in cache.layers:
             _, heads, _, dim = layer.keys.shape
             kw = {"dtype": layer.keys.dtype, "device": layer.keys.device}
@@ -126,9 +129,9 @@ class BatchKVCache(Cache):
 
     def _reallocate(self, rows: int, width: int, spare: int) -> None:
         """New buffers with room for `rows` rows and `width + spare` columns; kept columns stay right-aligned."""
-        row_cap = max(rows, min(2 * self.k[0].shape[0], rows + 16))
+        row_cap = max(rows, min(2 * self.k[0].shape[0], self.max_rows))
         needed, capacity = width + spare, self.k[0].shape[2]
-        columns = capacity if needed + needed // 4 <= capacity else _grow(needed)
+        columns = capacity if needed + needed // 4 <= capacity else self._grow(needed)
         old = self.width
         for bufs in (self.k, self.v):
             for i, buf in enumerate(bufs):
@@ -146,8 +149,7 @@ class BatchKVCache(Cache):
             layer.values = self.v[i][: self.rows, :, self.start : self.end]
             layer.is_initialized = True
 
-
-def _grow(columns: int) -> int:
-    """Column capacity for `columns` needed: a quarter more, rounded up, so regrowth is rare."""
-    want = columns + columns // 4 + _COLUMN_ALIGN
-    return -(-want // _COLUMN_ALIGN) * _COLUMN_ALIGN
+    def _grow(self, columns: int) -> int:
+        """Column capacity for `columns` needed: a quarter more, rounded up, so regrowth is rare."""
+        want = columns + columns // 4 + _COLUMN_ALIGN
+        return max(columns, min(-(-want // _COLUMN_ALIGN) * _COLUMN_ALIGN, self.max_columns))
