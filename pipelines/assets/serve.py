@@ -17,7 +17,7 @@ TAGS = {"stage": "serve"}
     group_name="serve",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version="2",
     description="The champion served on an OpenAI-compatible endpoint (blue/green, smoke-tested).",
 )
 def serving_deployment(
@@ -32,7 +32,7 @@ def serving_deployment(
     previous = out["previous"]
     context.log.info("serving %s (version %s) at %s", out["model_uri"], out["version"], out["url"])
     return dg.Output(
-        value={k: out[k] for k in ("url", "pid", "model_uri", "version")},
+        value={k: out[k] for k in ("url", "pid", "model_uri", "version", "models")},
         metadata={
             **meta,
             "url": dg.MetadataValue.url(out["url"]),
@@ -48,6 +48,9 @@ def serving_deployment(
                 md_table(out["smoke"], ["question_id", "category", "match", "http", "engine"])
             ),
             "model_card": dg.MetadataValue.json(out["card"]),
+            "served_models": dg.MetadataValue.md(
+                md_table(out["models"], ["id", "alias_of", "root"])
+            ),
             "server_log": dg.MetadataValue.path(out["log_path"]),
             "try_it": dg.MetadataValue.md(
                 f"```bash\ncurl {out['url']}/chat/completions -H 'Content-Type: application/json' "

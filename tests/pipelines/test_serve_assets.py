@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import httpx
 import pytest
+from omegaconf import OmegaConf
 from openai import OpenAI
 
 from arenaflow.config import compose_config
@@ -184,3 +185,47 @@ def test_sensor_requests_a_roll_when_the_champion_alias_moves(
     result, cursor = evaluate(cursor)
     assert isinstance(result, dg.RunRequest) and result.tags["arenaflow/champion_version"] == v2
     assert cursor == v2
+
+
+def test_deployment_serves_the_competitors_beside_the_champion(
+    overrides: list[str], tiny_model_dir: Path
+) -> None:
+    """serve.models_from=competitors: the champion (registered = `finetuned`) loads once, as an
+    alias, next to `base`, so the deployed server's /arena has two models to pit."""
+    overrides = [*overrides, "serve.models_from=competitors"]
+    cfg = compose_config(overrides)
+    result = _roll(overrides, dg.DagsterInstance.ephemeral(), tiny_model_dir)
+    try:
+        assert result.success
+        dep = result.output_for_node("serving_deployment")
+        assert dep["version"] == "1"
+        assert dep["models"] == [
+            {"id": "finetuned", "root": "models:/arenaflow-chat/1", "alias_of": None},
+            {"id": "base", "root": dep["models"][1]["root"], "alias_of": None},
+            {"id": "arenaflow-chat", "root": "models:/arenaflow-chat/1", "alias_of": "finetuned"},
+        ]
+        served = OmegaConf.to_container(OmegaConf.load(read_state(cfg).config_path))
+        assert served["serve"]["models_from"] is None, "the set is fixed at deployment time"
+        assert [m["name"] for m in served["serve"]["models"]] == ["finetuned", "base"]
+        assert _chat(dep["url"])  # the champion's name answers
+        base = dep["url"].removesuffix("/v1")
+        ready = httpx.get(f"{base}/ready").json()
+        assert ready["model"] == "finetuned" and ready["version"] == "1"
+        assert [m["id"] for m in ready["models"]] == ["finetuned", "base"]
+        page = httpx.get(f"{base}/arena")
+        assert page.status_code == 200 and '"n_models": 2' in page.text
+        meta = result.asset_materializations_for_node("serving_deployment")[0].metadata
+        assert "| arenaflow-chat | finetuned |" in meta["served_models"].value
+    finally:
+        undeploy(cfg)
+
+
+def test_deployment_refuses_a_served_set_that_reuses_the_champion_name(
+    overrides: list[str], tiny_model_dir: Path
+) -> None:
+    overrides = [*overrides, f"serve.models=[{{name: arenaflow-chat, uri: {tiny_model_dir}}}]"]
+    result = _roll(overrides, dg.DagsterInstance.ephemeral(), tiny_model_dir)
+    assert not result.success
+    text = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "served_model_name='arenaflow-chat' is also the name of a model" in text
+    assert read_state(compose_config(overrides)) is None, "nothing was started"

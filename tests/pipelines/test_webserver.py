@@ -135,7 +135,9 @@ def test_asset_graph_page_renders_in_chromium(webserver, tmp_path) -> None:
     assert shot.exists() and shot.stat().st_size > 10_000  # a rendered page, not a blank one
     assert "Something went wrong" not in dom and "Error" not in dom[:2000]
     groups = {a.group_names_by_key[k] for a in defs.assets for k in a.keys}
-    assert all(f">{g}<" in dom for g in groups), f"asset groups missing from the lineage page: {groups}"
+    assert all(f">{g}<" in dom for g in groups), (
+        f"asset groups missing from the lineage page: {groups}"
+    )
     catalog = subprocess.run(
         [*common, "--dump-dom", f"{webserver}/assets"],
         capture_output=True,

@@ -49,7 +49,9 @@ def two_models(a: Path, b: Path) -> str:
 @pytest.fixture(scope="module")
 def multi(serve_cfg_factory, tiny_model_dir, tiny_model_dir_b, serve_engine, engine_b):
     """(server, app) serving tiny-a (the shared engine) and tiny-b (another seed)."""
-    cfg = serve_cfg_factory(two_models(tiny_model_dir, tiny_model_dir_b))
+    cfg = serve_cfg_factory(
+        two_models(tiny_model_dir, tiny_model_dir_b), "serve.aliases={house: tiny-b}"
+    )
     app = create_app(cfg, engines={"tiny-a": serve_engine, "tiny-b": engine_b})
     with live_server(app, cfg) as srv:
         yield srv, app
@@ -67,11 +69,15 @@ def greedy(engine: Engine, content: str, max_tokens: int) -> str:
 
 def test_models_lists_every_model_with_its_card(client: OpenAI, tiny_model_dir_b: Path) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny-a", "tiny-b"]
+    assert [m.id for m in models] == ["tiny-a", "tiny-b", "house"]
     card = client.models.retrieve("tiny-b").model_dump()
     assert card["id"] == "tiny-b" and card["lineage"] == {"checkpoint": str(tiny_model_dir_b)}
     # the checkpoint folder is an alias of the model
     assert client.models.retrieve(str(tiny_model_dir_b)).id == "tiny-b"
+    # so is serve.aliases' `house`, listed with its parent
+    house = client.models.retrieve("house").model_dump()
+    assert house["id"] == "house" and house["parent"] == "tiny-b"
+    assert house["lineage"] == card["lineage"]
 
 
 def test_state_exposes_one_slot_per_model(multi, serve_engine: Engine, engine_b: Engine) -> None:
@@ -99,14 +105,18 @@ def test_each_model_answers_with_its_own_weights_and_batcher(
         )
         assert outs[name].model == name
     assert outs["tiny-a"].choices[0].message.content == greedy(serve_engine, QUESTION, 6)
+    aliased = client.chat.completions.create(
+        model="house", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=6
+    )
+    assert aliased.choices[0].message.content == greedy(engine_b, QUESTION, 6)
     assert outs["tiny-b"].choices[0].message.content == greedy(engine_b, QUESTION, 6)
     first = {n: o.choices[0].logprobs.content[0] for n, o in outs.items()}
     assert (first["tiny-a"].token, first["tiny-a"].logprob) != (
         first["tiny-b"].token,
         first["tiny-b"].logprob,
     ), "different weights must give different first-token distributions"
-    for name in ("tiny-a", "tiny-b"):
-        assert state.models[name].scheduler.stats()["completed"] == before[name] + 1
+    assert state.models["tiny-a"].scheduler.stats()["completed"] == before["tiny-a"] + 1
+    assert state.models["tiny-b"].scheduler.stats()["completed"] == before["tiny-b"] + 2
     text = srv.metrics()
     assert 'arenaflow_scheduler_completed_total{model="tiny-b"}' in text
     assert 'arenaflow_generation_tokens_total{model="tiny-a"}' in text
@@ -238,6 +248,13 @@ def test_duplicate_and_malformed_models_are_refused(
     one = serve_cfg_factory(f"serve.models=[{{name: m, uri: {tiny_model_dir}}}]")
     with pytest.raises(ServeConfigError, match="not served models"):
         create_app(one, engines={"other": serve_engine})
+    models = two_models(tiny_model_dir, tiny_model_dir)
+    for aliases, message in [
+        ("{tiny-a: tiny-b}", "'tiny-a' is already a served model name"),
+        ("{house: tiny-c}", "'house' points to 'tiny-c', which is not served"),
+    ]:
+        with pytest.raises(ServeConfigError, match=message):
+            create_app(serve_cfg_factory(models, f"serve.aliases={aliases}"))
     bad = serve_cfg_factory("serve.memory_headroom=1.5")
     with pytest.raises(ServeConfigError, match="memory_headroom must be in"):
         preflight(bad)

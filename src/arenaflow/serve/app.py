@@ -48,6 +48,7 @@ from arenaflow.serve.loading import (
     ServedModel,
     describe_engine,
     load_engine,
+    model_aliases,
     model_specs,
     resolve_served_model,
 )
@@ -160,6 +161,8 @@ def create_app(
     state = ServeState(cfg=cfg, metrics=ServeMetrics(lambda: state.stats()), api_keys=[])
     state.api_keys = api_keys_from_cfg(cfg)
     state.specs = specs
+    explicit_aliases = model_aliases(cfg, specs)  # serve.aliases
+    state.aliases = dict(explicit_aliases)  # they win over the automatic ones (URIs, versions)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -255,11 +258,19 @@ def create_app(
     async def list_models() -> dict[str, Any]:
         if not state.ready:
             raise APIError(503, "the models are still loading; retry when /ready answers 200")
-        return {"object": "list", "data": [s.served.card for s in state.models.values()]}
+        cards = [s.served.card for s in state.models.values()]
+        cards += [
+            {**state.models[t].served.card, "id": a, "parent": t}
+            for a, t in explicit_aliases.items()
+        ]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
     async def get_model(model: str) -> dict[str, Any]:
-        return state.slot(model).served.card
+        card = state.slot(model).served.card
+        if model in explicit_aliases:
+            return {**card, "id": model, "parent": explicit_aliases[model]}
+        return card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest) -> Any:

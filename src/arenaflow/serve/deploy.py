@@ -169,6 +169,39 @@ def _log_tail(path: str, chars: int = 3000) -> str:
         return ""
 
 
+def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
+    """With `serve.models` / `serve.models_from`, the models the deployed server hosts beside the champion.
+
+    The set is resolved here, once (`models_from: competitors` becomes a fixed `serve.models`
+    list, so a version registered later does not slip in on a restart), with the champion first
+    under `serve.served_model_name` (its `/ready` version is the deployment's version). When a
+    listed model is the champion itself (same URI), the champion name becomes an alias of it
+    and the weights load once. Without a model set the server hosts the champion alone ({}).
+    """
+    from arenaflow.serve.loading import model_specs
+
+    if not (cfg.serve.get("models") or cfg.serve.get("models_from")):
+        return {}
+    name = str(cfg.serve.served_model_name)
+    specs = model_specs(cfg)
+    if any(s.name == name for s in specs):
+        raise DeploymentError(
+            f"serve.served_model_name={name!r} is also the name of a model in the served set "
+            f"({[s.name for s in specs]}); the deployment serves the champion under that name, "
+            "so give it another one"
+        )
+    same = [s for s in specs if s.uri == model_uri]
+    if same:
+        first, rest, aliases = same[0], [s for s in specs if s is not same[0]], {name: same[0].name}
+        models = [{"name": first.name, "uri": first.uri}]
+    else:
+        rest, aliases = specs, {}
+        models = [{"name": name, "uri": model_uri}]
+    models += [{"name": s.name, "uri": s.uri} for s in rest]
+    aliases.update({str(k): str(v) for k, v in (cfg.serve.get("aliases") or {}).items()})
+    return {"models": models, "models_from": None, "aliases": aliases}
+
+
 def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
     """Launch `python -m arenaflow.serve.launch <config>` detached and wait until it is ready."""
     from arenaflow.serve.app import api_keys_from_cfg
@@ -183,6 +216,7 @@ def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container["serve"].update({"model_uri": model_uri, "host": host, "port": port, "api_keys": []})
+    container["serve"].update(served_set(cfg, model_uri))
     config_path = run_dir / "config.yaml"
     # secrets stay out of the file: keys reach the server through its environment
     config_path.write_text(
@@ -310,12 +344,17 @@ def deploy(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     write_state(cfg, new)
     if old is not None:
         stop_server(old, float(cfg.serve.deploy.stop_timeout_s))
-    card = httpx.get(f"{new.url}/models", timeout=10, headers=_auth(cfg)).json()["data"][0]
+    cards = httpx.get(f"{new.url}/models", timeout=10, headers=_auth(cfg)).json()["data"]
+    name = str(cfg.serve.served_model_name)
+    card = next((c for c in cards if c["id"] == name), cards[0])
     return {
         **asdict(new),
         "previous": asdict(old) if old else None,
         "smoke": smoke,
         "card": card,
+        "models": [
+            {"id": c["id"], "root": c.get("root"), "alias_of": c.get("parent")} for c in cards
+        ],
     }
 
 

@@ -93,6 +93,34 @@ def model_specs(cfg: DictConfig) -> list[ModelSpec]:
     return specs
 
 
+def model_aliases(cfg: DictConfig, specs: list[ModelSpec]) -> dict[str, str]:
+    """`serve.aliases`: other ids clients may send (`{alias: served name}`), validated against `specs`.
+
+    The deployment uses one to serve the champion under `serve.served_model_name` when the champion
+    is also one of the served competitors, so its weights load once.
+    """
+    raw = cfg.serve.get("aliases") or {}
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(raw, dict):
+        raise ServeConfigError("serve.aliases must map an alias to a served model name")
+    names = [s.name for s in specs]
+    aliases: dict[str, str] = {}
+    for alias, target in raw.items():
+        alias, target = str(alias), str(target)
+        if alias in names:
+            raise ServeConfigError(
+                f"serve.aliases: {alias!r} is already a served model name; an alias needs its own id"
+            )
+        if target not in names:
+            raise ServeConfigError(
+                f"serve.aliases: {alias!r} points to {target!r}, which is not served (served: "
+                f"{names})"
+            )
+        aliases[alias] = target
+    return aliases
+
+
 def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
     """The local competitors of eval.competitors; remote ones are served by their own servers."""
     from arenaflow.evaluate.competitors import parse_competitors, resolve_local_ref
