@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -56,7 +55,7 @@ from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
 from arenaflow.serve.metrics import ServeMetrics, batch_sampler
 from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
 from arenaflow.serve.slots import ModelSlot
-from arenaflow.serve.streams import merge_streams
+from arenaflow.serve.streams import merge_streams, sse_event
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +491,7 @@ class _Generation:
         try:
             if chat:
                 for j in range(n):
-                    yield _sse(
+                    yield sse_event(
                         self._chunk(
                             [
                                 {
@@ -508,7 +507,7 @@ class _Generation:
             async for i, item in stream:
                 if isinstance(item, Exception):
                     log.error("stream failed: %s", item)
-                    yield _sse(error_body(500, f"generation failed: {item}"))
+                    yield sse_event(error_body(500, f"generation failed: {item}"))
                     return
                 ev: StreamEvent = item
                 if self.first_token_at is None and ev.token_id is not None:
@@ -521,10 +520,12 @@ class _Generation:
                     completion_tokens += ev.completion_tokens or 0
                 if ev.text or ev.logprob is not None or ev.finish_reason:
                     index = ev.index if chat else i * n + ev.index
-                    yield _sse(self._chunk([self._choice_delta(ev, index, chat)], extra))
+                    yield sse_event(self._chunk([self._choice_delta(ev, index, chat)], extra))
             self.state.metrics.observe_usage(self.model, prompt_tokens, completion_tokens)
             if include_usage:
-                yield _sse(self._chunk([], {"usage": _usage(prompt_tokens, completion_tokens)}))
+                yield sse_event(
+                    self._chunk([], {"usage": _usage(prompt_tokens, completion_tokens)})
+                )
             yield "data: [DONE]\n\n"
         finally:
             await stream.aclose()
@@ -572,10 +573,6 @@ async def _mapped(aw: Awaitable[Any]) -> Any:
         raise APIError(400, str(e), code="invalid_value") from e
     except RuntimeError as e:
         raise APIError(503, f"the server could not finish the request: {e}") from e
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

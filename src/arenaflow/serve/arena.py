@@ -42,7 +42,7 @@ from arenaflow.engine import (
     StreamEvent,
 )
 from arenaflow.serve.errors import APIError, error_body
-from arenaflow.serve.streams import merge_streams
+from arenaflow.serve.streams import merge_streams, sse_event
 
 if TYPE_CHECKING:
     from arenaflow.serve.app import ServeState
@@ -440,20 +440,22 @@ class Arena:
             async for side, item in stream:
                 if isinstance(item, Exception):
                     log.error("arena generation failed: %s", item)
-                    yield _sse(error_body(503, f"generation failed: {item}; send the prompt again"))
+                    yield sse_event(
+                        error_body(503, f"generation failed: {item}; send the prompt again")
+                    )
                     return
                 if item.text:
                     texts[side] += item.text
-                    yield _sse({"side": SIDES[side], "text": item.text})
+                    yield sse_event({"side": SIDES[side], "text": item.text})
                 if item.finish_reason:
-                    yield _sse({"side": SIDES[side], "finish_reason": item.finish_reason})
+                    yield sse_event({"side": SIDES[side], "finish_reason": item.finish_reason})
             for i in range(2):
                 battle.conversations[i][:] = [
                     *messages[i],
                     {"role": "assistant", "content": texts[i]},
                 ]
             battle.turns += 1
-            yield _sse({"done": True, "turn": battle.turns})
+            yield sse_event({"done": True, "turn": battle.turns})
         finally:
             battle.streaming = False
             await stream.aclose()
@@ -559,10 +561,6 @@ async def _mapped(aw: Any) -> Any:
         raise APIError(400, str(e), code="invalid_value") from e
     except RuntimeError as e:
         raise APIError(503, f"the server could not answer: {e}") from e
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 @functools.cache

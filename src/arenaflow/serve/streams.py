@@ -2,7 +2,9 @@
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from arenaflow.engine import StreamEvent
 
@@ -44,3 +46,8 @@ async def merge_streams(opened: Opened) -> AsyncIterator[tuple[int, StreamEvent 
         for it, _ in opened:
             with contextlib.suppress(Exception):
                 await it.aclose()  # type: ignore[attr-defined]
+
+
+def sse_event(obj: dict[str, Any]) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
