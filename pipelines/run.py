@@ -118,33 +118,53 @@ def report(
     lines += [f"  {k:<36} {v}" for k, v in timings.items()]
     clean = _value(defs, instance, "sharegpt_clean") or {}
     if clean:
+        dropped = clean.get("dropped") or {}
         lines += [
             "",
-            f"data: input {clean.get('input')}, kept {clean.get('kept')}, dropped {clean.get('dropped')}",
+            f"data: {clean.get('input')} conversations in, {clean.get('kept')} kept, "
+            f"{sum(dropped.values())} dropped{_reasons(dropped)}",
         ]
-    sft = _value(defs, instance, "sft_dataset") or {}
+    sft = (_value(defs, instance, "sft_dataset") or {}).get("counts") or {}
     if sft:
-        lines.append(f"sft dataset: {sft.get('counts')}")
+        lines.append(
+            f"sft dataset: {sft.get('examples')} examples (train {sft.get('train')}, validation "
+            f"{sft.get('validation')}) from {sft.get('kept')} conversations"
+            f"{_reasons(sft.get('dropped') or {}, 'not used')}"
+        )
     ft = _value(defs, instance, "finetuned_model") or {}
     if ft:
-        lines.append(
-            f"training: final loss {ft.get('final_loss')}, model {ft.get('model_uri') or ft.get('path')}"
-        )
+        loss = ft.get("final_loss")
+        loss = f"{loss:.4f}" if isinstance(loss, int | float) else "-"
+        lines.append(f"training: final loss {loss}, model {ft.get('model_uri') or ft.get('path')}")
     scores = (_value(defs, instance, "mt_bench_scores") or {}).get("scores") or {}
     if scores:
-        lines += [
-            "",
-            "MT-bench (judge scores 1-10):",
-            f"  {'model':<16}{'turn 1':>8}{'turn 2':>8}{'avg':>8}",
-        ]
-        for m, s in scores.items():
-            lines.append(
-                f"  {m:<16}{_f(s.get('turn1')):>8}{_f(s.get('turn2')):>8}{_f(s.get('average')):>8}"
-            )
+        lines += ["", "MT-bench (judge scores 1-10):"]
+        lines += _table(
+            [
+                [m, _f(s.get("turn1")), _f(s.get("turn2")), _f(s.get("average"))]
+                for m, s in scores.items()
+            ],
+            ["model", "turn 1", "turn 2", "avg"],
+        )
     board = (_value(defs, instance, "leaderboard") or {}).get("rows") or []
     if board:
-        lines += ["", "leaderboard:"]
-        lines += [f"  {r}" for r in board]
+        lines += ["", "leaderboard (Bradley-Terry, 95% bootstrap CI; W/T/L in judged battles):"]
+        human = any(r.get("human_battles") for r in board)
+        rows = []
+        for r in board:
+            row = [
+                str(r.get("rank")),
+                str(r.get("model")),
+                _f(r.get("rating"), 1),
+                f"[{_f(r.get('ci_lower'), 1)}, {_f(r.get('ci_upper'), 1)}]",
+                _f(r.get("mt_bench")),
+                f"{r.get('wins', 0)}/{r.get('ties', 0)}/{r.get('losses', 0)}",
+            ]
+            if human:
+                row.append(_f(r.get("human_rating"), 1))
+            rows.append(row)
+        head = ["rank", "model", "rating", "CI", "MT-bench", "W/T/L"]
+        lines += _table(rows, head + (["human"] if human else []), left=2)
     champ = _value(defs, instance, "champion_model") or {}
     if champ:
         lines.append(
@@ -159,6 +179,13 @@ def report(
             f"  curl {url}/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{dep.get("model_name", "arenaflow-chat")}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
         ]
+        served = dep.get("models") or []
+        if len(served) > 1:
+            names = [
+                f"{m['id']} (= {m['alias_of']})" if m.get("alias_of") else m["id"] for m in served
+            ]
+            arena = url.removesuffix("/v1") + "/arena"
+            lines.append(f"  serves {', '.join(names)}; side-by-side battles at {arena}")
     lines += [
         "",
         "Dagster UI: make dev     (http://127.0.0.1:3000, the same instance)",
@@ -169,8 +196,32 @@ def report(
     return "\n".join(lines)
 
 
-def _f(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, int | float) else "-"
+def _f(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, int | float) else "-"
+
+
+def _reasons(counts: dict[str, int], what: str = "") -> str:
+    """` (reason n, ...)` by count, largest first; empty when nothing was dropped."""
+    if not counts:
+        return ""
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f" ({what + ': ' if what else ''}{parts})"
+
+
+def _table(rows: list[list[str]], head: list[str], left: int = 1) -> list[str]:
+    """Aligned text columns: the first `left` left-aligned, the others right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "  "
+            + "  ".join(
+                f"{c:<{w}}" if i < left else f"{c:>{w}}"
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+
+    return [line(head), *(line(r) for r in rows)]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -91,3 +91,82 @@ def test_report_prints_a_curl_line_that_hits_the_endpoint(tmp_path) -> None:
     assert "endpoint: http://127.0.0.1:8123/v1" in text
     assert "curl http://127.0.0.1:8123/v1/chat/completions " in text
     assert "/v1/v1" not in text
+
+
+def test_report_reads_as_tables(tmp_path) -> None:
+    """Counts by reason, a rounded loss, aligned MT-bench and leaderboard tables, the served set."""
+    values = {
+        "sharegpt_clean": {"input": 10, "kept": 7, "dropped": {"too_short": 1, "wrong_format": 2}},
+        "sft_dataset": {
+            "counts": {"examples": 9, "train": 8, "validation": 1, "kept": 7, "dropped": {}}
+        },
+        "finetuned_model": {"final_loss": 1.234567891, "model_uri": "models:/m/2"},
+        "mt_bench_scores": {
+            "scores": {"finetuned": {"turn1": 6.5, "turn2": 5.0, "average": 5.75}, "base": {}}
+        },
+        "leaderboard": {
+            "rows": [
+                {
+                    "rank": 1,
+                    "model": "finetuned",
+                    "rating": 1012.34,
+                    "ci_lower": 990.0,
+                    "ci_upper": 1040.5,
+                    "mt_bench": 5.75,
+                    "wins": 3,
+                    "ties": 1,
+                    "losses": 0,
+                    "human_rating": 1005.0,
+                    "human_battles": 4,
+                },
+                {
+                    "rank": 2,
+                    "model": "base",
+                    "rating": 987.66,
+                    "ci_lower": 960.0,
+                    "ci_upper": 1010.0,
+                    "mt_bench": None,
+                    "wins": 0,
+                    "ties": 1,
+                    "losses": 3,
+                },
+            ]
+        },
+        "serving_deployment": {
+            "url": "http://127.0.0.1:8123/v1",
+            "pid": 1,
+            "model_uri": "models:/m/2",
+            "models": [
+                {"id": "finetuned", "alias_of": None},
+                {"id": "base", "alias_of": None},
+                {"id": "arenaflow-chat", "alias_of": "finetuned"},
+            ],
+        },
+    }
+
+    def make(name: str, value: dict) -> dg.AssetsDefinition:
+        @dg.asset(name=name)
+        def _asset() -> dict:
+            return value
+
+        return _asset
+
+    assets = [make(k, v) for k, v in values.items()]
+    defs = dg.Definitions(assets=assets)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert dg.materialize(assets, instance=instance).success
+        text = driver.report(defs, instance, {}, 0.1)
+    lines = text.splitlines()
+    assert "data: 10 conversations in, 7 kept, 3 dropped (wrong_format 2, too_short 1)" in lines
+    assert "sft dataset: 9 examples (train 8, validation 1) from 7 conversations" in lines
+    assert "training: final loss 1.2346, model models:/m/2" in lines
+    assert "  model      turn 1  turn 2   avg" in lines
+    assert "  finetuned    6.50    5.00  5.75" in lines
+    assert "  base            -       -     -" in lines
+    head = lines.index("  rank  model      rating               CI  MT-bench  W/T/L   human")
+    assert lines[head + 1] == "  1     finetuned  1012.3  [990.0, 1040.5]      5.75  3/1/0  1005.0"
+    assert lines[head + 2] == "  2     base        987.7  [960.0, 1010.0]         -  0/1/3       -"
+    assert (
+        "  serves finetuned, base, arenaflow-chat (= finetuned); side-by-side battles at "
+        "http://127.0.0.1:8123/arena" in lines
+    )
