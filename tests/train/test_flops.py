@@ -32,3 +32,21 @@ def test_configured_peak_wins_and_gpu_needs_one() -> None:
     assert flops.peak_flops(hw) == (989e12, "config")
     with pytest.raises(ValueError, match="peak_tflops is null"):
         flops.peak_flops(OmegaConf.create({"accelerator": "gpu", "peak_tflops": None}))
+
+
+def test_train_flops_counts_the_head_only_where_it_runs() -> None:
+    from arenaflow.train.flops import ModelShape, train_flops
+
+    shape = ModelShape(
+        n_params=1_100,
+        n_matmul_params=1_000,
+        n_layers=2,
+        hidden_size=4,
+        vocab_size=50,  # head: 200 of the 1000 matmul parameters
+        n_heads=1,
+        intermediate_size=8,
+    )
+    attention = 12.0 * 2 * 4 * 100
+    assert train_flops(shape, 10, 100) == 6.0 * 1_000 * 10 + attention
+    # the head on 3 of the 10 tokens: 800 body parameters x 10 + 200 head parameters x 3
+    assert train_flops(shape, 10, 100, head_tokens=3) == 6.0 * (800 * 10 + 200 * 3) + attention

@@ -8,7 +8,7 @@ import torch
 from arenaflow.data.sft import IGNORE_INDEX, encode_conversation
 from arenaflow.train.data import Collator, RankBatchSampler, SFTDataModule, pack_examples
 from arenaflow.train.flops import model_shape
-from arenaflow.train.module import ChatLM, forward_logits, token_loss_sum
+from arenaflow.train.module import ChatLM, forward_logits, labelled_loss_sum, token_loss_sum
 from arenaflow.train.preflight import MemoryPreflightError, check_memory
 from arenaflow.train.recipe import accumulation, batch_layout
 
@@ -80,6 +80,37 @@ def test_packing_gives_the_same_loss_as_unpacked(sft_dir, tiny_model_dir, tiny_t
     assert int(n1) == int(n2) > 0
     assert float(s2 / n2) == pytest.approx(float(s1 / n1), abs=1e-4)
     assert abs(float(s3 - s1)) > 1e-3
+
+
+def test_head_only_on_labelled_positions_gives_the_same_loss_and_gradients(
+    sft_dir, tiny_model_dir, tiny_tokenizer
+) -> None:
+    """The training loss projects only labelled positions onto the vocabulary; it must equal the
+    full-logits loss (value and gradients), padded and packed, and leave the model as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = _examples(sft_dir, packing=False).datasets["train"].examples[:6]
+    pad = tiny_tokenizer.pad_token_id
+    padded = Collator(pad, packed=False)([[e] for e in examples])
+    rows = pack_examples([len(e[0]) for e in examples], 256, seed=0)
+    packed = Collator(pad, packed=True)([[examples[i] for i in row] for row in rows])
+    for batch in (padded, packed):
+        labelled = int((batch["labels"][:, 1:] != -100).sum())
+        assert 0 < labelled < batch["input_ids"].numel()  # some positions are skipped
+        model.zero_grad()
+        s_full, n_full = token_loss_sum(forward_logits(model, batch), batch["labels"])
+        s_full.backward()
+        full = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad()
+        s_head, n_head = labelled_loss_sum(model, batch)
+        s_head.backward()
+        assert int(n_head) == int(n_full) == labelled
+        assert float(s_head) == pytest.approx(float(s_full), rel=1e-5)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, full[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the hook is gone: a plain forward gives logits for every position again
+    assert forward_logits(model, padded).shape[:2] == padded["input_ids"].shape
 
 
 def test_tiny_model_overfits_a_repeated_batch(sft_dir, tiny_model_dir, tiny_tokenizer) -> None:

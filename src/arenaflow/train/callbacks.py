@@ -71,7 +71,8 @@ class StepMetrics(L.Callback):
         t = trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu().tolist()
         loss_sum, micro, trained, inputs, attn_sq, dt_sum = t
         dt = dt_sum / trainer.world_size
-        flops = train_flops(self.shape, int(inputs), int(attn_sq))
+        # the head runs only on labelled positions (module.labelled_loss_sum)
+        flops = train_flops(self.shape, int(inputs), int(attn_sq), head_tokens=int(trained))
         row = {
             "step": trainer.global_step,
             "loss": loss_sum / max(micro, 1),

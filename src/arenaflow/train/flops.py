@@ -57,10 +57,18 @@ def model_shape(config: Any) -> ModelShape:
     )
 
 
-def train_flops(shape: ModelShape, tokens: int, attn_sq: int) -> float:
-    """Forward+backward FLOPs for `tokens` non-padding tokens whose samples' squared lengths sum to `attn_sq`."""
+def train_flops(
+    shape: ModelShape, tokens: int, attn_sq: int, head_tokens: int | None = None
+) -> float:
+    """Forward+backward FLOPs for `tokens` non-padding tokens whose samples' squared lengths sum to
+    `attn_sq`; the output head (hidden x vocab) runs on `head_tokens` of them (default all: a
+    recipe that projects only the labelled positions onto the vocabulary does less work)."""
+    head = shape.hidden_size * shape.vocab_size
+    head_tokens = tokens if head_tokens is None else head_tokens
     return (
-        6.0 * shape.n_matmul_params * tokens + 12.0 * shape.n_layers * shape.hidden_size * attn_sq
+        6.0 * (shape.n_matmul_params - head) * tokens
+        + 6.0 * head * head_tokens
+        + 12.0 * shape.n_layers * shape.hidden_size * attn_sq
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,43 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[rows, T] bool: the positions whose next token is labelled (the ones the loss reads)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+@contextmanager
+def head_only_at(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Run the output head (lm_head) only on the hidden states where `mask` is true.
+
+    A forward pre-hook selects those rows, so the logits come out as [mask.sum(), vocab]: the
+    vocabulary projection, its backward and the cross-entropy skip prompt and padding positions.
+    The hook sits inside the root's forward, so FSDP2's all-gather of the head still applies, and
+    the module tree (and so the checkpoint) is unchanged.
+    """
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][mask], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def labelled_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_loss_sum` of the model on `batch`, with logits computed only where a label is."""
+    labels = batch["labels"]
+    mask = labelled_positions(labels)
+    with head_only_at(model, mask):
+        logits = forward_logits(model, batch)
+    targets = labels[:, 1:][mask[:, :-1]]
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return total, torch.tensor(targets.numel(), device=labels.device)
 
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,7 +181,7 @@ class ChatLM(L.LightningModule):
         self.sharding = sharding_summary(model)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n = token_loss_sum(forward_logits(self.model, batch), batch["labels"])
+        loss_sum, n = labelled_loss_sum(self.model, batch)
         loss = loss_sum / n.clamp(min=1)
         self.step_loss_sum += float(loss.detach())
         self.step_micro_batches += 1
@@ -159,7 +198,7 @@ class ChatLM(L.LightningModule):
         self.last_grad_norm = float(norm)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n = token_loss_sum(forward_logits(self.model, batch), batch["labels"])
+        loss_sum, n = labelled_loss_sum(self.model, batch)
         self.val_sum += float(loss_sum)
         self.val_count += int(n)
 
