@@ -3,8 +3,9 @@
 Usage: python -m pipelines.run experiment=demo [more Hydra overrides]
 
 Assets run in dependency order; a partitioned asset (mt_bench_answers) runs one partition per
-competitor. An asset whose code version, resolved config and upstream fingerprints are unchanged
-since its last successful materialization is reused, so a second `make run` is fast. Everything
+competitor. An asset whose code version, resolved config (the sections its stage can read) and
+upstream fingerprints are unchanged since its last successful materialization is reused, so a
+second `make run` is fast and `serve.*` overrides do not retrain. Everything
 lands in $DAGSTER_HOME (the same instance `make dev` shows) and in the project's MLflow store.
 """
 
@@ -24,6 +25,22 @@ from pipelines.resources import HydraConfigResource, redact_overrides
 
 FINGERPRINT_TAG = "arenaflow/fingerprint"
 ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always check/roll it
+# Top-level config sections that no asset of a group reads (they belong to later stages or to
+# the terminal chat); every other section, resolved, is part of the group's fingerprint. Groups
+# not listed here hash the whole config.
+UNUSED_SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("chat", "serve", "rating", "judge", "eval"),
+    "train": ("chat", "serve", "rating", "judge", "eval"),
+    "evaluate": ("chat", "serve", "rating", "train"),  # evaluate holds the judge's assets too
+    "rating": ("chat", "train", "data"),  # serve stays: the vote store is serve.arena.db_url
+    "serve": ("chat", "train", "judge", "rating"),
+}
+
+
+def group_config_hash(cfg: Any, group: str | None) -> str:
+    """Hash of the resolved config sections an asset of `group` can depend on."""
+    unused = UNUSED_SECTIONS.get(group or "", ())
+    return config_hash(cfg, *[k for k in cfg if k not in unused])
 
 
 def toposort(
@@ -71,11 +88,12 @@ def materialize_all(overrides: list[str], instance: dg.DagsterInstance) -> dict[
     defs = build_definitions()
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
     resources = {"hydra": HydraConfigResource(overrides=overrides)}
-    cfg_hash = config_hash(compose_config(overrides))
+    cfg = compose_config(overrides)
     fps: dict[dg.AssetKey, str] = {}
     timings: dict[str, str] = {}
     for key, asset in toposort(assets):
         upstream = [fps[d] for d in asset.asset_deps.get(key, ()) if d in fps]
+        cfg_hash = group_config_hash(cfg, asset.group_names_by_key.get(key))
         fps[key] = fp = fingerprint(key, asset, cfg_hash, upstream)
         partitions = asset.partitions_def.get_partition_keys() if asset.partitions_def else [None]
         name = key.to_user_string()

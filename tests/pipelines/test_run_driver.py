@@ -10,7 +10,7 @@ CALLS: list[str] = []
 parts = dg.StaticPartitionsDefinition(["a", "b"])
 
 
-@dg.asset(code_version="1")
+@dg.asset(code_version="1", group_name="data")
 def upstream(
     context: dg.AssetExecutionContext, hydra: HydraConfigResource, config: StageConfig
 ) -> dict:
@@ -19,13 +19,13 @@ def upstream(
     return {"limit": cfg.data.limit}
 
 
-@dg.asset(code_version="1", partitions_def=parts)
+@dg.asset(code_version="1", partitions_def=parts, group_name="evaluate")
 def per_competitor(context: dg.AssetExecutionContext, upstream: dict) -> dict:
     CALLS.append(f"per_competitor[{context.partition_key}]")
     return {"p": context.partition_key, "limit": upstream["limit"]}
 
 
-@dg.asset(code_version="1")
+@dg.asset(code_version="1", group_name="serve")
 def summary(per_competitor: dict) -> dict:
     CALLS.append("summary")
     return {"keys": sorted(per_competitor)}
@@ -59,8 +59,17 @@ def test_driver_runs_in_order_then_reuses(fake_graph, tmp_path, af_home) -> None
         assert CALLS == [] and set(again["timings"].values()) == {"reused"}
 
         CALLS.clear()  # a changed override invalidates everything downstream of the config
-        driver.materialize_all([*overrides[:-1], "data.limit=12"], instance)
+        overrides = [*overrides[:-1], "data.limit=12"]
+        driver.materialize_all(overrides, instance)
         assert CALLS == ["upstream", "per_competitor[a]", "per_competitor[b]", "summary"]
+
+        CALLS.clear()  # serve.* reaches only the serve group
+        driver.materialize_all([*overrides, "serve.port=8123"], instance)
+        assert CALLS == ["summary"]
+
+        CALLS.clear()  # judge.* reaches evaluate (which holds the judge's assets) and later stages
+        driver.materialize_all([*overrides, "serve.port=8123", "judge.max_tokens=3"], instance)
+        assert CALLS == ["per_competitor[a]", "per_competitor[b]", "summary"]
         text = driver.report(fake_graph, instance, out["timings"], 1.0)
         assert "make dev" in text and "per_competitor[a]" in text
 
