@@ -15,8 +15,10 @@ from arenaflow import io
 from arenaflow.config import REPO_ROOT
 from arenaflow.plots import line, to_png
 from arenaflow.train import plan, resolve_base
+from arenaflow.train.reporting import REPORTER_ENV
 from pipelines.metadata import md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+from pipelines.train_pipes import REPORTER as PIPES_REPORTER
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "train"}
@@ -92,7 +94,9 @@ def finetuned_model(
     command = [sys.executable, "-m", "arenaflow.train", *hydra.overrides, *stage.overrides]
     context.log.info(f"launching: {' '.join(command)}")
     invocation = dg.PipesSubprocessClient(cwd=str(REPO_ROOT)).run(
-        command=command, context=context, env={"PYTHONUNBUFFERED": "1"}
+        command=command,
+        context=context,
+        env={"PYTHONUNBUFFERED": "1", REPORTER_ENV: PIPES_REPORTER},
     )
     reported = invocation.get_materialize_result().metadata or {}
     result = io.read_json(str(Path(p.out_dir) / "result.json"))

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from arenaflow.train.recipe import TrainPlan
+from arenaflow.train.reporting import REPORTER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def launch_ranks(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None]) -> 
         "arenaflow.train.worker",
         str(cfg_path),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_PIPES_CONTEXT"}
+    env = {k: v for k, v in os.environ.items() if k != REPORTER_ENV}  # this process reports
     env.setdefault(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(cfg.hardware.devices)))
     )
