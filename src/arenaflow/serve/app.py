@@ -163,6 +163,11 @@ def create_app(
     explicit_aliases = model_aliases(cfg, specs)  # serve.aliases
     state.aliases = dict(explicit_aliases)  # they win over the automatic ones (URIs, versions)
 
+    def alias_card(alias: str) -> dict[str, Any]:
+        """The card of an alias from serve.aliases: its model's card under the alias's id."""
+        target = explicit_aliases[alias]
+        return {**state.models[target].served.card, "id": alias, "parent": target}
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         resolved = dict(served_models or {})
@@ -258,18 +263,12 @@ def create_app(
         if not state.ready:
             raise APIError(503, "the models are still loading; retry when /ready answers 200")
         cards = [s.served.card for s in state.models.values()]
-        cards += [
-            {**state.models[t].served.card, "id": a, "parent": t}
-            for a, t in explicit_aliases.items()
-        ]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards + [alias_card(a) for a in explicit_aliases]}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
     async def get_model(model: str) -> dict[str, Any]:
-        card = state.slot(model).served.card
-        if model in explicit_aliases:
-            return {**card, "id": model, "parent": explicit_aliases[model]}
-        return card
+        card = state.slot(model).served.card  # 503 while loading, 404 for an unknown id
+        return alias_card(model) if model in explicit_aliases else card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest) -> Any:

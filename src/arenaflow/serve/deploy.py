@@ -178,7 +178,7 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     listed model is the champion itself (same URI), the champion name becomes an alias of it
     and the weights load once. Without a model set the server hosts the champion alone ({}).
     """
-    from arenaflow.serve.loading import model_specs
+    from arenaflow.serve.loading import ModelSpec, model_specs
 
     if not (cfg.serve.get("models") or cfg.serve.get("models_from")):
         return {}
@@ -190,15 +190,14 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
             f"({[s.name for s in specs]}); the deployment serves the champion under that name, "
             "so give it another one"
         )
-    same = [s for s in specs if s.uri == model_uri]
-    if same:
-        first, rest, aliases = same[0], [s for s in specs if s is not same[0]], {name: same[0].name}
-        models = [{"name": first.name, "uri": first.uri}]
+    aliases = {str(k): str(v) for k, v in (cfg.serve.get("aliases") or {}).items()}
+    champion = next((s for s in specs if s.uri == model_uri), None)
+    if champion is None:
+        champion = ModelSpec(name, model_uri, "champion")
     else:
-        rest, aliases = specs, {}
-        models = [{"name": name, "uri": model_uri}]
-    models += [{"name": s.name, "uri": s.uri} for s in rest]
-    aliases.update({str(k): str(v) for k, v in (cfg.serve.get("aliases") or {}).items()})
+        aliases[name] = champion.name
+    ordered = [champion, *(s for s in specs if s is not champion)]
+    models = [{"name": s.name, "uri": s.uri} for s in ordered]
     return {"models": models, "models_from": None, "aliases": aliases}
 
 
