@@ -91,3 +91,27 @@ def test_killed_run_resumes_then_registers_a_tagged_model_version(
     model = AutoModelForCausalLM.from_pretrained(result["path"])
     tied = model.get_output_embeddings().weight
     assert tied.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_every_epoch_draws_a_new_batch_order(af_home, model_cache, sft_dir) -> None:
+    """Two epochs see the same micro-batches (grouped by length) in two different orders."""
+    from arenaflow.config import compose_config
+
+    cfg = compose_config(
+        _overrides(
+            af_home,
+            model_cache,
+            sft_dir,
+            "tracking=none",
+            "train.max_steps=-1",
+            "train.epochs=2",
+            "train.checkpoint_every_n_steps=0",
+            "train.register=false",
+        )
+    )
+    result = run(cfg)
+    history = json.loads((output_dir(cfg) / "result.json").read_text())["history"]
+    assert result["steps"] == len(history) == 12  # 24 rows, 4 per step, 2 epochs
+    epochs = [[(r["input_tokens"], r["trained_tokens"]) for r in history[i : i + 6]] for i in (0, 6)]
+    assert sorted(epochs[0]) == sorted(epochs[1])  # every row once per epoch ...
+    assert epochs[0] != epochs[1]  # ... in a new order

@@ -180,6 +180,13 @@ class ChatLM(L.LightningModule):
         self.model = model
         self.sharding = sharding_summary(model)
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning hands the epoch to a loader's sampler, never to its batch sampler; ours
+        # (data.RankBatchSampler) needs it to draw a new order every epoch
+        batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if callable(getattr(batch_sampler, "set_epoch", None)):
+            batch_sampler.set_epoch(self.current_epoch)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n = labelled_loss_sum(self.model, batch)
         loss = loss_sum / n.clamp(min=1)
