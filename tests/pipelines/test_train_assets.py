@@ -1,8 +1,8 @@
 """Dagster materializations of base_model and finetuned_model on tiny settings.
 
 finetuned_model runs as `hardware=cpu_fsdp`: Pipes starts `python -m arenaflow.train`, which starts
-2 ranks with torchrun; FSDP2 really shards the parameters and the gathered checkpoint loads in
-transformers and generates.
+2 ranks with torchrun; FSDP2 really shards the (compiled) decoder layers and the gathered
+checkpoint loads in transformers and generates.
 """
 
 import json
@@ -63,7 +63,8 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
             run_config=dg.RunConfig(
                 ops={
                     "finetuned_model": StageConfig(
-                        overrides=["hardware=cpu_fsdp", "train.max_steps=3"]
+                        # the Vicuna recipe's compiled decoder layers, under FSDP2
+                        overrides=["hardware=cpu_fsdp", "train.max_steps=3", "train.compile=true"]
                     )
                 }
             ),
@@ -84,6 +85,7 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
         assert value["final_loss"] > 0
         trained = json.loads((Path(value["path"]).parent / "result.json").read_text())
         assert trained["world_size"] == 2 and trained["steps"] == 3
+        assert trained["compiled"] is True
         sharding = trained["sharding"]
         assert sharding["sharded_params"] == sharding["params"] > 0
         assert sharding["local_numel"] < 0.6 * sharding["full_numel"]  # rank 0 holds about half
@@ -93,6 +95,7 @@ def test_materialize_base_and_finetuned_model(af_home, model_cache, tmp_path, mo
         mat = result.asset_materializations_for_node("finetuned_model")[-1]
         md = mat.metadata
         assert md["steps"].value == 3
+        assert md["compiled_layers"].value is True
         assert md["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
         assert 0 < md["mfu"].value < 1
         assert "mlflow_run" in md

@@ -85,8 +85,9 @@ def test_packing_gives_the_same_loss_as_unpacked(sft_dir, tiny_model_dir, tiny_t
 def test_head_only_on_labelled_positions_gives_the_same_loss_and_gradients(
     sft_dir, tiny_model_dir, tiny_tokenizer
 ) -> None:
-    """The training loss projects only labelled positions onto the vocabulary; it must equal the
-    full-logits loss (value and gradients), padded and packed, and leave the model as it was."""
+    """The training loss projects only labelled positions onto the vocabulary and (padded rows)
+    runs without the padding mask; it must equal the masked full-logits loss (value and
+    gradients), padded and packed, and leave the model as it was."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -95,11 +96,20 @@ def test_head_only_on_labelled_positions_gives_the_same_loss_and_gradients(
     padded = Collator(pad, packed=False)([[e] for e in examples])
     rows = pack_examples([len(e[0]) for e in examples], 256, seed=0)
     packed = Collator(pad, packed=True)([[examples[i] for i in row] for row in rows])
+    # right padding: the training forward drops the padding mask and attends causally
+    assert bool((padded["attention_mask"] == 0).any())
+    assert torch.equal(padded["attention_mask"].cummin(dim=1).values, padded["attention_mask"])
     for batch in (padded, packed):
         labelled = int((batch["labels"][:, 1:] != -100).sum())
         assert 0 < labelled < batch["input_ids"].numel()  # some positions are skipped
         model.zero_grad()
-        s_full, n_full = token_loss_sum(forward_logits(model, batch), batch["labels"])
+        if "packed" in batch:
+            logits = forward_logits(model, batch)
+        else:  # reference: the plain model with its padding mask, logits everywhere
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        s_full, n_full = token_loss_sum(logits, batch["labels"])
         s_full.backward()
         full = {k: p.grad.clone() for k, p in model.named_parameters()}
         model.zero_grad()
@@ -111,6 +121,80 @@ def test_head_only_on_labelled_positions_gives_the_same_loss_and_gradients(
             torch.testing.assert_close(param.grad, full[name], rtol=1e-4, atol=1e-6, msg=name)
     # the hook is gone: a plain forward gives logits for every position again
     assert forward_logits(model, padded).shape[:2] == padded["input_ids"].shape
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(
+    sft_dir, tiny_model_dir, tiny_tokenizer
+) -> None:
+    """train.compile: every decoder layer is compiled (dynamic shapes, so a second length reuses
+    the graph), the module tree and checkpoint keys stay as they are, and loss and gradients
+    match the eager model on batches of two different lengths, also under activation
+    checkpointing (the GPU targets run both)."""
+    from arenaflow.train.module import decoder_layers
+
+    opt = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    eager = ChatLM(tiny_model_dir, opt)
+    compiled = [
+        ChatLM(tiny_model_dir, opt, compile=True),
+        ChatLM(tiny_model_dir, opt, compile=True, activation_checkpointing=True),
+    ]
+    for module in (eager, *compiled):
+        module.configure_model()
+    assert not eager.compiled
+    for module in compiled:
+        assert module.compiled
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(module.model))
+        assert list(module.model.state_dict()) == list(eager.model.state_dict())
+    assert compiled[1].model.is_gradient_checkpointing
+    examples = _examples(sft_dir, packing=False).datasets["train"].examples
+    collate = Collator(tiny_tokenizer.pad_token_id, packed=False)
+    batches = [collate([[e] for e in examples[:3]]), collate([[e] for e in examples[3:5]])]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    for batch in batches:
+        for module in (eager, *compiled):
+            module.model.zero_grad()
+            module.step_loss_sum = 0.0
+            module.training_step(batch, 0).backward()
+        for module in compiled:
+            assert module.step_loss_sum == pytest.approx(eager.step_loss_sum, rel=1e-4)
+            for (name, p_e), (_, p_c) in zip(
+                eager.model.named_parameters(), module.model.named_parameters(), strict=True
+            ):
+                torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_tied_embedding_gets_one_dense_gradient_from_a_sparse_lookup(
+    sft_dir, tiny_model_dir, tiny_tokenizer
+) -> None:
+    """The tied matrix's lookup gradient is sparse and lands in the head's dense gradient: the
+    parameter has the plain model's gradient, dense; an untied model keeps dense lookups."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arenaflow.train.module import sparse_tied_embedding_grad
+
+    module = ChatLM(tiny_model_dir, lambda params: torch.optim.AdamW(params, lr=1e-3))
+    module.configure_model()
+    assert module.model.get_input_embeddings().sparse
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert not plain.get_input_embeddings().sparse
+    examples = _examples(sft_dir, packing=False).datasets["train"].examples[:4]
+    batch = Collator(tiny_tokenizer.pad_token_id, packed=False)([[e] for e in examples])
+    module.training_step(batch, 0).backward()
+    s, n = token_loss_sum(
+        plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["labels"],
+    )
+    (s / n).backward()
+    tied = module.model.get_input_embeddings().weight
+    assert tied.grad.layout == torch.strided
+    torch.testing.assert_close(tied.grad, plain.get_input_embeddings().weight.grad)
+    torch.optim.AdamW([tied], lr=1e-3, fused=True).step()  # the fused optimizer takes it
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    untied = AutoModelForCausalLM.from_config(config)
+    assert not sparse_tied_embedding_grad(untied)
+    assert not untied.get_input_embeddings().sparse
 
 
 def test_tiny_model_overfits_a_repeated_batch(sft_dir, tiny_model_dir, tiny_tokenizer) -> None:

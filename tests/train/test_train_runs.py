@@ -112,6 +112,8 @@ def test_every_epoch_draws_a_new_batch_order(af_home, model_cache, sft_dir) -> N
     result = run(cfg)
     history = json.loads((output_dir(cfg) / "result.json").read_text())["history"]
     assert result["steps"] == len(history) == 12  # 24 rows, 4 per step, 2 epochs
-    epochs = [[(r["input_tokens"], r["trained_tokens"]) for r in history[i : i + 6]] for i in (0, 6)]
+    epochs = [
+        [(r["input_tokens"], r["trained_tokens"]) for r in history[i : i + 6]] for i in (0, 6)
+    ]
     assert sorted(epochs[0]) == sorted(epochs[1])  # every row once per epoch ...
     assert epochs[0] != epochs[1]  # ... in a new order

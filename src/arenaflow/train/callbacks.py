@@ -84,6 +84,7 @@ class StepMetrics(L.Callback):
             "step_time_s": dt,
             "trained_tokens": trained,
             "input_tokens": inputs,
+            "attn_sq": attn_sq,
         }
         if trainer.global_rank != 0:
             return

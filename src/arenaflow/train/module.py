@@ -75,17 +75,55 @@ def labelled_loss_sum(
 
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Padded rows use the 2D attention mask; packed rows pass only restarting position ids,
-    from which the model builds a block-diagonal causal mask."""
+    """Logits of a causal LM on a collated batch.
+
+    Padded rows are padded on the right, so under causal attention no real position can see a
+    pad: the 2D padding mask changes nothing the loss reads, and leaving it out lets attention
+    take the plain causal path (SDPA `is_causal`, no [rows, 1, T, T] mask to build or apply).
+    Pad positions compute throwaway values that nothing reads. Packed rows pass only restarting
+    position ids, from which the model builds a block-diagonal causal mask.
+    """
     if "packed" in batch:
         out = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
         )
     else:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
+        out = model(input_ids=batch["input_ids"], use_cache=False)
     return out.logits
+
+
+def compile_layers(model: torch.nn.Module, accelerator: str) -> bool:
+    """`torch.compile` every decoder layer in place (dynamic shapes: one graph for all lengths).
+
+    Per-layer compilation is what FSDP2 composes with (each layer is also its own shard unit),
+    and it keeps the module tree and state-dict keys as they are. Inductor needs a C++ compiler
+    on CPU; without one this logs why and leaves the model eager. Returns whether it compiled.
+    """
+    import shutil
+
+    if accelerator == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        log.warning("train.compile: no C++ compiler on PATH (inductor needs one on CPU); eager")
+        return False
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+    return True
+
+
+def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
+    """With tied input/output embeddings, let the lookup's gradient be sparse (its rows only).
+
+    The head's gradient of the shared matrix is dense anyway; autograd adds the lookup's sparse
+    rows into it in place, so the parameter still ends up with one dense gradient (what fused
+    AdamW needs) without a second vocab x hidden buffer to zero-fill and add. Untied models (the
+    lookup's would be the parameter's only, sparse, gradient) and FSDP's sharded parameters keep
+    the dense default. Returns whether it switched.
+    """
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embedding.weight or not hasattr(embedding, "sparse"):
+        return False
+    embedding.sparse = True
+    return True
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -128,6 +166,8 @@ class ChatLM(L.LightningModule):
         grad_clip: float | None = 1.0,
         strategy: str = "single",
         activation_checkpointing: bool = False,
+        compile: bool = False,
+        accelerator: str = "cpu",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -138,6 +178,9 @@ class ChatLM(L.LightningModule):
         self.grad_clip = grad_clip
         self.strategy_name = strategy
         self.activation_checkpointing = activation_checkpointing
+        self.compile_layers = compile
+        self.accelerator = accelerator
+        self.compiled = False
         self.trust_remote_code = trust_remote_code
         self.model: torch.nn.Module | None = None
         self.sharding: dict[str, int] = {}
@@ -170,6 +213,10 @@ class ChatLM(L.LightningModule):
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        if self.strategy_name != "fsdp":
+            sparse_tied_embedding_grad(model)
+        if self.compile_layers:  # after activation checkpointing, before sharding
+            self.compiled = compile_layers(model, self.accelerator)
         if self.strategy_name == "fsdp":
             from torch.distributed.fsdp import fully_shard
 

@@ -217,6 +217,8 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         grad_clip=tr.get("grad_clip"),
         strategy=str(hw.strategy),
         activation_checkpointing=bool(hw.activation_checkpointing),
+        compile=bool(tr.get("compile", False)),
+        accelerator=str(hw.accelerator),
         trust_remote_code=bool(cfg.model.trust_remote_code),
     )
     resume = latest_checkpoint(ckpt_dir) if tr.get("resume", True) else None
@@ -380,6 +382,7 @@ def _finish(
         "memory_estimate_gb": p.memory,
         "data_counts": counts,
         "sharding": trainer.lightning_module.sharding,
+        "compiled": trainer.lightning_module.compiled,
         "history": history,
         "val_history": metrics_cb.val_history,
         **summary,
