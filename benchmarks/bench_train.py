@@ -5,8 +5,12 @@ model_max_length), on SmolLM2-135M at max length 512 with the same ShareGPT samp
 
 Both recipes see the same conversations: ShareGPT records with alternating human/gpt turns, split
 into pieces of at most 512 tokens (FastChat's split_long_conversation), tokenized with the
-model's chat template and labelled on assistant tokens only. Throughput leaves out the first
-optimizer step of each run (warm-up); "trained" tokens are the labelled ones.
+model's chat template and labelled on assistant tokens only. "Trained" tokens are the labelled ones.
+
+Each recipe trains `--epochs` epochs (default 2) over the samples. The headline throughput is the
+last epoch's: the steady state of a long run, after one-time costs (first allocations, the first
+time each batch length is seen, compilation) are paid, as they are in the first minutes of a real
+multi-epoch fine-tune. The first epoch (without its first step) is printed next to it, cold.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from arenaflow.config import compose_config
 from arenaflow.data.sft import IGNORE_INDEX, encode_conversation, split_conversation
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.train.flops import measure_cpu_peak_flops, model_shape, train_flops
+from arenaflow.train.recipe import read_history
 
 MAX_LENGTH = 512
 
@@ -60,11 +66,44 @@ def sharegpt_samples(tokenizer, n: int) -> list[dict]:
     return out[:n]
 
 
+def _throughput(rows: list[dict], shape, peak: float, head_tokens: bool) -> dict:
+    """trained tok/s, tok/s and MFU over steps given as {seconds, trained, tokens, attn_sq}."""
+    dt = sum(r["seconds"] for r in rows)
+    trained = sum(r["trained"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    flops = train_flops(
+        shape,
+        tokens,
+        sum(r["attn_sq"] for r in rows),
+        head_tokens=trained if head_tokens else None,
+    )
+    return {
+        "seconds": dt,
+        "trained_tokens_per_s": trained / dt,
+        "tokens_per_s": tokens / dt,
+        "mfu": flops / dt / peak,
+    }
+
+
+def _measure(rows: list[dict], per_epoch: int, shape, peak: float, head_tokens: bool) -> dict:
+    """The last epoch (steady state) as the result; the first epoch after its first step as cold."""
+    warm = _throughput(rows[-per_epoch:], shape, peak, head_tokens)
+    cold = _throughput(rows[1:per_epoch] or rows[:1], shape, peak, head_tokens)
+    return {**warm, "steps": len(rows), "cold": cold}
+
+
 def bench_fastchat(
-    model_dir: Path, tokenizer, samples: list[dict], peak: float, work: Path, micro: int
+    model_dir: Path,
+    tokenizer,
+    samples: list[dict],
+    peak: float,
+    work: Path,
+    micro: int,
+    epochs: int,
 ) -> dict:
     """FastChat train.py's recipe: pad to model_max_length, HF Trainer, same optimizer settings."""
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     rows = []
@@ -92,12 +131,19 @@ def bench_fastchat(
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
 
+    class InOrder(Trainer):
+        """Batches in sample order, so each timed step's samples are known (every row is padded
+        to the same length, so the order cannot change FastChat's speed)."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
     timer = StepTimer()
     args = TrainingArguments(
         output_dir=str(work / "fastchat"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=1,
-        num_train_epochs=1,
+        num_train_epochs=epochs,
         learning_rate=2e-5,
         weight_decay=0.0,
         warmup_steps=0.03,  # a ratio of the total steps
@@ -109,34 +155,41 @@ def bench_fastchat(
         use_cpu=True,
         disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
-    steps = [samples[i : i + micro] for i in range(0, len(samples), micro)]
-    skip = 1 if len(steps) > 2 else 0
-    dt = sum(timer.times[skip:])
-    measured = [s for batch in steps[skip:] for s in batch]
-    trained = sum(sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in measured)
-    tokens = sum(len(s["input_ids"]) for s in measured)
-    attn_sq = sum(len(s["input_ids"]) ** 2 for s in measured)
-    return {
-        "recipe": "fastchat (HF Trainer, pad to 512)",
-        "steps": len(timer.times),
-        "seconds": dt,
-        "trained_tokens_per_s": trained / dt,
-        "tokens_per_s": tokens / dt,
-        "padded_tokens_per_s": len(measured) * MAX_LENGTH / dt,
-        "mfu": train_flops(shape, tokens, attn_sq) / dt / peak,
-    }
+    InOrder(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
+    batches = [samples[i : i + micro] for i in range(0, len(samples), micro)]
+    steps = [
+        {
+            "seconds": dt,
+            "trained": sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in batch),
+            "tokens": sum(len(s["input_ids"]) for s in batch),
+            "attn_sq": sum(len(s["input_ids"]) ** 2 for s in batch),
+        }
+        for dt, batch in zip(timer.times, batches * epochs, strict=True)
+    ]
+    result = _measure(steps, len(batches), shape, peak, head_tokens=False)
+    padded = sum(len(b) * MAX_LENGTH for b in batches)
+    result["padded_tokens_per_s"] = padded / sum(r["seconds"] for r in steps[-len(batches) :])
+    return {"recipe": "fastchat (HF Trainer, pad to 512)", **result}
 
 
 def bench_arenaflow(
-    samples: list[dict], home: Path, cache: Path, packing: bool, peak: float, micro: int
+    samples: list[dict],
+    home: Path,
+    cache: Path,
+    packing: bool,
+    compile: bool,
+    peak: float,
+    micro: int,
+    epochs: int,
+    shape,
 ) -> dict:
-    """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing)."""
+    """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing;
+    decoder layers compiled as in conf/train/vicuna.yaml, or eager)."""
     from datasets import Dataset, DatasetDict
 
     from arenaflow.train import run
 
-    data = home / f"sft-{packing}"
+    data = home / f"sft-{packing}-{compile}"
     DatasetDict(train=Dataset.from_list(samples)).save_to_disk(str(data))
     cfg = compose_config(
         [
@@ -147,8 +200,9 @@ def bench_arenaflow(
             f"train.data_uri={data}",
             f"train.max_length={MAX_LENGTH}",
             f"train.packing={str(packing).lower()}",
+            f"train.compile={str(compile).lower()}",
             "train.max_steps=-1",
-            "train.epochs=1",
+            f"train.epochs={epochs}",
             f"train.global_batch_size={micro}",
             f"hardware.micro_batch_size={micro}",
             f"hardware.peak_tflops={peak / 1e12}",
@@ -158,13 +212,20 @@ def bench_arenaflow(
         ]
     )
     result = run(cfg)
+    layout = "packing" if packing else "dynamic padding by length"
+    steps = [
+        {
+            "seconds": r["step_time_s"],
+            "trained": r["trained_tokens"],
+            "tokens": r["input_tokens"],
+            "attn_sq": r["attn_sq"],
+        }
+        for r in read_history(Path(result["path"]).parent)
+    ]
+    per_epoch = len(steps) // epochs
     return {
-        "recipe": f"arenaflow ({'packing' if packing else 'dynamic padding, grouped by length'})",
-        "steps": result["steps"],
-        "seconds": result["train_time_s"],
-        "trained_tokens_per_s": result["trained_tokens_per_s"],
-        "tokens_per_s": result["tokens_per_s"],
-        "mfu": result["mfu"],
+        "recipe": f"arenaflow ({layout}, {'compiled' if result['compiled'] else 'eager'})",
+        **_measure(steps, per_epoch, shape, peak, head_tokens=True),
     }
 
 
@@ -172,7 +233,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--variants", default="packing,padding")
+    parser.add_argument("--epochs", type=int, default=2, help="the last one is measured")
+    parser.add_argument(
+        "--variants",
+        default="padding,packing,padding-eager",
+        help="padding | packing, with -eager to leave the decoder layers uncompiled",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -192,15 +258,36 @@ def main() -> None:
     peak = measure_cpu_peak_flops(seconds=2.0)
     print(f"CPU fp32 matmul peak (probe): {peak / 1e9:.1f} GFLOP/s")
 
-    print(f"micro-batch {args.micro_batch}, one epoch over the samples per recipe")
-    print(f"\n{'recipe':<48} {'trained tok/s':>14} {'tok/s':>8} {'MFU':>6} {'speed-up':>9}")
-    results = [bench_fastchat(model_dir, tokenizer, samples, peak, home, args.micro_batch)]
+    print(
+        f"micro-batch {args.micro_batch}, {args.epochs} epochs over the samples per recipe; "
+        "measured: the last epoch (cold: the first, without its first step)"
+    )
+    print(
+        f"\n{'recipe':<52} {'trained tok/s':>14} {'tok/s':>8} {'MFU':>6} {'speed-up':>9}"
+        f" {'cold trained tok/s':>19} {'cold speed-up':>14}"
+    )
+    results = [
+        bench_fastchat(model_dir, tokenizer, samples, peak, home, args.micro_batch, args.epochs)
+    ]
+    shape = model_shape(AutoConfig.from_pretrained(model_dir))
     _report(results, args.out, peak)
     for variant in args.variants.split(","):
         # the machine may be shared: re-probe so each MFU is against the peak of its own time
         peak = measure_cpu_peak_flops(seconds=2.0)
-        packing = variant == "packing"
-        results.append(bench_arenaflow(samples, home, cache, packing, peak, args.micro_batch))
+        layout, _, mode = variant.partition("-")
+        results.append(
+            bench_arenaflow(
+                samples,
+                home,
+                cache,
+                layout == "packing",
+                mode != "eager",
+                peak,
+                args.micro_batch,
+                args.epochs,
+                shape,
+            )
+        )
         _report(results, args.out, peak)
 
 
@@ -209,9 +296,12 @@ def _report(results: list[dict], out: str | None, peak: float) -> None:
     r = results[-1]
     r["peak_gflops"] = peak / 1e9
     r["speedup"] = r["trained_tokens_per_s"] / results[0]["trained_tokens_per_s"]
+    cold = r["cold"]["trained_tokens_per_s"]
+    r["cold"]["speedup"] = cold / results[0]["cold"]["trained_tokens_per_s"]
     print(
-        f"{r['recipe']:<48} {r['trained_tokens_per_s']:>14.1f} {r['tokens_per_s']:>8.1f} "
-        f"{r['mfu']:>6.1%} {r['speedup']:>8.2f}x   (probe peak {peak / 1e9:.1f} GFLOP/s)",
+        f"{r['recipe']:<52} {r['trained_tokens_per_s']:>14.1f} {r['tokens_per_s']:>8.1f} "
+        f"{r['mfu']:>6.1%} {r['speedup']:>8.2f}x {cold:>19.1f} {r['cold']['speedup']:>13.2f}x"
+        f"   (probe peak {peak / 1e9:.1f} GFLOP/s)",
         flush=True,
     )
     if out:
