@@ -177,14 +177,14 @@ def bench_arenaflow(
     home: Path,
     cache: Path,
     packing: bool,
-    compile: bool,
+    compile: str,
     peak: float,
     micro: int,
     epochs: int,
     shape,
 ) -> dict:
     """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing;
-    decoder layers compiled as in conf/train/vicuna.yaml, or eager)."""
+    decoder layers compiled or not: train.compile=auto|true)."""
     from datasets import Dataset, DatasetDict
 
     from arenaflow.train import run
@@ -200,7 +200,7 @@ def bench_arenaflow(
             f"train.data_uri={data}",
             f"train.max_length={MAX_LENGTH}",
             f"train.packing={str(packing).lower()}",
-            f"train.compile={str(compile).lower()}",
+            f"train.compile={compile}",
             "train.max_steps=-1",
             f"train.epochs={epochs}",
             f"train.global_batch_size={micro}",
@@ -236,8 +236,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="the last one is measured")
     parser.add_argument(
         "--variants",
-        default="padding,packing,padding-eager",
-        help="padding | packing, with -eager to leave the decoder layers uncompiled",
+        default="padding,packing,padding-compiled",
+        help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
+        "with -compiled for train.compile=true",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -281,7 +282,7 @@ def main() -> None:
                 home,
                 cache,
                 layout == "packing",
-                mode != "eager",
+                "true" if mode == "compiled" else "auto",
                 peak,
                 args.micro_batch,
                 args.epochs,

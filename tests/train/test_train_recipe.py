@@ -81,6 +81,24 @@ def test_packing_gives_the_same_loss_as_unpacked(sft_dir, tiny_model_dir, tiny_t
     assert float(s2 / n2) == pytest.approx(float(s1 / n1), abs=1e-4)
     assert abs(float(s3 - s1)) > 1e-3
 
+    # packed rows attend sample by sample (packed_sdpa, swapped in for SDPA for the forward):
+    # the same logits as transformers' own block-diagonal mask, the unpacked gradients
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        block_mask = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        )
+        torch.testing.assert_close(forward_logits(model, packed), block_mask.logits)
+    assert model.config._attn_implementation == "sdpa"
+    grads = []
+    for batch in (unpacked, packed):
+        model.zero_grad()
+        loss_sum, n = token_loss_sum(forward_logits(model, batch), batch["labels"])
+        (loss_sum / n).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
 
 def test_head_only_on_labelled_positions_gives_the_same_loss_and_gradients(
     sft_dir, tiny_model_dir, tiny_tokenizer
@@ -264,3 +282,12 @@ def test_memory_preflight_refuses_llama2_7b_on_one_gpu(make_cfg) -> None:
         check_memory(shape, make_cfg("hardware=gpu_1x").hardware, 2048, "llama2-7b")
     est = check_memory(shape, make_cfg("hardware=a100_4x").hardware, 2048, "llama2-7b")
     assert est.total_gb < 80 * 0.9
+
+
+def test_compile_setting_auto_means_gpu_only() -> None:
+    from arenaflow.train.recipe import compile_enabled
+
+    assert compile_enabled("auto", "gpu") and not compile_enabled("auto", "cpu")
+    assert compile_enabled(True, "cpu") and not compile_enabled(False, "gpu")
+    with pytest.raises(ValueError, match="true, false or auto"):
+        compile_enabled("yes", "gpu")
