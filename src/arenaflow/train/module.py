@@ -74,9 +74,6 @@ def labelled_loss_sum(
     return total, torch.tensor(targets.numel(), device=labels.device)
 
 
-PACKED_ATTENTION = "arenaflow_packed_sdpa"
-
-
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a causal LM on a collated batch.
 
@@ -84,94 +81,15 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     pad: the 2D padding mask changes nothing the loss reads, and leaving it out lets attention
     take the plain causal path (SDPA `is_causal`, no [rows, 1, T, T] mask to build or apply).
     Pad positions compute throwaway values that nothing reads. Packed rows pass only restarting
-    position ids; with SDPA, attention then runs sample by sample (`packed_sdpa`), any other
-    implementation builds what it needs from the position ids (a block-diagonal mask, varlen).
+    position ids, from which the model builds a block-diagonal causal mask.
     """
-    if "packed" not in batch:
-        return model(input_ids=batch["input_ids"], use_cache=False).logits
-    with packed_attention(model):
+    if "packed" in batch:
         out = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
         )
+    else:
+        out = model(input_ids=batch["input_ids"], use_cache=False)
     return out.logits
-
-
-@contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Swap SDPA for `packed_sdpa` for one forward (the config is the model's own, never saved
-    with this value: transformers does not serialize the attention implementation)."""
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
-    if before != "sdpa":
-        yield
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-def packed_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal SDPA on each packed sample alone (segments start where the position id is 0).
-
-    Equal to a block-diagonal causal mask over the row, at the cost of the samples' own lengths
-    (sum of s^2 instead of T^2) and on the fast `is_causal` path. Runs eagerly inside compiled
-    layers (the segment lengths are data, not shapes to specialize on).
-    """
-    if position_ids is None:
-        raise ValueError(
-            f"{type(module).__name__} does not pass position ids to its attention, which packing "
-            "needs; train with train.packing=false"
-        )
-    return _attend_per_segment(module, query, key, value, position_ids, **kwargs), None
-
-
-@torch.compiler.disable
-def _attend_per_segment(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    position_ids: torch.Tensor,
-    **kwargs: Any,
-) -> torch.Tensor:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rows, length = query.shape[0], query.shape[2]
-    starts = position_ids.expand(rows, -1) == 0
-    starts[:, 0] = True
-    out = []
-    for b in range(rows):
-        bounds = [*starts[b].nonzero().flatten().tolist(), length]
-        out.append(
-            torch.cat(
-                [
-                    sdpa_attention_forward(
-                        module,
-                        query[b : b + 1, :, s:e],
-                        key[b : b + 1, :, s:e],
-                        value[b : b + 1, :, s:e],
-                        None,
-                        **kwargs,
-                    )[0]
-                    for s, e in zip(bounds, bounds[1:], strict=False)
-                ],
-                dim=1,
-            )
-        )
-    return torch.cat(out, dim=0)
 
 
 def compile_layers(model: torch.nn.Module, accelerator: str) -> bool:
