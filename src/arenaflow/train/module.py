@@ -92,21 +92,14 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return out.logits
 
 
-def compile_layers(model: torch.nn.Module, accelerator: str) -> bool:
+def compile_layers(model: torch.nn.Module) -> None:
     """`torch.compile` every decoder layer in place (dynamic shapes: one graph for all lengths).
 
     Per-layer compilation is what FSDP2 composes with (each layer is also its own shard unit),
-    and it keeps the module tree and state-dict keys as they are. Inductor needs a C++ compiler
-    on CPU; without one this logs why and leaves the model eager. Returns whether it compiled.
+    and it keeps the module tree and state-dict keys as they are.
     """
-    import shutil
-
-    if accelerator == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        log.warning("train.compile: no C++ compiler on PATH (inductor needs one on CPU); eager")
-        return False
     for layer in decoder_layers(model):
         layer.compile(dynamic=True)
-    return True
 
 
 def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
@@ -167,7 +160,6 @@ class ChatLM(L.LightningModule):
         strategy: str = "single",
         activation_checkpointing: bool = False,
         compile: bool = False,
-        accelerator: str = "cpu",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -178,9 +170,7 @@ class ChatLM(L.LightningModule):
         self.grad_clip = grad_clip
         self.strategy_name = strategy
         self.activation_checkpointing = activation_checkpointing
-        self.compile_layers = compile
-        self.accelerator = accelerator
-        self.compiled = False
+        self.compiled = compile
         self.trust_remote_code = trust_remote_code
         self.model: torch.nn.Module | None = None
         self.sharding: dict[str, int] = {}
@@ -215,8 +205,8 @@ class ChatLM(L.LightningModule):
             )
         if self.strategy_name != "fsdp":
             sparse_tied_embedding_grad(model)
-        if self.compile_layers:  # after activation checkpointing, before sharding
-            self.compiled = compile_layers(model, self.accelerator)
+        if self.compiled:  # after activation checkpointing, before sharding
+            compile_layers(model)
         if self.strategy_name == "fsdp":
             from torch.distributed.fsdp import fully_shard
 

@@ -218,7 +218,6 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         strategy=str(hw.strategy),
         activation_checkpointing=bool(hw.activation_checkpointing),
         compile=compile_enabled(tr.get("compile", False), str(hw.accelerator)),
-        accelerator=str(hw.accelerator),
         trust_remote_code=bool(cfg.model.trust_remote_code),
     )
     resume = latest_checkpoint(ckpt_dir) if tr.get("resume", True) else None
@@ -292,11 +291,20 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
 
 
 def compile_enabled(setting: Any, accelerator: str) -> bool:
-    """`train.compile`: true, false, or auto (on GPUs only: on CPU it measured no faster)."""
+    """`train.compile`: true, false, or auto (on GPUs only: on CPU it measured no faster).
+
+    Inductor needs a C++ compiler on CPU; without one this logs why and trains eager.
+    """
     if isinstance(setting, str) and setting.lower() == "auto":
-        return accelerator == "gpu"
+        setting = accelerator == "gpu"
     if not isinstance(setting, bool):
         raise ValueError(f"train.compile must be true, false or auto, not {setting!r}")
+    if setting and accelerator == "cpu":
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            log.warning("train.compile: no C++ compiler on PATH (inductor needs one on CPU); eager")
+            return False
     return setting
 
 
