@@ -178,7 +178,7 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     listed model is the champion itself (same URI), the champion name becomes an alias of it
     and the weights load once. Without a model set the server hosts the champion alone ({}).
     """
-    from arenaflow.serve.loading import ModelSpec, model_specs
+    from arenaflow.serve.loading import ModelSpec, model_aliases, model_specs
 
     if not (cfg.serve.get("models") or cfg.serve.get("models_from")):
         return {}
@@ -190,7 +190,7 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
             f"({[s.name for s in specs]}); the deployment serves the champion under that name, "
             "so give it another one"
         )
-    aliases = {str(k): str(v) for k, v in (cfg.serve.get("aliases") or {}).items()}
+    aliases = model_aliases(cfg, specs)
     champion = next((s for s in specs if s.uri == model_uri), None)
     if champion is None:
         champion = ModelSpec(name, model_uri, "champion")
