@@ -124,6 +124,7 @@ def _train_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "world_size": result.get("world_size"),
         "gradient_accumulation": result.get("accumulate"),
         "compiled_layers": result.get("compiled"),
+        "retained_heap": result.get("retained_heap"),
         "chat_template_hash": result.get("chat_template_hash"),
         "data_hash": result.get("data_hash"),
         "memory_estimate_gb": dg.MetadataValue.json(result.get("memory_estimate_gb") or {}),

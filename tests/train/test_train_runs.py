@@ -16,6 +16,7 @@ from pathlib import Path
 from arenaflow.config import REPO_ROOT
 from arenaflow.tracking import tracker_from_cfg
 from arenaflow.train import output_dir, run
+from arenaflow.train.allocator import glibc
 
 
 def _overrides(cfg_home: Path, cache: Path, sft_dir: Path, *extra: str) -> list[str]:
@@ -88,6 +89,7 @@ def test_killed_run_resumes_then_registers_a_tagged_model_version(
     )
     assert client.get_run(result["run_id"]).data.params["train.lr"] == "0.001"
     assert 0 < result["mfu"] < 1 and result["trained_tokens_per_s"] > 0
+    assert result["retained_heap"] is (glibc() is not None)  # on by default on CPU
     model = AutoModelForCausalLM.from_pretrained(result["path"])
     tied = model.get_output_embeddings().weight
     assert tied.data_ptr() == model.get_input_embeddings().weight.data_ptr()
@@ -107,9 +109,11 @@ def test_every_epoch_draws_a_new_batch_order(af_home, model_cache, sft_dir) -> N
             "train.epochs=2",
             "train.checkpoint_every_n_steps=0",
             "train.register=false",
+            "hardware.retain_freed_memory=false",
         )
     )
     result = run(cfg)
+    assert result["retained_heap"] is False  # the knob turns the heap setting off
     history = json.loads((output_dir(cfg) / "result.json").read_text())["history"]
     assert result["steps"] == len(history) == 12  # 24 rows, 4 per step, 2 epochs
     epochs = [

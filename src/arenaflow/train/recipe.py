@@ -24,6 +24,7 @@ from arenaflow import io
 from arenaflow.config import config_hash
 from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
+from arenaflow.train.allocator import retained_heap
 from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
 from arenaflow.train.preflight import check_memory
 
@@ -230,7 +231,9 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         "chat_template_hash": template_hash,
         "git_commit": git_commit() or "unknown",
     }
-    with tracker.start_run("train", cfg, tags=tags) as run:
+    # CPU: keep freed blocks in the heap, so steps stop re-faulting their large buffers
+    retain = hw.accelerator == "cpu" and bool(hw.get("retain_freed_memory", True))
+    with tracker.start_run("train", cfg, tags=tags) as run, retained_heap(retain) as retained:
         metrics_cb = StepMetrics(
             run, shape, peak_total, out / "metrics.jsonl", int(tr.log_every_n_steps), sink
         )
@@ -285,6 +288,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
                 peak_source,
                 dm.counts,
                 resume,
+                retained,
             )
         result = trainer.strategy.broadcast(result, src=0)
     return result
@@ -349,6 +353,7 @@ def _finish(
     peak_source: str,
     counts: dict[str, Any],
     resume: Path | None,
+    retained_heap: bool,
 ) -> dict[str, Any]:
     history = read_history(Path(p.out_dir))
     summary = _summary(metrics_cb.history)
@@ -400,6 +405,7 @@ def _finish(
         "data_counts": counts,
         "sharding": trainer.lightning_module.sharding,
         "compiled": trainer.lightning_module.compiled,
+        "retained_heap": retained_heap,
         "history": history,
         "val_history": metrics_cb.val_history,
         **summary,
