@@ -66,6 +66,18 @@ def sharegpt_samples(tokenizer, n: int) -> list[dict]:
     return out[:n]
 
 
+def work_per_trained_token(samples: list[dict], shape) -> dict:
+    """Model FLOPs per trained token that each recipe has to compute on these samples (attention
+    counted over full T x T for both): FastChat pads every row to MAX_LENGTH and projects every
+    position onto the vocabulary; arenaflow computes the samples' own lengths (ignoring the few
+    pads a length-grouped micro-batch adds) and the head only where a label is."""
+    trained = sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples)
+    lengths = [s["length"] for s in samples]
+    fastchat = train_flops(shape, MAX_LENGTH * len(samples), MAX_LENGTH**2 * len(samples))
+    ours = train_flops(shape, sum(lengths), sum(n * n for n in lengths), head_tokens=trained)
+    return {"fastchat": fastchat / trained, "arenaflow": ours / trained, "ratio": fastchat / ours}
+
+
 def _throughput(rows: list[dict], shape, peak: float, head_tokens: bool) -> dict:
     """trained tok/s, tok/s and MFU over steps given as {seconds, trained, tokens, attn_sq}."""
     dt = sum(r["seconds"] for r in rows)
@@ -178,18 +190,20 @@ def bench_arenaflow(
     cache: Path,
     packing: bool,
     compile: str,
+    retain: bool,
     peak: float,
     micro: int,
     epochs: int,
     shape,
 ) -> dict:
     """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing;
-    decoder layers compiled or not: train.compile=auto|true)."""
+    decoder layers compiled or not: train.compile=auto|true; glibc heap retained or not:
+    hardware.retain_freed_memory)."""
     from datasets import Dataset, DatasetDict
 
     from arenaflow.train import run
 
-    data = home / f"sft-{packing}-{compile}"
+    data = home / f"sft-{packing}-{compile}-{retain}"
     DatasetDict(train=Dataset.from_list(samples)).save_to_disk(str(data))
     cfg = compose_config(
         [
@@ -206,6 +220,7 @@ def bench_arenaflow(
             f"train.global_batch_size={micro}",
             f"hardware.micro_batch_size={micro}",
             f"hardware.peak_tflops={peak / 1e12}",
+            f"hardware.retain_freed_memory={str(retain).lower()}",
             "train.checkpoint_every_n_steps=0",
             "train.register=false",
             "train.resume=false",
@@ -223,8 +238,11 @@ def bench_arenaflow(
         for r in read_history(Path(result["path"]).parent)
     ]
     per_epoch = len(steps) // epochs
+    modes = ["compiled" if result["compiled"] else "eager"]
+    if not result.get("retained_heap"):
+        modes.append("glibc default heap")
     return {
-        "recipe": f"arenaflow ({layout}, {'compiled' if result['compiled'] else 'eager'})",
+        "recipe": f"arenaflow ({layout}, {', '.join(modes)})",
         **_measure(steps, per_epoch, shape, peak, head_tokens=True),
     }
 
@@ -238,10 +256,17 @@ def main() -> None:
         "--variants",
         default="padding,packing,padding-compiled",
         help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
-        "with -compiled for train.compile=true",
+        "with -compiled for train.compile=true and -noretain for "
+        "hardware.retain_freed_memory=false (glibc's default heap: large blocks unmapped on free)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    variants = []
+    for variant in args.variants.split(","):
+        layout, *modes = variant.split("-")
+        if layout not in ("padding", "packing") or set(modes) - {"compiled", "noretain"}:
+            parser.error(f"unknown variant {variant!r}")
+        variants.append((layout == "packing", "compiled" in modes, "noretain" not in modes))
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -255,6 +280,14 @@ def main() -> None:
     print(
         f"{len(samples)} samples, mean length {sum(lengths) / len(lengths):.0f} tokens "
         f"(max {max(lengths)}), torch threads {torch.get_num_threads()}"
+    )
+    shape = model_shape(AutoConfig.from_pretrained(model_dir))
+    work = work_per_trained_token(samples, shape)
+    print(
+        f"work per trained token (model FLOPs, forward+backward): FastChat {work['fastchat'] / 1e9:.2f}"
+        f" GFLOP (rows padded to {MAX_LENGTH}, head on every position), arenaflow "
+        f"{work['arenaflow'] / 1e9:.2f} GFLOP (sample lengths, head on labelled positions): "
+        f"{work['ratio']:.2f}x less, the speed-up at equal hardware efficiency"
     )
     peak = measure_cpu_peak_flops(seconds=2.0)
     print(f"CPU fp32 matmul peak (probe): {peak / 1e9:.1f} GFLOP/s")
@@ -270,19 +303,19 @@ def main() -> None:
     results = [
         bench_fastchat(model_dir, tokenizer, samples, peak, home, args.micro_batch, args.epochs)
     ]
-    shape = model_shape(AutoConfig.from_pretrained(model_dir))
+    results[0]["work_per_trained_token"] = work
     _report(results, args.out, peak)
-    for variant in args.variants.split(","):
+    for packing, compiled, retain in variants:
         # the machine may be shared: re-probe so each MFU is against the peak of its own time
         peak = measure_cpu_peak_flops(seconds=2.0)
-        layout, _, mode = variant.partition("-")
         results.append(
             bench_arenaflow(
                 samples,
                 home,
                 cache,
-                layout == "packing",
-                "true" if mode == "compiled" else "auto",
+                packing,
+                "true" if compiled else "auto",
+                retain,
                 peak,
                 args.micro_batch,
                 args.epochs,
