@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from arenaflow.train.allocator import glibc
+from arenaflow.train.allocator import glibc, retain_enabled
 
 # Run in a child process: the allocator settings are process-wide. Allocates and touches a
 # 256 MiB tensor, frees it, then a 192 MiB one (as the next training step would, with other
@@ -52,3 +52,11 @@ def test_retained_heap_reuses_freed_memory_and_restores_glibc_defaults() -> None
     assert retained["inside"] < default["inside"] / 20  # reused from the heap: no new pages
     # leaving the block gives memory back and allocates fresh pages again, like the default
     assert retained["after"] > default["inside"] / 2
+
+
+def test_retain_setting_is_a_bool_and_acts_on_cpu_only() -> None:
+    assert retain_enabled(True, "cpu") is True
+    assert retain_enabled(True, "gpu") is False
+    assert retain_enabled(False, "cpu") is False
+    with pytest.raises(ValueError, match="must be true or false, not 'maybe'"):
+        retain_enabled("maybe", "cpu")

@@ -40,6 +40,13 @@ def glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def retain_enabled(setting: object, accelerator: str) -> bool:
+    """`hardware.retain_freed_memory`: true or false; it acts on CPU runs only."""
+    if not isinstance(setting, bool):
+        raise ValueError(f"hardware.retain_freed_memory must be true or false, not {setting!r}")
+    return setting and accelerator == "cpu"
+
+
 def _set_thresholds(libc: ctypes.CDLL, value: int) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, value)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, value)

@@ -24,7 +24,7 @@ from arenaflow import io
 from arenaflow.config import config_hash
 from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
-from arenaflow.train.allocator import retained_heap
+from arenaflow.train.allocator import retain_enabled, retained_heap
 from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
 from arenaflow.train.preflight import check_memory
 
@@ -232,7 +232,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         "git_commit": git_commit() or "unknown",
     }
     # CPU: keep freed blocks in the heap, so steps stop re-faulting their large buffers
-    retain = hw.accelerator == "cpu" and bool(hw.get("retain_freed_memory", True))
+    retain = retain_enabled(hw.get("retain_freed_memory", True), str(hw.accelerator))
     with tracker.start_run("train", cfg, tags=tags) as run, retained_heap(retain) as retained:
         metrics_cb = StepMetrics(
             run, shape, peak_total, out / "metrics.jsonl", int(tr.log_every_n_steps), sink
