@@ -72,12 +72,17 @@ def sharegpt_samples(tokenizer, n: int) -> list[dict]:
     return out[:n]
 
 
+def trained_tokens(samples: list[dict]) -> int:
+    """Labelled next-token targets in the samples (the tokens a recipe trains on)."""
+    return sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples)
+
+
 def work_per_trained_token(samples: list[dict], shape) -> dict:
     """Model FLOPs per trained token that each recipe has to compute on these samples (attention
     counted over full T x T for both): FastChat pads every row to MAX_LENGTH and projects every
     position onto the vocabulary; arenaflow computes the samples' own lengths (ignoring the few
     pads a length-grouped micro-batch adds) and the head only where a label is."""
-    trained = sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples)
+    trained = trained_tokens(samples)
     lengths = [s["length"] for s in samples]
     fastchat = train_flops(shape, MAX_LENGTH * len(samples), MAX_LENGTH**2 * len(samples))
     ours = train_flops(shape, sum(lengths), sum(n * n for n in lengths), head_tokens=trained)
@@ -178,7 +183,7 @@ def bench_fastchat(
     steps = [
         {
             "seconds": dt,
-            "trained": sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in batch),
+            "trained": trained_tokens(batch),
             "tokens": sum(len(s["input_ids"]) for s in batch),
             "attn_sq": sum(len(s["input_ids"]) ** 2 for s in batch),
         }
