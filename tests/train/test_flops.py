@@ -24,14 +24,33 @@ def test_peak_is_the_best_probe_seen_on_this_cpu(tmp_path) -> None:
     assert json.loads((tmp_path / "cpu_peak_flops.json").read_text()) == {flops.cpu_key(): fresh}
 
 
-def test_configured_peak_wins_and_gpu_needs_one() -> None:
+def test_configured_peak_wins_then_the_gpu_datasheet_by_name() -> None:
     import pytest
     from omegaconf import OmegaConf
 
-    hw = OmegaConf.create({"accelerator": "gpu", "peak_tflops": 989})
-    assert flops.peak_flops(hw) == (989e12, "config")
-    with pytest.raises(ValueError, match="peak_tflops is null"):
-        flops.peak_flops(OmegaConf.create({"accelerator": "gpu", "peak_tflops": None}))
+    hw = OmegaConf.create({"accelerator": "gpu", "precision": "bf16-mixed", "peak_tflops": 400})
+    assert flops.peak_flops(hw, device_name="NVIDIA H100 80GB HBM3") == (400e12, "config")
+
+    auto = OmegaConf.create({"accelerator": "gpu", "precision": "bf16-mixed", "peak_tflops": None})
+    for name, tflops in [
+        ("NVIDIA H100 80GB HBM3", 989),  # SXM
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L4", 121),
+    ]:
+        assert flops.peak_flops(auto, device_name=name) == (tflops * 1e12, f"datasheet:{name}")
+
+    # an unknown GPU, or fp32 (whose peak depends on TF32 settings), needs the peak in the config
+    with pytest.raises(ValueError, match="'NVIDIA A10G'.*set hardware.peak_tflops"):
+        flops.peak_flops(auto, device_name="NVIDIA A10G")
+    fp32 = OmegaConf.create({"accelerator": "gpu", "precision": "32-true", "peak_tflops": None})
+    with pytest.raises(ValueError, match="precision 32-true"):
+        flops.peak_flops(fp32, device_name="NVIDIA H100 80GB HBM3")
 
 
 def test_train_flops_counts_the_head_only_where_it_runs() -> None:

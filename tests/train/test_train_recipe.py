@@ -276,6 +276,22 @@ def test_memory_preflight_refuses_llama2_7b_on_one_gpu(make_cfg) -> None:
     assert est.total_gb < 80 * 0.9
 
 
+def test_llama_1b_config_is_a_1b_llama_that_fits_one_gpu(make_cfg) -> None:
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig
+
+    cfg = make_cfg("model=llama_1b", "hardware=gpu_1x")
+    assert cfg.model.source == "random" and cfg.model.max_length == 2048
+    arch = OmegaConf.to_container(cfg.model.architecture, resolve=True)
+    shape = model_shape(LlamaConfig(vocab_size=49152, **arch))  # the SmolLM2 tokenizer's vocabulary
+    assert 1.1e9 < shape.n_params < 1.2e9
+    est = check_memory(shape, cfg.hardware, 2048, "llama-1b")
+    assert est.total_gb < 80 * 0.9
+    # fp32 AdamW state alone (16 B per parameter) is ~18 GB: not on this 24 GB CPU target
+    with pytest.raises(MemoryPreflightError):
+        check_memory(shape, make_cfg("model=llama_1b", "hardware=cpu").hardware, 2048, "llama-1b")
+
+
 def test_compile_setting_auto_means_gpu_only() -> None:
     from arenaflow.train.recipe import compile_enabled
 

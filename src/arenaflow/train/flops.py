@@ -2,7 +2,8 @@
 
 MFU counts only useful work: 6 FLOPs per matmul parameter per non-padding token (forward +
 backward) plus causal attention over each sample's own length; padding and activation
-recomputation are not counted. On CPU the peak is measured with a short fp32 matmul probe; a probe
+recomputation are not counted. On a GPU the peak is the datasheet's dense 16-bit figure for its
+name (or `hardware.peak_tflops`). On CPU the peak is measured with a short fp32 matmul probe; a probe
 taken while other work shares the cores reads low (and MFU high), so the best probe seen on this
 CPU (model name + thread count) is kept in a small cache file and the peak is the larger of the two.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,13 +134,51 @@ def best_cpu_peak_flops(cache_dir: str | Path | None, seconds: float = 1.0) -> f
     return best
 
 
-def peak_flops(hardware: Any, cache_dir: str | Path | None = None) -> tuple[float, str]:
-    """Per-device peak FLOP/s: `hardware.peak_tflops` when set, else the CPU probe (best seen)."""
+# Dense (no structured sparsity) 16-bit tensor-core peaks from the vendors' datasheets, TFLOP/s,
+# matched on torch.cuda.get_device_name(); more specific names come first.
+GPU_PEAK_TFLOPS_16BIT: tuple[tuple[str, float], ...] = (
+    (r"\bGH200\b", 989.0),
+    (r"\bH200\b", 989.0),
+    (r"\bH100\b.*\bPCIE\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bB200\b", 2250.0),
+    (r"\bA100\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+)
+SIXTEEN_BIT = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16")
+
+
+def gpu_datasheet_peak(device_name: str, precision: str) -> float | None:
+    """The dense 16-bit peak FLOP/s of a GPU known by name, or None (unknown GPU, or a precision
+    whose peak depends on settings the name does not tell, such as fp32 with or without TF32)."""
+    if str(precision) not in SIXTEEN_BIT:
+        return None
+    name = device_name.upper()
+    for pattern, tflops in GPU_PEAK_TFLOPS_16BIT:
+        if re.search(pattern, name):
+            return tflops * 1e12
+    return None
+
+
+def peak_flops(
+    hardware: Any, cache_dir: str | Path | None = None, device_name: str | None = None
+) -> tuple[float, str]:
+    """Per-device peak FLOP/s: `hardware.peak_tflops` when set; else on a GPU the datasheet peak
+    for its name and precision; else the CPU probe (best seen)."""
     if hardware.get("peak_tflops"):
         return float(hardware.peak_tflops) * 1e12, "config"
-    if hardware.accelerator != "cpu":
+    if hardware.accelerator == "cpu":
+        return best_cpu_peak_flops(cache_dir), "cpu_fp32_matmul_probe"
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    peak = gpu_datasheet_peak(device_name, hardware.precision)
+    if peak is None:
         raise ValueError(
-            "hardware.peak_tflops is null on a GPU target; set it to the device's dense peak "
-            "for the training precision (e.g. 312 for A100 bf16, 989 for H100 SXM bf16)"
+            f"no known peak for {device_name!r} at precision {hardware.precision}; set "
+            "hardware.peak_tflops to the device's dense peak for the training precision "
+            "(e.g. 312 for A100 bf16, 989 for H100 SXM bf16)"
         )
-    return best_cpu_peak_flops(cache_dir), "cpu_fp32_matmul_probe"
+    return peak, f"datasheet:{device_name}"
