@@ -148,13 +148,17 @@ GPU_PEAK_TFLOPS_16BIT: tuple[tuple[str, float], ...] = (
     (r"\bL4\b", 121.0),
     (r"\bA10\b", 125.0),
 )
-SIXTEEN_BIT = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16")
+
+
+def sixteen_bit(precision: object) -> bool:
+    """Whether a Lightning precision ("bf16-mixed", "16-true", ...) computes in 16 bits."""
+    return "16" in str(precision)
 
 
 def gpu_datasheet_peak(device_name: str, precision: str) -> float | None:
     """The dense 16-bit peak FLOP/s of a GPU known by name, or None (unknown GPU, or a precision
     whose peak depends on settings the name does not tell, such as fp32 with or without TF32)."""
-    if str(precision) not in SIXTEEN_BIT:
+    if not sixteen_bit(precision):
         return None
     name = device_name.upper()
     for pattern, tflops in GPU_PEAK_TFLOPS_16BIT:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from arenaflow.train.flops import ModelShape
+from arenaflow.train.flops import ModelShape, sixteen_bit
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def estimate_memory(shape: ModelShape, hardware: Any, max_length: int) -> Memory
     params = p * 4 / shards + gathered
     grads = p * 4 / shards
     optimizer = p * 8 / shards
-    act_bytes = 2 if "16" in str(hardware.precision) else 4
+    act_bytes = 2 if sixteen_bit(hardware.precision) else 4
     s, b, h, a = max_length, int(hardware.micro_batch_size), shape.hidden_size, shape.n_heads
     per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
     if hardware.activation_checkpointing:
