@@ -292,6 +292,19 @@ def test_llama_1b_config_is_a_1b_llama_that_fits_one_gpu(make_cfg) -> None:
         check_memory(shape, make_cfg("model=llama_1b", "hardware=cpu").hardware, 2048, "llama-1b")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_target_without_a_gpu_stops_before_building_anything(make_cfg) -> None:
+    from pathlib import Path
+
+    from arenaflow.models import model_key
+    from arenaflow.train.recipe import plan
+
+    cfg = make_cfg("model=llama_1b", "hardware=gpu_1x")
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU.*hardware=cpu"):
+        plan(cfg)
+    assert not (Path(cfg.paths.cache_dir) / "models" / model_key(cfg.model)).exists()  # not built
+
+
 def test_compile_setting_auto_means_gpu_only() -> None:
     from arenaflow.train.recipe import compile_enabled
 

@@ -68,6 +68,18 @@ def estimate_memory(shape: ModelShape, hardware: Any, max_length: int) -> Memory
     )
 
 
+def check_accelerator(hardware: Any) -> None:
+    """A GPU target on a machine where torch sees no GPU stops before anything is built."""
+    import torch
+
+    if hardware.accelerator == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"hardware.accelerator=gpu, but torch {torch.__version__} sees no CUDA GPU on this "
+            "machine; pick a CPU target (hardware=cpu or hardware=cpu_fsdp) or run on a GPU "
+            "machine with a CUDA build of torch"
+        )
+
+
 def check_memory(
     shape: ModelShape, hardware: Any, max_length: int, model_name: str
 ) -> MemoryEstimate:

@@ -26,7 +26,7 @@ from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
 from arenaflow.train.allocator import retain_enabled, retained_heap
 from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
-from arenaflow.train.preflight import check_memory
+from arenaflow.train.preflight import check_accelerator, check_memory
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 
 def plan(cfg: DictConfig) -> TrainPlan:
+    check_accelerator(cfg.hardware)
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
     ddir = data_dir(cfg)
     local = io.download_dir(ddir, Path(cfg.paths.cache_dir) / "sft_dataset")
