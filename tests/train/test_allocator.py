@@ -15,7 +15,7 @@ from arenaflow.train.allocator import glibc, retain_enabled
 # lengths) and counts the page faults of the second. (Smaller, because whatever small object
 # lands in the freed block first would keep a same-size block from fitting there.)
 CHILD = r"""
-import json, resource, sys, torch
+import json, resource, sys, threading, torch
 from arenaflow.train.allocator import retained_heap
 
 def second_allocation_faults():
@@ -28,10 +28,18 @@ def second_allocation_faults():
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return faults[1]
 
+def in_a_new_thread():
+    out = []
+    worker = threading.Thread(target=lambda: out.append(second_allocation_faults()))
+    worker.start()
+    worker.join()
+    return out[0]
+
 with retained_heap(sys.argv[1] == "on") as active:
     inside = second_allocation_faults()
+    thread = in_a_new_thread()  # a thread's own arena would mmap blocks over 64 MiB
 after = second_allocation_faults()  # settings restored: back to glibc's behaviour
-print(json.dumps({"active": active, "inside": inside, "after": after}))
+print(json.dumps({"active": active, "inside": inside, "thread": thread, "after": after}))
 """
 
 
@@ -50,6 +58,9 @@ def test_retained_heap_reuses_freed_memory_and_restores_glibc_defaults() -> None
     # 192 MiB in 4 KiB pages is 49152 pages: glibc's default maps and faults them in every time
     assert default["inside"] > 10_000
     assert retained["inside"] < default["inside"] / 20  # reused from the heap: no new pages
+    # other threads (OpenMP workers, row threads) reuse the main heap's blocks as well
+    assert default["thread"] > 10_000
+    assert retained["thread"] < default["thread"] / 20
     # leaving the block gives memory back and allocates fresh pages again, like the default
     assert retained["after"] > default["inside"] / 2
 

@@ -8,6 +8,11 @@ kernel past its trim threshold. A training step allocates the same large buffers
 step pays page faults and kernel zero-filling for all of them again. Raising both thresholds keeps
 freed blocks in the heap for the next step; the process keeps its peak resident memory instead of
 returning it between steps (the memory preflight already budgets for that peak).
+
+Threads other than the main one (OpenMP's intra-op workers, `rows.RowThreads`) would each get an
+arena of their own, whose heaps glibc caps at 64 MiB: anything larger is mmap'd and unmapped on
+free whatever the thresholds say. So while the heap is retained, every thread allocates from the
+one main arena (`M_ARENA_MAX=1`); the few large allocations a step makes hardly contend for it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 GLIBC_START_THRESHOLD = 128 * 1024  # both thresholds' values when a process starts
 RETAIN_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from (and go back to) the heap
 
@@ -53,6 +60,11 @@ def _set_thresholds(libc: ctypes.CDLL, value: int) -> bool:
     )
 
 
+def default_arena_max() -> int:
+    """glibc's own limit on 64-bit: 8 arenas per core."""
+    return 8 * (os.cpu_count() or 1)
+
+
 @contextmanager
 def retained_heap(enabled: bool = True) -> Iterator[bool]:
     """Keep freed memory in the heap while the block runs; yields whether that is in effect.
@@ -62,7 +74,11 @@ def retained_heap(enabled: bool = True) -> Iterator[bool]:
     same process (a benchmark's next recipe) maps and unmaps its large blocks again.
     """
     libc = glibc() if enabled else None
-    active = libc is not None and _set_thresholds(libc, RETAIN_THRESHOLD)
+    active = (
+        libc is not None
+        and _set_thresholds(libc, RETAIN_THRESHOLD)
+        and bool(libc.mallopt(M_ARENA_MAX, 1))
+    )
     if enabled and not active:
         log.info("retain_freed_memory: the C library is not glibc; allocator left as it is")
     try:
@@ -70,4 +86,5 @@ def retained_heap(enabled: bool = True) -> Iterator[bool]:
     finally:
         if active:
             _set_thresholds(libc, GLIBC_START_THRESHOLD)
+            libc.mallopt(M_ARENA_MAX, default_arena_max())
             libc.malloc_trim(0)
