@@ -202,6 +202,8 @@ def bench_arenaflow(
     packing: bool,
     compile: str,
     retain: bool,
+    ranks: int,
+    split: bool,
     peak: float,
     micro: int,
     epochs: int,
@@ -214,7 +216,7 @@ def bench_arenaflow(
 
     from arenaflow.train import run
 
-    data = home / f"sft-{packing}-{compile}-{retain}"
+    data = home / f"sft-{packing}-{compile}-{retain}-{ranks}-{split}"
     DatasetDict(train=Dataset.from_list(samples)).save_to_disk(str(data))
     cfg = compose_config(
         [
@@ -229,9 +231,11 @@ def bench_arenaflow(
             "train.max_steps=-1",
             f"train.epochs={epochs}",
             f"train.global_batch_size={micro}",
-            f"hardware.micro_batch_size={micro}",
+            *(["hardware=cpu_fsdp"] if ranks > 1 else []),
+            f"hardware.micro_batch_size={micro // ranks}",
             f"hardware.peak_tflops={peak / 1e12}",
             f"hardware.retain_freed_memory={str(retain).lower()}",
+            *([] if split else ["hardware.batch_threads=1"]),
             "train.checkpoint_every_n_steps=0",
             "train.register=false",
             "train.resume=false",
@@ -250,8 +254,12 @@ def bench_arenaflow(
     ]
     per_epoch = len(steps) // epochs
     modes = ["compiled" if result["compiled"] else "eager"]
+    if result["batch_threads"] > 1:
+        modes.append(f"rows on {result['batch_threads']} threads")
     if not result.get("retained_heap"):
         modes.append("glibc default heap")
+    if ranks > 1:
+        modes.append(f"{ranks} ranks FSDP2")
     return {
         "recipe": f"arenaflow ({layout}, {', '.join(modes)})",
         **_measure(steps, per_epoch, shape, peak, head_tokens=True),
@@ -267,8 +275,10 @@ def main() -> None:
         "--variants",
         default="padding,packing,padding-compiled",
         help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
-        "with -compiled for train.compile=true and -noretain for "
-        "hardware.retain_freed_memory=false (glibc's default heap: large blocks unmapped on free)",
+        "with -compiled for train.compile=true, -noretain for hardware.retain_freed_memory=false "
+        "(glibc's default heap: large blocks unmapped on free), -nosplit for "
+        "hardware.batch_threads=1 (every op on all cores instead of rows split over threads) "
+        "and -fsdp for hardware=cpu_fsdp (2 ranks of one core each)",
     )
     parser.add_argument(
         "--rounds",
@@ -282,9 +292,22 @@ def main() -> None:
     variants = []
     for variant in args.variants.split(","):
         layout, *modes = variant.split("-")
-        if layout not in ("padding", "packing") or set(modes) - {"compiled", "noretain"}:
+        if layout not in ("padding", "packing") or set(modes) - {
+            "compiled",
+            "noretain",
+            "fsdp",
+            "nosplit",
+        }:
             parser.error(f"unknown variant {variant!r}")
-        variants.append((layout == "packing", "compiled" in modes, "noretain" not in modes))
+        variants.append(
+            (
+                layout == "packing",
+                "compiled" in modes,
+                "noretain" not in modes,
+                "fsdp" in modes,
+                "nosplit" not in modes,
+            )
+        )
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -324,7 +347,7 @@ def main() -> None:
         )
         results.append({"round": rnd, **baseline, "work_per_trained_token": work})
         _report(results, args.out, peak)
-        for packing, compiled, retain in variants:
+        for packing, compiled, retain, fsdp, split in variants:
             peak = measure_cpu_peak_flops(seconds=2.0)
             ours = bench_arenaflow(
                 samples,
@@ -333,6 +356,8 @@ def main() -> None:
                 packing,
                 "true" if compiled else "auto",
                 retain,
+                2 if fsdp else 1,
+                split,
                 peak,
                 args.micro_batch,
                 args.epochs,

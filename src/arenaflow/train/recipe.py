@@ -27,6 +27,7 @@ from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
 from arenaflow.train.allocator import retain_enabled, retained_heap
 from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
 from arenaflow.train.preflight import check_accelerator, check_memory
+from arenaflow.train.rows import batch_threads
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class TrainPlan:
     max_steps: int
     shape: dict[str, int]
     memory: dict[str, float] = field(default_factory=dict)
+    compile: bool = False
+    batch_threads: int = 1  # rows.RowThreads: threads splitting each CPU micro-batch
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +134,8 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 def plan(cfg: DictConfig) -> TrainPlan:
     check_accelerator(cfg.hardware)
+    compiled = compile_enabled(cfg.train.get("compile", False), str(cfg.hardware.accelerator))
+    threads = batch_threads(cfg.hardware, compiled)
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
     ddir = data_dir(cfg)
     local = io.download_dir(ddir, Path(cfg.paths.cache_dir) / "sft_dataset")
@@ -143,7 +148,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
     memory = {}
     if cfg.train.get("preflight", True):
         memory = check_memory(
-            shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name
+            shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name, threads
         ).as_dict()
     return TrainPlan(
         model_path=str(model_path),
@@ -156,6 +161,8 @@ def plan(cfg: DictConfig) -> TrainPlan:
         max_steps=int(cfg.train.max_steps),
         shape=asdict(shape),
         memory=memory,
+        compile=compiled,
+        batch_threads=threads,
     )
 
 
@@ -219,8 +226,9 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         grad_clip=tr.get("grad_clip"),
         strategy=str(hw.strategy),
         activation_checkpointing=bool(hw.activation_checkpointing),
-        compile=compile_enabled(tr.get("compile", False), str(hw.accelerator)),
+        compile=p.compile,
         trust_remote_code=bool(cfg.model.trust_remote_code),
+        batch_threads=p.batch_threads,
     )
     resume = latest_checkpoint(ckpt_dir) if tr.get("resume", True) else None
     if rank == 0 and resume is None:
@@ -406,6 +414,7 @@ def _finish(
         "data_counts": counts,
         "sharding": trainer.lightning_module.sharding,
         "compiled": trainer.lightning_module.compiled,
+        "batch_threads": p.batch_threads,
         "retained_heap": retained_heap,
         "history": history,
         "val_history": metrics_cb.val_history,
