@@ -235,7 +235,7 @@ def bench_arenaflow(
             f"hardware.micro_batch_size={micro // ranks}",
             f"hardware.peak_tflops={peak / 1e12}",
             f"hardware.retain_freed_memory={str(retain).lower()}",
-            *([] if split else ["hardware.batch_threads=1"]),
+            *(["hardware.batch_threads=auto"] if split else []),
             "train.checkpoint_every_n_steps=0",
             "train.register=false",
             "train.resume=false",
@@ -276,8 +276,9 @@ def main() -> None:
         default="padding,packing,padding-compiled",
         help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
         "with -compiled for train.compile=true, -noretain for hardware.retain_freed_memory=false "
-        "(glibc's default heap: large blocks unmapped on free), -nosplit for "
-        "hardware.batch_threads=1 (every op on all cores instead of rows split over threads) "
+        "(glibc's default heap: large blocks unmapped on free), -split for "
+        "hardware.batch_threads=auto (rows split over one-core threads instead of every op on "
+        "all cores) "
         "and -fsdp for hardware=cpu_fsdp (2 ranks of one core each)",
     )
     parser.add_argument(
@@ -296,7 +297,7 @@ def main() -> None:
             "compiled",
             "noretain",
             "fsdp",
-            "nosplit",
+            "split",
         }:
             parser.error(f"unknown variant {variant!r}")
         variants.append(
@@ -305,7 +306,7 @@ def main() -> None:
                 "compiled" in modes,
                 "noretain" not in modes,
                 "fsdp" in modes,
-                "nosplit" not in modes,
+                "split" in modes,
             )
         )
     logging.basicConfig(level=logging.WARNING)

@@ -120,16 +120,20 @@ def test_row_thread_pool_runs_one_intra_op_thread_per_worker() -> None:
 
 
 def test_batch_threads_setting(make_cfg) -> None:
-    cpu = make_cfg("hardware=cpu").hardware
+    assert make_cfg("hardware=cpu").hardware.batch_threads == 1  # off unless asked for
+    cpu = make_cfg("hardware=cpu", "hardware.batch_threads=auto").hardware
     torch.set_num_threads(2)
     assert batch_threads(cpu, compiled=False) == 2  # auto: torch's thread count
     torch.set_num_threads(1)
     assert batch_threads(cpu, compiled=False) == 1
     # auto keeps the plain path where it does not apply
     for target in ("cpu_fsdp", "gpu_1x"):
-        assert batch_threads(make_cfg(f"hardware={target}").hardware, compiled=False) == 1
+        hw = make_cfg(f"hardware={target}", "hardware.batch_threads=auto").hardware
+        assert batch_threads(hw, compiled=False) == 1
     assert batch_threads(cpu, compiled=True) == 1
-    bf16 = make_cfg("hardware=cpu", "hardware.precision=bf16-mixed").hardware
+    bf16 = make_cfg(
+        "hardware=cpu", "hardware.batch_threads=auto", "hardware.precision=bf16-mixed"
+    ).hardware
     assert batch_threads(bf16, compiled=False) == 1
     assert batch_threads(make_cfg("hardware=cpu", "hardware.batch_threads=3").hardware, False) == 3
     with pytest.raises(ValueError, match="strategy=fsdp"):
