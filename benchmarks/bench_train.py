@@ -195,28 +195,34 @@ def bench_fastchat(
     return {"recipe": "fastchat (HF Trainer, pad to 512)", **result}
 
 
+# a variant's modes (`padding-compiled-split`, ...) and the settings each one changes
+VARIANT_MODES = {
+    "compiled": ["train.compile=true"],
+    "noretain": ["hardware.retain_freed_memory=false"],
+    "split": ["hardware.batch_threads=auto"],
+    "fsdp": ["hardware=cpu_fsdp"],
+}
+
+
 def bench_arenaflow(
     samples: list[dict],
     home: Path,
     cache: Path,
     packing: bool,
-    compile: str,
-    retain: bool,
-    ranks: int,
-    split: bool,
+    modes: list[str],
     peak: float,
     micro: int,
     epochs: int,
     shape,
 ) -> dict:
-    """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing;
-    decoder layers compiled or not: train.compile=auto|true; glibc heap retained or not:
-    hardware.retain_freed_memory)."""
+    """arenaflow's recipe through its real entry point (Lightning, dynamic padding or packing),
+    with the recipe's own settings (train.compile=auto) changed by the VARIANT_MODES given."""
     from datasets import Dataset, DatasetDict
 
     from arenaflow.train import run
 
-    data = home / f"sft-{packing}-{compile}-{retain}-{ranks}-{split}"
+    ranks = 2 if "fsdp" in modes else 1
+    data = home / "-".join(["sft", str(packing), *modes])
     DatasetDict(train=Dataset.from_list(samples)).save_to_disk(str(data))
     cfg = compose_config(
         [
@@ -227,18 +233,16 @@ def bench_arenaflow(
             f"train.data_uri={data}",
             f"train.max_length={MAX_LENGTH}",
             f"train.packing={str(packing).lower()}",
-            f"train.compile={compile}",
+            "train.compile=auto",
             "train.max_steps=-1",
             f"train.epochs={epochs}",
             f"train.global_batch_size={micro}",
-            *(["hardware=cpu_fsdp"] if ranks > 1 else []),
             f"hardware.micro_batch_size={micro // ranks}",
             f"hardware.peak_tflops={peak / 1e12}",
-            f"hardware.retain_freed_memory={str(retain).lower()}",
-            *(["hardware.batch_threads=auto"] if split else []),
             "train.checkpoint_every_n_steps=0",
             "train.register=false",
             "train.resume=false",
+            *(o for mode in modes for o in VARIANT_MODES[mode]),
         ]
     )
     result = run(cfg)
@@ -253,15 +257,15 @@ def bench_arenaflow(
         for r in read_history(Path(result["path"]).parent)
     ]
     per_epoch = len(steps) // epochs
-    modes = ["compiled" if result["compiled"] else "eager"]
+    label = ["compiled" if result["compiled"] else "eager"]
     if result["batch_threads"] > 1:
-        modes.append(f"rows on {result['batch_threads']} threads")
+        label.append(f"rows on {result['batch_threads']} threads")
     if not result.get("retained_heap"):
-        modes.append("glibc default heap")
+        label.append("glibc default heap")
     if ranks > 1:
-        modes.append(f"{ranks} ranks FSDP2")
+        label.append(f"{ranks} ranks FSDP2")
     return {
-        "recipe": f"arenaflow ({layout}, {', '.join(modes)})",
+        "recipe": f"arenaflow ({layout}, {', '.join(label)})",
         **_measure(steps, per_epoch, shape, peak, head_tokens=True),
     }
 
@@ -293,22 +297,9 @@ def main() -> None:
     variants = []
     for variant in args.variants.split(","):
         layout, *modes = variant.split("-")
-        if layout not in ("padding", "packing") or set(modes) - {
-            "compiled",
-            "noretain",
-            "fsdp",
-            "split",
-        }:
+        if layout not in ("padding", "packing") or set(modes) - set(VARIANT_MODES):
             parser.error(f"unknown variant {variant!r}")
-        variants.append(
-            (
-                layout == "packing",
-                "compiled" in modes,
-                "noretain" not in modes,
-                "fsdp" in modes,
-                "split" in modes,
-            )
-        )
+        variants.append((layout == "packing", modes))
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -348,17 +339,14 @@ def main() -> None:
         )
         results.append({"round": rnd, **baseline, "work_per_trained_token": work})
         _report(results, args.out, peak)
-        for packing, compiled, retain, fsdp, split in variants:
+        for packing, modes in variants:
             peak = measure_cpu_peak_flops(seconds=2.0)
             ours = bench_arenaflow(
                 samples,
                 home,
                 cache,
                 packing,
-                "true" if compiled else "auto",
-                retain,
-                2 if fsdp else 1,
-                split,
+                modes,
                 peak,
                 args.micro_batch,
                 args.epochs,

@@ -263,11 +263,10 @@ class ChatLM(L.LightningModule):
         gradients between `training_step` and `backward`, so the backward cannot start here.)
         """
         assert self.row_threads is not None and self.model is not None
-        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         shares = split_rows(batch, self.row_threads.n)
-        self.row_parts = self.row_threads.map(
-            lambda share: labelled_loss_sum(self.model, share)[0], shares
-        )
+        results = self.row_threads.map(lambda share: labelled_loss_sum(self.model, share), shares)
+        self.row_parts = [loss_sum for loss_sum, _ in results]
+        labelled = sum(int(n) for _, n in results)
         return torch.stack(self.row_parts).sum() / max(labelled, 1), labelled
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:

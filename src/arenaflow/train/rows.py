@@ -54,17 +54,13 @@ def batch_threads(hardware: Any, compiled: bool) -> int:
     return setting
 
 
-def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    return [int(n) for n in batch["attention_mask"].sum(dim=1)]
-
-
 def split_rows(batch: dict[str, torch.Tensor], shares: int) -> list[dict[str, torch.Tensor]]:
     """Cut a collated micro-batch into at most `shares` sub-batches of whole rows with about equal
     tokens (longest row first onto the lightest share), each cut to its own longest row.
 
     Per-row tensors ([rows, T]) are split; per-batch scalars (`attn_sq`, `packed`) are kept.
     """
-    lengths = row_lengths(batch)
+    lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
     shares = max(1, min(shares, len(lengths)))
     groups: list[list[int]] = [[] for _ in range(shares)]
     load = [0] * shares
