@@ -24,6 +24,13 @@ from pipelines.definitions import build_definitions
 from pipelines.resources import HydraConfigResource, redact_overrides
 
 FINGERPRINT_TAG = "arenaflow/fingerprint"
+CALIBRATION_FIGURES = (
+    "single_separation",
+    "pairwise_accuracy",
+    "swap_consistency",
+    "tie_rate",
+    "parse_failure_rate",
+)
 ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always check/roll it
 # Top-level config sections that no asset of a group reads (they belong to later stages or to
 # the terminal chat); every other section, resolved, is part of the group's fingerprint. Groups
@@ -164,9 +171,19 @@ def report(
             ],
             ["model", "turn 1", "turn 2", "avg"],
         )
-    board = (_value(defs, instance, "leaderboard") or {}).get("rows") or []
+    lb = _value(defs, instance, "leaderboard") or {}
+    board = lb.get("rows") or []
+    calibration = lb.get("judge_calibration") or {}
+    if calibration:
+        mark = "passed" if calibration.get("passed") else "FAILED"
+        lines += ["", f"judge calibration: {mark}: {calibration.get('summary')}"]
+        figures = calibration.get("figures") or {}
+        shown = [f"{k} {_f(figures.get(k))}" for k in CALIBRATION_FIGURES]
+        lines.append("  " + ", ".join(shown))
     if board:
         lines += ["", "leaderboard (Bradley-Terry, 95% bootstrap CI; W/T/L in judged battles):"]
+        if calibration and not calibration.get("passed"):
+            lines.append("  (uncalibrated judge: these ratings cannot move the champion)")
         human = any(r.get("human_battles") for r in board)
         rows = []
         for r in board:
@@ -185,9 +202,12 @@ def report(
         lines += _table(rows, head + (["human"] if human else []), left=2)
     champ = _value(defs, instance, "champion_model") or {}
     if champ:
-        lines.append(
-            f"champion: {champ.get('model_uri')} (promoted={champ.get('promoted')}: {champ.get('reason')})"
-        )
+        served = f"v{champ.get('version')} ({champ.get('served_role')})"
+        lines += [
+            "",
+            f"champion: {champ.get('model_uri')} = {served}, {champ.get('outcome')}",
+            f"  {champ.get('reason')}",
+        ]
     dep = _value(defs, instance, "serving_deployment") or {}
     if dep.get("url"):
         url = dep["url"].rstrip("/")

@@ -14,6 +14,7 @@ OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "judge"}
 PARSE_CHECK = "judge_parse_failures_below_threshold"
 CONSISTENCY_CHECK = "judge_position_consistency"
+CALIBRATION_CHECK = "judge_calibration"
 
 
 def _rate(value: float | None) -> str:
@@ -38,6 +39,14 @@ def _samples(uri: str, n: int = 6) -> str:
     return md_table(rows) if rows else "_none_"
 
 
+def _marked(table: str, calibration: dict[str, Any]) -> str:
+    """A table whose judge failed calibration opens with a warning line."""
+    if calibration.get("passed"):
+        return table
+    note = calibration.get("summary") or "the judge was not calibrated"
+    return f"**Uncalibrated judge: read these figures with care.** {note}\n\n{table}"
+
+
 @dg.asset(
     group_name="evaluate",
     owners=OWNERS,
@@ -46,6 +55,11 @@ def _samples(uri: str, n: int = 6) -> str:
     check_specs=[
         dg.AssetCheckSpec(PARSE_CHECK, asset="mt_bench_judgments"),
         dg.AssetCheckSpec(CONSISTENCY_CHECK, asset="mt_bench_judgments"),
+        dg.AssetCheckSpec(
+            CALIBRATION_CHECK,
+            asset="mt_bench_judgments",
+            description="The judge tells reference answers from null ones (only then may it promote).",
+        ),
     ],
     description="Single and pairwise MT-bench judgments by the LLM judge (FastChat JSONL), cached.",
 )
@@ -67,6 +81,9 @@ def mt_bench_judgments(
         base_model_path=base_model.get("path"),
     )
     health = out["health"]
+    calibration = out["calibration"]
+    if not calibration["passed"]:
+        context.log.warning(calibration["summary"])
     if out["budget_message"]:
         context.log.warning(out["budget_message"])
     health_rows = [{"metric": k, "value": v} for k, v in health.items()]
@@ -78,6 +95,7 @@ def mt_bench_judgments(
             "competitors": out["competitors"],
             "counts": out["counts"],
             "health": health,
+            "calibration": calibration,
         },
         metadata={
             **meta,
@@ -97,6 +115,12 @@ def mt_bench_judgments(
             "skipped": counts_md(out["skipped"] or {"none": 0}),
             "budget": dg.MetadataValue.text(out["budget_message"] or "within budget"),
             "sample_single_judgments": dg.MetadataValue.md(_samples(out["single_uri"])),
+            "judge_calibrated": calibration["passed"],
+            "calibration": dg.MetadataValue.md(
+                f"{calibration['summary']}\n\n{md_table(calibration['checks'])}"
+            ),
+            "calibration_uri": dg.MetadataValue.path(calibration["uri"]),
+            "calibration_calls": out["counts"]["calibration_calls"],
             **mlflow_link(out["mlflow_url"]),
         },
     )
@@ -125,6 +149,17 @@ def mt_bench_judgments(
         ),
         metadata={"position_consistency": float(consistency if consistency is not None else 1.0)},
     )
+    figures = calibration["figures"]
+    yield dg.AssetCheckResult(
+        check_name=CALIBRATION_CHECK,
+        passed=bool(calibration["passed"]),
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=calibration["summary"],
+        metadata={
+            "checks": dg.MetadataValue.md(md_table(calibration["checks"])),
+            **{k: float(v) for k, v in figures.items() if isinstance(v, int | float)},
+        },
+    )
 
 
 @dg.asset(
@@ -145,6 +180,7 @@ def mt_bench_scores(
     out = score(
         cfg, single_uri=mt_bench_judgments["single_uri"], pair_uri=mt_bench_judgments["pair_uri"]
     )
+    calibration = mt_bench_judgments.get("calibration") or {}
     table = [
         {"model": m, **s, "unparsed (excluded)": out["unparsed"][m]}
         for m, s in out["scores"].items()
@@ -164,7 +200,11 @@ def mt_bench_scores(
             **meta,
             "uri": dg.MetadataValue.path(out["uri"]),
             "judge_model": out["judge_model"],
-            "mt_bench": dg.MetadataValue.md(md_table(table)),
+            "judge_calibrated": bool(calibration.get("passed")),
+            "judge_calibration": dg.MetadataValue.text(
+                calibration.get("summary") or "the judge was not calibrated"
+            ),
+            "mt_bench": dg.MetadataValue.md(_marked(md_table(table), calibration)),
             "by_category": dg.MetadataValue.md(md_table(cat_rows)),
             "radar": png_md(radar, "MT-bench by category"),
             "pairwise": dg.MetadataValue.md(md_table(pair_rows) if pair_rows else "_no pairs_"),

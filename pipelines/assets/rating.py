@@ -52,6 +52,32 @@ def ratings_table(ratings: dict[str, dict[str, Any] | None]) -> str:
     return md_table(table)
 
 
+def paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
+    """rating(a) - rating(b) with its paired bootstrap interval and P(a > b), each pair once."""
+    rows, seen = [], set()
+    for a, others in paired.items():
+        for b, p in others.items():
+            if (b, a) in seen:
+                continue
+            seen.add((a, b))
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "a - b": f"{p['diff']:+.1f}",
+                    "interval": f"[{p['lower']:+.1f}, {p['upper']:+.1f}]",
+                    "P(a > b)": f"{p['p_better']:.2f}",
+                }
+            )
+    return md_table(rows) if rows else "_one model: nothing to compare_"
+
+
+def _calibration_note(calibration: dict[str, Any]) -> str:
+    if calibration.get("passed"):
+        return ""
+    return f"**Uncalibrated judge: these ratings cannot move the champion.** {calibration['summary']}\n\n"
+
+
 def _png(uri: str) -> bytes:
     fs, path = io.fs_for(uri)
     with fs.open(path, "rb") as f:
@@ -94,6 +120,7 @@ def battles(
                 "pair_uri",
                 "judge_model",
                 "human_votes",
+                "judge_calibration",
             )
         },
         metadata={
@@ -170,12 +197,21 @@ def leaderboard(
                 "pair_uri",
                 "judge_model",
                 "run_id",
+                "paired",
+                "judge_calibration",
+                "battles_by_source",
             )
         },
         metadata={
             **meta,
             "uri": dg.MetadataValue.path(out["uri"]),
-            "leaderboard": dg.MetadataValue.md(md_table(out["rows"], LEADERBOARD_COLUMNS)),
+            "leaderboard": dg.MetadataValue.md(
+                _calibration_note(out["judge_calibration"])
+                + md_table(out["rows"], LEADERBOARD_COLUMNS)
+            ),
+            "judge_calibrated": bool(out["judge_calibration"].get("passed")),
+            "judge_calibration": dg.MetadataValue.text(str(out["judge_calibration"]["summary"])),
+            "paired_differences": dg.MetadataValue.md(paired_table(out["paired"])),
             "rating_on": dg.MetadataValue.text(out["rating_on"]),
             "ratings": dg.MetadataValue.md(ratings_table(out["ratings"])),
             **{
@@ -199,13 +235,33 @@ def leaderboard(
     )
 
 
+DECISION_FIELDS = (
+    "outcome",
+    "challenger",
+    "challenger_version",
+    "challenger_rating",
+    "incumbent",
+    "incumbent_version",
+    "incumbent_rating",
+    "diff",
+    "diff_lower",
+    "diff_upper",
+    "p_better",
+    "comparison",
+    "margin",
+    "ci_level",
+    "version",
+    "served_role",
+)
+
+
 @dg.asset(
     group_name="rating",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version="2",
     kinds={"mlflow"},
-    description="Moves the registry alias `champion` to the best rated local model unless it rates below the champion's lower CI bound.",
+    description="The registry alias `champion`: the base first, then a challenger that beats it in a paired bootstrap comparison judged by a calibrated judge.",
 )
 def champion_model(
     context: dg.AssetExecutionContext,
@@ -213,42 +269,59 @@ def champion_model(
     config: StageConfig,
     leaderboard: dict[str, Any],
     finetuned_model: dict[str, Any],
+    base_model: dict[str, Any],
 ) -> dg.Output[dict[str, Any]]:
-    """Moves the registry alias `champion` to the best rated local model unless it rates below
-    the champion's lower CI bound (rule: arenaflow.rating.promote)."""
+    """The registry alias `champion`: the base first, then a challenger that beats it in a paired
+    bootstrap comparison judged by a calibrated judge (rule: arenaflow.rating.promote)."""
     cfg, meta = stage_config(context, hydra, config)
-    out = promote_champion(cfg, leaderboard, finetuned_model)
+    out = promote_champion(cfg, leaderboard, finetuned_model, base_model)
     context.log.info("champion: %s", out["reason"])
-    decision = [
-        {"field": k, "value": out[k]}
-        for k in (
-            "promoted",
-            "candidate",
-            "candidate_version",
-            "candidate_rating",
-            "previous_champion",
-            "bar",
-            "bar_source",
-            "version",
-        )
-    ]
+    calibration = out.get("judge_calibration") or {}
     return dg.Output(
         value={
             k: out[k]
-            for k in ("model_uri", "version", "promoted", "reason", "candidate_version", "run_id")
+            for k in (
+                "model_uri",
+                "version",
+                "promoted",
+                "outcome",
+                "reason",
+                "served_role",
+                "challenger",
+                "challenger_version",
+                "incumbent_version",
+                "diff",
+                "diff_lower",
+                "diff_upper",
+                "p_better",
+                "ci_level",
+                "competitor_versions",
+                "run_id",
+            )
         },
         metadata={
             **meta,
             "promoted": out["promoted"],
+            "outcome": out["outcome"],
             "reason": dg.MetadataValue.md(out["reason"]),
             "model_uri": str(out["model_uri"]),
             "champion_version": str(out["version"]),
-            "decision": dg.MetadataValue.md(md_table(decision)),
+            "served": dg.MetadataValue.text(
+                f"v{out['version']} ({out['served_role']})" if out["version"] else "nothing"
+            ),
+            **({"p_better": float(out["p_better"])} if out["p_better"] is not None else {}),
+            "decision": dg.MetadataValue.md(
+                md_table([{"field": k, "value": out[k]} for k in DECISION_FIELDS])
+            ),
+            "judge_calibrated": bool(calibration.get("passed")),
+            "judge_calibration": dg.MetadataValue.text(str(calibration.get("summary"))),
             "rule": dg.MetadataValue.md(
-                "Promote the best rated competitor with a registry version unless its rating is "
-                "below the champion's lower CI bound: from this leaderboard when the champion is a "
-                "competitor, else from the rating tags on the champion's version when they were "
-                f"rated on the same scale (this run: `{out['scale']}`); otherwise the alias stays."
+                "The base model is the first champion. The best rated registered challenger "
+                "replaces the champion only when the lower end of the paired bootstrap interval "
+                f"of rating(challenger) - rating(champion) is above {out['margin']:g} "
+                f"(`rating.promote_margin`), and only if the judge passed calibration; a champion "
+                "that is not a competitor is compared through its version tags on the same scale "
+                f"(this run: `{out['scale']}`)."
             ),
             "competitor_versions": dg.MetadataValue.json(out["competitor_versions"]),
             "not_candidates": dg.MetadataValue.json(out["not_candidates"]),

@@ -14,7 +14,7 @@ import dagster as dg
 from arenaflow import io
 from arenaflow.config import REPO_ROOT
 from arenaflow.plots import line, to_png
-from arenaflow.train import plan, resolve_base
+from arenaflow.train import plan, register_base, resolve_base
 from arenaflow.train.reporting import REPORTER_ENV
 from pipelines.metadata import md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
@@ -30,15 +30,17 @@ TAGS = {"stage": "train"}
     tags=TAGS,
     code_version="1",
     kinds={"huggingface"},
-    description="A local Hugging Face checkpoint of the base model, with its tokenizer and chat template.",
+    description="A local Hugging Face checkpoint of the base model, with its tokenizer and chat template, registered as the first incumbent.",
 )
 def base_model(
     context: dg.AssetExecutionContext, hydra: HydraConfigResource, config: StageConfig
 ) -> dg.Output[dict[str, Any]]:
-    """A local Hugging Face checkpoint of the base model, with its tokenizer and chat template."""
+    """A local Hugging Face checkpoint of the base model, with its tokenizer and chat template,
+    registered once as a version of the tracked model (the first incumbent of `champion`)."""
     cfg, meta = stage_config(context, hydra, config)
     info = resolve_base(cfg)
-    value = {k: info[k] for k in ("path", "name", "chat_template_hash")}
+    registered = register_base(cfg, info)
+    value = {k: info[k] for k in ("path", "name", "chat_template_hash")} | registered
     arch = [
         {"field": k, "value": info[k]}
         for k in (
@@ -57,6 +59,7 @@ def base_model(
             "path": dg.MetadataValue.path(info["path"]),
             "name": info["name"],
             "n_params": info["n_params"],
+            "model_uri": registered["model_uri"] or "(not registered: tracking is off)",
             "chat_template_hash": info["chat_template_hash"],
             "architecture": dg.MetadataValue.md(md_table(arch)),
             "chat_template": dg.MetadataValue.md(f"```jinja\n{info['chat_template']}\n```"),

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,42 @@ class StandIn:
     script: list[str] = field(default_factory=list)
     hits: list[dict[str, Any]] = field(default_factory=list)
     auth: set[str] = field(default_factory=set)
+    policy: Callable[[dict[str, Any]], str] | None = None  # the reply text; None: default_reply
+
+
+def section(text: str, name: str) -> str | None:
+    """The text between FastChat's `[The Start of <name>]` and `[The End of <name>]` markers."""
+    start, end = f"[The Start of {name}]\n", f"\n[The End of {name}]"
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i != -1 else -1
+    return text[i + len(start) : j] if j != -1 else None
+
+
+def reference_reply(system: str, user: str) -> str | None:
+    """A judge that knows the reference: the answer equal to it wins (calibration anchors)."""
+    ref = section(user, "Reference Answer")
+    if ref is None:
+        return None
+    if "[[A]]" in system:
+        a, b = section(user, "Assistant A's Answer"), section(user, "Assistant B's Answer")
+        if a == ref != b:
+            return "A matches the reference. [[A]]"
+        if b == ref != a:
+            return "B matches the reference. [[B]]"
+        return None
+    if section(user, "Assistant's Answer") == ref:
+        return "Matches the reference. Rating: [[9]]"
+    return None
 
 
 def default_reply(body: dict[str, Any]) -> str:
-    """Deterministic verdicts that depend on the answers, not their position: GOOD beats meh."""
+    """Deterministic verdicts that depend on the answers, not their position: the reference
+    answer beats anything else, GOOD beats meh."""
     system = body["messages"][0]["content"]
     user = body["messages"][1]["content"]
+    by_reference = reference_reply(system, user)
+    if by_reference is not None:
+        return by_reference
     if "[[A]]" in system:
         first_good = user.find(GOOD)
         b_start = user.find("Assistant B")
@@ -92,7 +122,7 @@ def make_app(state: StandIn) -> FastAPI:
         elif action == "malformed":
             text = "I cannot decide; both answers have merit."
         else:
-            text = default_reply(body)
+            text = (state.policy or default_reply)(body)
         return JSONResponse(
             {
                 "id": f"cmpl-{len(state.hits)}",
@@ -174,6 +204,9 @@ def api_overrides(url: str, **extra: Any) -> list[str]:
         "judge.backoff_base": 0.01,
         "judge.retries": 3,
         "judge.logprob_recovery": False,
+        # These tests count the calls on the judged answers; the calibration's own calls are
+        # tested in test_calibration.py (with no items the judge is uncalibrated).
+        "judge.calibration.per_category": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

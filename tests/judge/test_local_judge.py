@@ -47,12 +47,21 @@ def test_local_judge_end_to_end_on_tiny_model(
 
     client = tracker_from_cfg(cfg).client
     logged = client.get_run(result["run_id"]).data.metrics
-    assert logged["judge/calls_made"] == 16 and logged["judge/parse_failure_rate"] == 1.0
+    # 8 judged calls + 30 calibration calls (3 questions x 10), each recovered from logprobs
+    assert logged["judge/calls_made"] == (8 + 30) * 2 and logged["judge/parse_failure_rate"] == 1.0
+    assert logged["calibration/calls"] == 30 and logged["calibration/passed"] == 0.0
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "judgments")}
-    assert artifacts == {"judgments/tiny-judge_single.jsonl", "judgments/tiny-judge_pair.jsonl"}
+    assert artifacts == {
+        "judgments/tiny-judge_single.jsonl",
+        "judgments/tiny-judge_pair.jsonl",
+        "judgments/tiny-judge_calibration.jsonl",
+    }
+    # a random model cannot tell a reference answer from "I don't know."
+    assert result["calibration"]["passed"] is False
+    assert "failed calibration" in result["calibration"]["summary"]
 
     again = judge(cfg, **kwargs)
-    assert again["counts"]["calls_made"] == 0 and again["counts"]["calls_cached"] == 8
+    assert again["counts"]["calls_made"] == 0 and again["counts"]["calls_cached"] == 8 + 30
     assert read_rows(again["single_uri"])[0]["score"] == singles[0]["score"]
 
     scores = score(cfg)

@@ -10,6 +10,7 @@ from arenaflow import io
 from arenaflow.judging.prompts import package_data_dir
 from pipelines.assets.evaluate import competitors_partitions
 from pipelines.assets.judge import (
+    CALIBRATION_CHECK,
     CONSISTENCY_CHECK,
     PARSE_CHECK,
     mt_bench_judgments,
@@ -119,14 +120,22 @@ def test_materialize_judgments_and_scores(
     meta = result.asset_materializations_for_node("mt_bench_judgments")[0].metadata
     # 16 judge replies (8 single + 2 x 4 pairwise), none with a verdict, each read from logprobs
     assert judged["counts"]["verdict_logprobs"] == 16
-    assert meta["calls_made"].value == 16 + 16 and meta["calls_cached"].value == 0
+    # + 30 calibration calls (3 questions x 10), each recovered from logprobs too
+    assert meta["calls_made"].value == (16 + 30) * 2 and meta["calls_cached"].value == 0
+    assert meta["calibration_calls"].value == 30 and meta["judge_calibrated"].value is False
     assert "mlflow_run" not in meta or meta["mlflow_run"].value.startswith("http")
     score_meta = result.asset_materializations_for_node("mt_bench_scores")[0].metadata
     assert "data:image/png;base64," in score_meta["radar"].value
     assert "finetuned" in score_meta["mt_bench"].value
 
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert set(checks) == {PARSE_CHECK, CONSISTENCY_CHECK}
+    assert set(checks) == {PARSE_CHECK, CONSISTENCY_CHECK, CALIBRATION_CHECK}
+    # a random tiny model cannot tell reference answers from null ones: it may not promote
+    assert checks[CALIBRATION_CHECK].passed is False
+    assert checks[CALIBRATION_CHECK].severity == dg.AssetCheckSeverity.ERROR
+    assert "failed calibration" in checks[CALIBRATION_CHECK].description
+    assert judged["calibration"]["passed"] is False
+    assert "Uncalibrated judge" in score_meta["mt_bench"].value
     # a random tiny model writes no verdict: the parse-failure check warns
     assert checks[PARSE_CHECK].passed is False
     assert checks[PARSE_CHECK].severity == dg.AssetCheckSeverity.WARN

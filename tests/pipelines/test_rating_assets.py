@@ -47,13 +47,35 @@ def pair_rows(winner_by_q: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
     return rows
 
 
-def upstream_assets(overrides: list[str], judged: list[dict[str, Any]], ckpt: Path) -> list:
+CALIBRATED = {"passed": True, "summary": "judge passed calibration on 3 questions", "figures": {}}
+
+
+def upstream_assets(
+    overrides: list[str],
+    judged: list[dict[str, Any]],
+    ckpt: Path,
+    calibration: dict[str, Any] = CALIBRATED,
+) -> list:
     @dg.asset(name="mt_bench_judgments")
     def judgments_stub() -> dict[str, Any]:
         cfg = compose_config(overrides)
         uri = io.artifact_uri(cfg, "mt_bench", "mt_bench", "model_judgment", "judge_pair.jsonl")
         io.write_jsonl(uri, judged)
-        return {"pair_uri": uri, "single_uri": None, "judge_model": "smollm2-135m-instruct"}
+        return {
+            "pair_uri": uri,
+            "single_uri": None,
+            "judge_model": "smollm2-135m-instruct",
+            "calibration": calibration,
+        }
+
+    @dg.asset(name="base_model")
+    def base_stub() -> dict[str, Any]:
+        """The real registration of a base checkpoint (once: a second run reuses the version)."""
+        from arenaflow.train import register_base
+
+        cfg = compose_config(overrides)
+        info = {"path": str(ckpt), "name": "tiny-llama", "chat_template_hash": "x"}
+        return {**info, **register_base(cfg, info)}
 
     @dg.asset(name="mt_bench_scores")
     def scores_stub() -> dict[str, Any]:
@@ -82,12 +104,12 @@ def upstream_assets(overrides: list[str], judged: list[dict[str, Any]], ckpt: Pa
             "chat_template_hash": "x",
         }
 
-    return [judgments_stub, scores_stub, finetuned_stub]
+    return [judgments_stub, scores_stub, finetuned_stub, base_stub]
 
 
-def materialize(overrides, judged, ckpt, instance) -> dg.ExecuteInJobResult:
+def materialize(overrides, judged, ckpt, instance, **kw) -> dg.ExecuteInJobResult:
     return dg.materialize(
-        [*upstream_assets(overrides, judged, ckpt), battles, leaderboard, champion_model],
+        [*upstream_assets(overrides, judged, ckpt, **kw), battles, leaderboard, champion_model],
         resources={"hydra": HydraConfigResource(overrides=overrides)},
         instance=instance,
     )
@@ -141,34 +163,76 @@ def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ck
         assert lmeta[plot].value.startswith("![")
     assert "mlflow_run" in lmeta
 
+    # The base is registered (v1) and becomes the first champion; the fine-tune (v2) won 4 and
+    # tied 2 of 6 battles, lost none: its paired interval against the base is above zero.
     champ = result.output_for_node("champion_model")
-    assert champ["promoted"] is True and champ["version"] == "1"
+    assert champ["promoted"] is True and champ["version"] == "2", champ["reason"]
     assert champ["model_uri"] == "models:/arenaflow-chat@champion"
+    assert champ["incumbent_version"] == "1" and champ["diff_lower"] > 0
+    assert champ["p_better"] > 0.95 and champ["served_role"] == "fine-tuned"
+    paired = lb["paired"]["finetuned"]["base"]
+    assert champ["diff"] == pytest.approx(paired["diff"]) and paired["lower"] > 0
+    assert "| finetuned | base |" in lmeta["paired_differences"].value
     cfg = compose_config(overrides)
     tracker = tracker_from_cfg(cfg)
-    v1 = tracker.get_version("arenaflow-chat", alias="champion")
-    assert v1.version == "1"
-    assert v1.tags["arenaflow.lineage.data_hash"] == "d4t4"
-    assert v1.tags["arenaflow.lineage.judgments"].endswith("judge_pair.jsonl")
-    assert float(v1.tags["arenaflow.rating"]) == pytest.approx(
+    base_v = tracker.get_version("arenaflow-chat", version="1")
+    assert base_v.tags["arenaflow.role"] == "base" and base_v.tags["arenaflow.promoted_at"]
+    v2 = tracker.get_version("arenaflow-chat", alias="champion")
+    assert v2.version == "2" and v2.tags["arenaflow.promoted_over"] == "1"
+    assert v2.tags["arenaflow.lineage.data_hash"] == "d4t4"
+    assert v2.tags["arenaflow.lineage.judgments"].endswith("judge_pair.jsonl")
+    assert float(v2.tags["arenaflow.rating"]) == pytest.approx(
         by_model["finetuned"]["rating"], abs=0.01
     )
-    assert v1.tags["arenaflow.rating_scale"].startswith("anchor=base@1000")
+    assert v2.tags["arenaflow.rating_scale"].startswith("anchor=base@1000")
+    assert float(v2.tags["arenaflow.vs_champion_p_better"]) > 0.95
+    meta = result.asset_materializations_for_node("champion_model")[0].metadata
+    assert meta["outcome"].value == "promoted" and meta["served"].value == "v2 (fine-tuned)"
+    assert "promoted finetuned (v2) over champion v1 (base)" in meta["reason"].value
 
-    # Second run: a new finetuned version (v2) that loses every battle to base. The champion (v1)
-    # is not a competitor, so its rating tags on the same anchored scale set the bar.
+    # Second run: a new fine-tune (v3) that loses every battle to the base; the base version is
+    # reused. The champion (v2) is not a competitor: its tags on the anchored scale are the bar.
     bad = pair_rows({q: ("model_2", "model_2") for q in QUESTIONS})
     result2 = materialize(overrides, bad, ckpt, instance)
     assert result2.success
+    assert result2.output_for_node("base_model")["version"] == "1"
     champ2 = result2.output_for_node("champion_model")
-    assert champ2["promoted"] is False and champ2["candidate_version"] == "2"
-    assert champ2["version"] == "1"
-    assert "champion's version tags" in champ2["reason"] and "the alias stays" in champ2["reason"]
-    assert tracker.get_version("arenaflow-chat", alias="champion").version == "1"
-    v2 = tracker.get_version("arenaflow-chat", version="2")
-    assert float(v2.tags["arenaflow.rating"]) < 1000.0
+    # The best rated challenger is now the base itself, which cannot reach v2's recorded rating.
+    assert champ2["promoted"] is False and champ2["challenger"] == "base"
+    assert champ2["competitor_versions"] == {"finetuned": "3", "base": "1"}
+    assert champ2["version"] == "2" and champ2["outcome"] == "kept"
+    assert "version tags" in champ2["reason"] and "not significantly better" in champ2["reason"]
+    assert tracker.get_version("arenaflow-chat", alias="champion").version == "2"
+    v3 = tracker.get_version("arenaflow-chat", version="3")
+    assert float(v3.tags["arenaflow.rating"]) < 1000.0
     meta2 = result2.asset_materializations_for_node("champion_model")[0].metadata
-    assert meta2["promoted"].value is False and "lower CI bound" in meta2["reason"].value
+    assert meta2["promoted"].value is False and meta2["outcome"].value == "kept"
+
+
+def test_an_uncalibrated_judge_rates_but_cannot_promote(af_home, model_cache, ckpt) -> None:
+    overrides = [
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "rating.bootstrap_rounds=40",
+    ]
+    failed = {
+        "passed": False,
+        "summary": "judge j failed calibration (pairwise_accuracy 0.33 < 0.75); use judge=gpt4",
+        "figures": {"pairwise_accuracy": 0.33},
+    }
+    sweep = pair_rows({q: ("model_1", "model_1") for q in QUESTIONS})  # finetuned wins all
+    result = materialize(overrides, sweep, ckpt, dg.DagsterInstance.ephemeral(), calibration=failed)
+    assert result.success
+    lb = result.output_for_node("leaderboard")
+    assert lb["rows"][0]["model"] == "finetuned" and lb["judge_calibration"]["passed"] is False
+    lmeta = result.asset_materializations_for_node("leaderboard")[0].metadata
+    assert lmeta["judge_calibrated"].value is False
+    assert "Uncalibrated judge" in lmeta["leaderboard"].value
+    champ = result.output_for_node("champion_model")
+    assert champ["promoted"] is False and champ["version"] == "1"  # the base stays
+    assert champ["diff_lower"] > 0  # the evidence would have promoted it
+    assert "failed calibration (pairwise_accuracy 0.33 < 0.75)" in champ["reason"]
 
 
 def cast_votes(cfg, votes: list[tuple[str, str, str]], start: int = 0) -> None:

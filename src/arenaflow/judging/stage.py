@@ -21,6 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from arenaflow import io
 from arenaflow.judging.backends import JudgeBackend, build_backend
 from arenaflow.judging.cache import JudgmentCache
+from arenaflow.judging.calibration import (
+    build_calibration,
+    calibration_figures,
+    calibration_records,
+    judge_calibration,
+)
 from arenaflow.judging.mtbench import build_plan, load_answers, pair_records, single_records
 from arenaflow.judging.prompts import load_judge_prompts, load_reference_answers
 from arenaflow.judging.runner import Budget, run_items
@@ -51,6 +57,23 @@ def judgment_uris(cfg: DictConfig) -> tuple[str, str]:
         bench_uri(cfg, "model_judgment", f"{stem}_single.jsonl"),
         bench_uri(cfg, "model_judgment", f"{stem}_pair.jsonl"),
     )
+
+
+def calibration_uris(cfg: DictConfig) -> tuple[str, str]:
+    """The calibration calls (JSONL) and the pass/fail summary (JSON) next to the judgments."""
+    stem = file_stem(str(cfg.judge.model_name))
+    return (
+        bench_uri(cfg, "model_judgment", f"{stem}_calibration.jsonl"),
+        bench_uri(cfg, "model_judgment", f"{stem}_calibration.json"),
+    )
+
+
+def calibration_questions(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Calibration draws on the whole question file, whatever subset this run evaluates."""
+    from arenaflow.evaluate.questions import load_questions as load_bench_questions
+    from arenaflow.evaluate.questions import question_source
+
+    return load_bench_questions(question_source(cfg))[0]
 
 
 def _require(uri: str, what: str, fix: str) -> str:
@@ -135,19 +158,29 @@ def judge(
         settings={**settings, "backend": str(j.backend), "model": str(j.model)},
         skipped=skipped,
     )
+    calibration_plan = build_calibration(
+        calibration_questions(cfg),
+        references,
+        prompts,
+        judge_model=str(j.model_name),
+        settings={**settings, "backend": str(j.backend), "model": str(j.model)},
+        per_category=int(j.calibration.per_category),
+    )
     log.info(
-        "judging %d questions x %d competitors: %d single, %d pairwise records, %d calls planned",
+        "judging %d questions x %d competitors: %d single, %d pairwise records, %d calls planned "
+        "(+%d calibration calls)",
         len(questions),
         len(names),
         len(plan.singles),
         len(plan.pairs),
         len(plan.items),
+        len(calibration_plan.items),
     )
     cache = JudgmentCache(str(j.cache_path))
     budget = Budget(j.get("max_calls"), j.get("max_tokens_budget"))
     try:
         results, stats = run_items(
-            plan.items,
+            calibration_plan.items + plan.items,
             lambda: backend or build_backend(cfg, base_model_path),
             cache,
             budget,
@@ -160,12 +193,21 @@ def judge(
     io.write_jsonl(single_uri, singles)
     io.write_jsonl(pair_uri, pairs)
     health = judge_health(singles, pairs)
+    calibration = judge_calibration(
+        calibration_figures(calibration_plan, results), j.calibration, str(j.model_name)
+    )
+    calibration_uri, summary_uri = calibration_uris(cfg)
+    io.write_jsonl(calibration_uri, calibration_records(calibration_plan, results))
+    calibration["uri"] = calibration_uri
+    io.write_json(summary_uri, calibration)
+    log.info("calibration: %s", calibration["summary"])
     counts = {
         "single": len(singles),
         "pair": len(pairs),
         "calls_made": stats.calls,
         "calls_cached": stats.cached,
         "retries": stats.retries,
+        "calibration_calls": len(calibration_plan.items),
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         **{f"verdict_{k}": v for k, v in sorted(stats.outcomes.items())},
@@ -178,7 +220,15 @@ def judge(
         if cost is not None:
             run.log_metrics({"judge/cost_usd": cost})
         run.log_dict({"skipped": dict(skipped), "budget": stats.budget_message}, "judge/info.json")
-        _log_files(run, [single_uri, pair_uri], "judgments")
+        figures = calibration["figures"]
+        run.log_metrics(
+            {f"calibration/{k}": v for k, v in figures.items() if isinstance(v, int | float)}
+        )
+        run.log_metrics({"calibration/passed": float(calibration["passed"])})
+        run.set_tags({"arenaflow.judge_calibrated": calibration["passed"]})
+        run.log_table(calibration["checks"], "calibration/checks.json")
+        run.log_dict(calibration, "calibration/summary.json")
+        _log_files(run, [single_uri, pair_uri, calibration_uri], "judgments")
     return {
         "single_uri": single_uri,
         "pair_uri": pair_uri,
@@ -187,6 +237,7 @@ def judge(
         "counts": counts,
         "skipped": dict(skipped),
         "health": health,
+        "calibration": calibration,
         "cost_usd": cost,
         "budget_message": stats.budget_message,
         "run_id": run.run_id,

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from arenaflow import io
 from arenaflow.rating.agreement import judge_human_agreement
-from arenaflow.rating.promote import decide, promote_champion
+from arenaflow.rating.promote import TAG_ROLE, decide, promote_champion
 from arenaflow.rating.ratings import (
     battle_count_matrix,
     bootstrap_intervals,
@@ -54,26 +54,36 @@ __all__ = [
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Battles, leaderboard and champion from the judge stage's files in the FastChat layout.
 
-    The finetuned competitor is the newest version of `tracking.registered_model_name`; MT-bench
-    scores come from the single-grading judgments when that file exists.
+    The finetuned competitor is the newest version of `tracking.registered_model_name` that is not
+    the base, the base competitor the newest version tagged `arenaflow.role=base`; MT-bench scores
+    come from the single-grading judgments and the judge's calibration from its summary file,
+    when those files exist.
     """
     from arenaflow.judging.scores import single_scores
-    from arenaflow.judging.stage import judgment_uris
+    from arenaflow.judging.stage import calibration_uris, judgment_uris
 
     single_uri, pair_uri = judgment_uris(cfg)
-    judgments = {"pair_uri": pair_uri, "judge_model": str(cfg.judge.model_name)}
+    summary_uri = calibration_uris(cfg)[1]
+    judgments = {
+        "pair_uri": pair_uri,
+        "judge_model": str(cfg.judge.model_name),
+        "calibration": io.read_json(summary_uri) if io.exists(summary_uri) else None,
+    }
     battles = build_battles(cfg, judgments)
     scores = {"scores": single_scores(io.read_jsonl(single_uri))} if io.exists(single_uri) else None
     leaderboard = build_leaderboard(cfg, battles, scores)
-    tracker = tracker_from_cfg(cfg)
-    versions = tracker.latest_versions(str(cfg.tracking.registered_model_name))
-    name = cfg.tracking.registered_model_name
-    finetuned = (
-        {"model_uri": f"models:/{name}/{versions[-1].version}", "version": versions[-1].version}
-        if versions
-        else None
-    )
-    champion = promote_champion(cfg, leaderboard, finetuned)
+    name = str(cfg.tracking.registered_model_name)
+    versions = tracker_from_cfg(cfg).latest_versions(name)
+
+    def newest(base: bool) -> dict[str, Any] | None:
+        found = [v for v in versions if (v.tags.get(TAG_ROLE) == "base") == base]
+        return (
+            {"model_uri": f"models:/{name}/{found[-1].version}", "version": found[-1].version}
+            if found
+            else None
+        )
+
+    champion = promote_champion(cfg, leaderboard, newest(False), newest(True))
     return {
         "battles": {k: battles[k] for k in ("uri", "count", "by_source", "by_origin", "invalid")},
         "leaderboard": {"uri": leaderboard["uri"], "rows": leaderboard["rows"]},

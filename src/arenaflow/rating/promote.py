@@ -1,33 +1,34 @@
-"""Eval-gated promotion: move the registry alias `champion` to the best rated local model.
+"""Eval-gated promotion: the registry alias `champion` names the best model the evidence supports.
 
 The rule, in order:
 
-1. Candidates are the competitors that have a version of `tracking.registered_model_name`:
-   the competitor named "finetuned" (or with `local: finetuned`) is the `finetuned_model`
-   asset's version; a competitor whose `local:` is a `models:/<name>/<version>` or
-   `models:/<name>@<alias>` URI of that registered model is the version it resolves to.
-   The candidate is the one with the highest Bradley–Terry rating on the leaderboard (the
-   `rating.promote_on` board: judge, human or combined battles).
-2. No current champion (alias unset): the candidate is promoted.
-3. The candidate already is the champion: nothing moves.
-4. The bar is the current champion's lower CI bound. When the champion is a competitor of this
-   run (e.g. `local: models:/arenaflow-chat@champion`), the bound comes from this leaderboard.
-   Otherwise it comes from the `arenaflow.rating_ci_lower` tag written on the champion's version
-   when it was last rated, and only if that rating was on the same scale as this run's (tag
-   `arenaflow.rating_scale`: same anchor model and rating, judge and benchmark; unanchored ratings
-   never compare across runs). Without a comparable bound the alias stays, and the reason says how
-   to make the runs comparable.
-5. The candidate is promoted when its rating is not below the bar.
+1. The base model is a registered version (tag `arenaflow.role=base`, written by the base_model
+   asset) and the first incumbent: with no champion yet, the alias is set to the base version.
+2. Candidates are the competitors with a version of `tracking.registered_model_name`: `finetuned`
+   (the finetuned_model asset's version), `base` (the base_model asset's) and any `local:`
+   `models:/<name>/<version>` or `models:/<name>@<alias>` URI of that registered model.
+3. The challenger is the best rated candidate (on the `rating.promote_on` board) that is not the
+   incumbent; without one, nothing moves.
+4. When the incumbent is a competitor of this run, the comparison is paired: over the bootstrap
+   rounds that give the CIs, rating(challenger) - rating(incumbent); the challenger wins when the
+   lower end of its central `rating.ci_level` interval is above `rating.promote_margin`.
+5. Otherwise the incumbent's rating comes from the tags written on its version when it was last
+   rated, and only on the same scale (anchor, judge and benchmark; unanchored ratings never
+   compare across runs): two unpaired intervals, so the challenger's lower CI bound must clear the
+   incumbent's recorded upper bound plus the margin. Without a comparable rating nothing moves,
+   and the reason says how to compare (the champion as a competitor: a paired test).
+6. A judge that failed calibration cannot move the champion when its battles are on the board.
 
-Every rated candidate version gets its rating tags and its lineage (data hash -> training run ->
-answers -> judgments -> rating) as version tags, promoted or not, so a later run can compare to it.
+Every rated candidate version gets its rating tags, the comparison with the champion and its
+lineage (data hash -> training run -> answers -> judgments -> rating) as version tags, promoted or
+not, so a later run can compare to it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import DictConfig
@@ -41,36 +42,49 @@ TAG_RATING = "arenaflow.rating"
 TAG_CI_LOWER = "arenaflow.rating_ci_lower"
 TAG_CI_UPPER = "arenaflow.rating_ci_upper"
 TAG_SCALE = "arenaflow.rating_scale"
+TAG_ROLE = "arenaflow.role"
 
 
 @dataclass
 class Decision:
-    """What happened to the alias and why; `bar` is the rating the candidate had to reach."""
+    """What happened to the alias and why, with the comparison that decided it."""
 
     promoted: bool
+    outcome: str  # promoted | kept | no_decision
     reason: str
-    candidate: str | None = None
-    version: str | None = None
-    rating: float | None = None
-    champion_version: str | None = None
-    bar: float | None = None
-    bar_source: str | None = None
+    challenger: str | None = None
+    challenger_version: str | None = None
+    challenger_rating: float | None = None
+    incumbent: str | None = None  # the incumbent's competitor name in this run, if it is one
+    incumbent_version: str | None = None
+    incumbent_rating: float | None = None
+    diff: float | None = None  # rating(challenger) - rating(incumbent)
+    diff_lower: float | None = None
+    diff_upper: float | None = None
+    p_better: float | None = None  # P(challenger > incumbent) over the bootstrap rounds
+    comparison: str | None = None  # how the two were compared
 
 
 def competitor_versions(
-    cfg: DictConfig, tracker: Tracker, finetuned: dict[str, Any] | None
+    cfg: DictConfig,
+    tracker: Tracker,
+    finetuned: dict[str, Any] | None,
+    base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Registry version of each competitor that has one, and why the others have none."""
     name = str(cfg.tracking.registered_model_name)
     versions: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    assets = {"finetuned": (finetuned, "train.register"), "base": (base, "tracking.enabled")}
     for comp in cfg.eval.competitors:
         local = comp.get("local")
-        if comp.name == "finetuned" or local == "finetuned":
-            if finetuned and finetuned.get("model_uri") and finetuned.get("version"):
-                versions[comp.name] = str(finetuned["version"])
+        role = local if local in assets else (comp.name if comp.name in assets else None)
+        if role is not None and (local is None or local == role):
+            value, switch = assets[role]
+            if value and value.get("version"):
+                versions[comp.name] = str(value["version"])
             else:
-                skipped[comp.name] = "the finetuned model was not registered (train.register)"
+                skipped[comp.name] = f"the {role} model was not registered ({switch})"
         elif isinstance(local, str) and local.startswith("models:/"):
             reg, version, alias = parse_models_uri(local)
             if reg != name:
@@ -86,48 +100,75 @@ def competitor_versions(
     return versions, skipped
 
 
+def _interval(d: Decision, level: float) -> str:
+    p = "" if d.p_better is None else f", P(better) {d.p_better:.2f}"
+    return f"{d.diff:+.1f} [{d.diff_lower:+.1f}, {d.diff_upper:+.1f}] at {level:.0%}{p}"
+
+
 def decide(
     rows: list[dict[str, Any]],
+    paired: dict[str, dict[str, dict[str, float]]],
     versions: dict[str, str],
-    champion: ModelVersionInfo | None,
+    incumbent: ModelVersionInfo | None,
     scale: str,
+    *,
+    margin: float = 0.0,
+    level: float = 0.95,
+    judge_failure: str | None = None,
 ) -> Decision:
     """Apply the promotion rule (module docstring) to a leaderboard; touches nothing."""
+    if incumbent is None:
+        return Decision(
+            False,
+            "no_decision",
+            "no champion and no registered base model to start from; register the base "
+            "(tracking enabled, materialize base_model) so it is the first incumbent",
+        )
+    by_model = {r["model"]: r for r in rows}
     rated = [r for r in rows if r["model"] in versions]
-    if not rated:
-        return Decision(False, "no competitor on the leaderboard has a registry version")
-    best = max(rated, key=lambda r: r["rating"])
-    d = Decision(False, "", best["model"], versions[best["model"]], float(best["rating"]))
-    if champion is None:
-        d.promoted, d.reason = True, "no current champion"
+    in_run = [m for m, v in versions.items() if v == incumbent.version and m in by_model]
+    inc_name = in_run[0] if in_run else None
+    challengers = [r for r in rated if versions[r["model"]] != incumbent.version]
+    d = Decision(False, "kept", "", incumbent=inc_name, incumbent_version=incumbent.version)
+    champ = f"champion v{incumbent.version}" + (f" ({inc_name})" if inc_name else "")
+    if not challengers:
+        d.reason = f"{champ} stays: no other rated competitor has a registry version"
         return d
-    d.champion_version = champion.version
-    if champion.version == d.version:
-        d.reason = f"version {d.version} already is the champion"
-        return d
-    in_run = [r for r in rows if versions.get(r["model"]) == champion.version]
-    if in_run:
-        d.bar, d.bar_source = float(in_run[0]["ci_lower"]), f"this run ({in_run[0]['model']})"
-    elif champion.tags.get(TAG_SCALE) == scale and scale != "unanchored":
-        d.bar, d.bar_source = float(champion.tags[TAG_CI_LOWER]), "champion's version tags"
+    best = max(challengers, key=lambda r: r["rating"])
+    d.challenger, d.challenger_version = best["model"], versions[best["model"]]
+    d.challenger_rating = float(best["rating"])
+    who = f"{d.challenger} (v{d.challenger_version})"
+    if inc_name is not None:
+        pair = paired[d.challenger][inc_name]
+        d.incumbent_rating = float(by_model[inc_name]["rating"])
+        d.diff, d.diff_lower, d.diff_upper = pair["diff"], pair["lower"], pair["upper"]
+        d.p_better, d.comparison = pair["p_better"], "paired bootstrap on this run's battles"
+    elif incumbent.tags.get(TAG_SCALE) == scale and scale != "unanchored":
+        tags = incumbent.tags
+        d.incumbent_rating = float(tags[TAG_RATING])
+        d.diff = d.challenger_rating - d.incumbent_rating
+        d.diff_lower = float(best["ci_lower"]) - float(tags[TAG_CI_UPPER])
+        d.diff_upper = float(best["ci_upper"]) - float(tags[TAG_CI_LOWER])
+        d.comparison = "this run's CI against the champion's version tags (same scale, unpaired)"
     else:
+        d.outcome = "no_decision"
         d.reason = (
-            f"champion version {champion.version} is not a competitor of this run and its "
-            f"recorded rating scale ({champion.tags.get(TAG_SCALE, 'none')!r}) differs from this "
-            f"run's ({scale!r}); add a competitor with local: models:/{champion.name}@champion, "
+            f"{champ} stays: it is not a competitor of this run and its recorded rating scale "
+            f"({incumbent.tags.get(TAG_SCALE, 'none')!r}) differs from this run's ({scale!r}); "
+            f"add a competitor with local: models:/{incumbent.name}@champion (a paired test), "
             "or keep the same rating.anchor, judge and benchmark"
         )
         return d
-    if d.rating >= d.bar:
-        d.promoted = True
-        d.reason = (
-            f"{d.candidate} (v{d.version}) rates {d.rating:.1f} >= champion v{champion.version}'s "
-            f"lower CI bound {d.bar:.1f} ({d.bar_source})"
-        )
+    versus = f"{who} vs {champ}: {_interval(d, level)} ({d.comparison})"
+    if judge_failure:
+        d.reason = f"{champ} stays: {judge_failure}. {versus}"
+    elif d.diff_lower > margin:
+        d.promoted, d.outcome = True, "promoted"
+        d.reason = f"promoted {who} over {champ}: {_interval(d, level)} ({d.comparison})"
     else:
         d.reason = (
-            f"{d.candidate} (v{d.version}) rates {d.rating:.1f} < champion v{champion.version}'s "
-            f"lower CI bound {d.bar:.1f} ({d.bar_source}); the alias stays"
+            f"{champ} stays: {who} is not significantly better, the lower bound "
+            f"{d.diff_lower:+.1f} is not above rating.promote_margin={margin:g}. {versus}"
         )
     return d
 
@@ -161,18 +202,75 @@ def _lineage(
     }
 
 
+def judge_failure(leaderboard: dict[str, Any]) -> str | None:
+    """Why the judge's battles cannot move the champion, or None (calibrated, or not on the board)."""
+    calibration = leaderboard.get("judge_calibration") or {}
+    on_board = leaderboard.get("rating_on") in ("judge", "combined")
+    judge_battles = (leaderboard.get("battles_by_source") or {}).get("judge", 1)
+    if not on_board or not judge_battles or calibration.get("passed"):
+        return None
+    return str(calibration.get("summary") or "the judge was not calibrated")
+
+
+def _seed_base(
+    tracker: Tracker, name: str, alias: str, base: dict[str, Any] | None
+) -> ModelVersionInfo | None:
+    """With no champion yet, the base version becomes the first incumbent."""
+    if not (base and base.get("version")):
+        return None
+    tracker.set_alias(name, alias, str(base["version"]))
+    tracker.set_version_tags(
+        name,
+        str(base["version"]),
+        {
+            "arenaflow.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "arenaflow.promoted_over": "none",
+        },
+    )
+    log.info(
+        "champion: no champion yet, the base model (v%s) is the first incumbent", base["version"]
+    )
+    return tracker.get_version(name, alias=alias)
+
+
+def _comparison_tags(d: Decision) -> dict[str, str]:
+    tags = {"arenaflow.decision": d.outcome, "arenaflow.compared_with": f"v{d.incumbent_version}"}
+    for key in ("diff", "diff_lower", "diff_upper", "p_better"):
+        value = getattr(d, key)
+        if value is not None:
+            tags[f"arenaflow.vs_champion_{key}"] = f"{value:.3f}"
+    return tags
+
+
 def promote_champion(
-    cfg: DictConfig, leaderboard: dict[str, Any], finetuned: dict[str, Any] | None
+    cfg: DictConfig,
+    leaderboard: dict[str, Any],
+    finetuned: dict[str, Any] | None,
+    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tag every rated candidate version, then move the champion alias if the rule says so."""
     tracker = tracker_from_cfg(cfg)
     name = str(cfg.tracking.registered_model_name)
     alias = str(cfg.rating.champion_alias)
-    versions, skipped = competitor_versions(cfg, tracker, finetuned)
+    versions, skipped = competitor_versions(cfg, tracker, finetuned, base)
     champion = tracker.get_version(name, alias=alias)
+    seeded = None
+    if champion is None and cfg.rating.promote:
+        champion = _seed_base(tracker, name, alias, base)
+        seeded = champion.version if champion else None
     rows = leaderboard["rows"]
     scale = leaderboard["scale"]
-    decision = decide(rows, versions, champion, scale)
+    failure = judge_failure(leaderboard)
+    decision = decide(
+        rows,
+        leaderboard.get("paired") or {},
+        versions,
+        champion,
+        scale,
+        margin=float(cfg.rating.promote_margin),
+        level=float(cfg.rating.ci_level),
+        judge_failure=failure,
+    )
     by_model = {r["model"]: r for r in rows}
     tagged = {}
     for competitor, version in versions.items():
@@ -197,34 +295,34 @@ def promote_champion(
         for view in ("judge", "human", "combined"):
             if row.get(f"{view}_rating") is not None:
                 tags[f"arenaflow.rating_{view}"] = f"{row[f'{view}_rating']:.2f}"
+        if competitor == decision.challenger:
+            tags.update(_comparison_tags(decision))
         tracker.set_version_tags(name, version, tags)
         tagged[competitor] = version
     if decision.promoted and not cfg.rating.promote:
-        decision.promoted = False
+        decision.promoted, decision.outcome = False, "kept"
         decision.reason = f"would promote ({decision.reason}), but rating.promote=false"
     if decision.promoted:
-        tracker.set_alias(name, alias, decision.version)
+        tracker.set_alias(name, alias, decision.challenger_version)
         tracker.set_version_tags(
             name,
-            decision.version,
+            decision.challenger_version,
             {
                 "arenaflow.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "arenaflow.promoted_over": decision.champion_version or "none",
+                "arenaflow.promoted_over": decision.incumbent_version or "none",
             },
         )
     log.info("champion: %s", decision.reason)
     current = tracker.get_version(name, alias=alias)
     result = {
+        **asdict(decision),
         "model_uri": f"models:/{name}@{alias}" if current else None,
         "version": current.version if current else None,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "candidate": decision.candidate,
-        "candidate_version": decision.version,
-        "candidate_rating": decision.rating,
-        "bar": decision.bar,
-        "bar_source": decision.bar_source,
-        "previous_champion": decision.champion_version,
+        "served_role": (current.tags.get(TAG_ROLE) or "fine-tuned") if current else None,
+        "seeded_base": seeded,
+        "judge_calibration": leaderboard.get("judge_calibration"),
+        "margin": float(cfg.rating.promote_margin),
+        "ci_level": float(cfg.rating.ci_level),
         "registered_name": name,
         "competitor_versions": versions,
         "not_candidates": skipped,
@@ -232,8 +330,18 @@ def promote_champion(
         "scale": scale,
     }
     with tracker.start_run("champion", cfg) as run:
-        run.set_tags({"arenaflow.promoted": decision.promoted, "arenaflow.reason": decision.reason})
-        run.log_metrics({"promoted": float(decision.promoted)})
+        run.set_tags(
+            {
+                "arenaflow.promoted": decision.promoted,
+                "arenaflow.outcome": decision.outcome,
+                "arenaflow.reason": decision.reason[:4000],
+            }
+        )
+        metrics = {"promoted": float(decision.promoted)}
+        for key in ("diff", "diff_lower", "diff_upper", "p_better"):
+            if result[key] is not None:
+                metrics[f"vs_champion_{key}"] = float(result[key])
+        run.log_metrics(metrics)
         run.log_dict(result, "champion.json")
         result["run_id"], result["run_url"] = run.run_id, run.url
     return result

@@ -354,6 +354,34 @@ def bootstrap_intervals(boot: pd.DataFrame, level: float = 0.95) -> pd.DataFrame
     )
 
 
+def paired_differences(
+    boot: pd.DataFrame, point: pd.Series, level: float = 0.95
+) -> dict[str, dict[str, dict[str, float]]]:
+    """For every ordered pair (a, b): rating(a) - rating(b) at the point estimate, the central
+    `level` interval of that difference over the same bootstrap rounds, and P(a > b) in them.
+
+    Both ratings come from one round's fit, so the interval is paired: the noise the two share
+    (the anchor, the battles they both fought) cancels instead of adding up as two CIs would.
+    """
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    models = list(boot.columns)
+    values = boot.to_numpy()
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for i, a in enumerate(models):
+        out[a] = {}
+        for j, b in enumerate(models):
+            if i == j:
+                continue
+            d = values[:, i] - values[:, j]
+            out[a][b] = {
+                "diff": float(point[a] - point[b]),
+                "lower": float(np.quantile(d, lo)),
+                "upper": float(np.quantile(d, hi)),
+                "p_better": float((d > 0).mean()),
+            }
+    return out
+
+
 def compute_elo(
     battles: pd.DataFrame,
     k: float = 4,

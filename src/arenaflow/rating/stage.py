@@ -24,6 +24,7 @@ from arenaflow.rating.ratings import (
     compute_bootstrap_bt,
     compute_bt,
     compute_elo,
+    paired_differences,
     predicted_win_rate,
     win_fraction_matrix,
 )
@@ -149,6 +150,7 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
         "human_votes": human,
         "pair_uri": pair_uri,
         "judge_model": (judgments or {}).get("judge_model"),
+        "judge_calibration": calibration_summary((judgments or {}).get("calibration")),
     }
     tracker = tracker_from_cfg(cfg)
     with tracker.start_run("battles", cfg) as run:
@@ -164,6 +166,13 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
         run.log_dict(result, "battles_summary.json")
         result["run_id"], result["run_url"] = run.run_id, run.url
     return result
+
+
+def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """What the rating needs of the judge's calibration: passed, the one-line summary, figures."""
+    if not calibration:
+        return {"passed": False, "summary": "the judge was not calibrated", "figures": {}}
+    return {k: calibration.get(k) for k in ("passed", "summary", "figures")}
 
 
 def _anchor(cfg: DictConfig, models: list[str]) -> tuple[tuple[str, float] | None, str]:
@@ -241,6 +250,7 @@ def fit_ratings(
     return {
         "rows": rows,
         "point": point,
+        "paired": paired_differences(boot, point, float(r.ci_level)),
         "anchor": anchor_note,
         "scale": rating_scale(cfg, anchor, _voters(df, judge_model)),
         "battles": int(len(df)),
@@ -336,6 +346,8 @@ def build_leaderboard(
         "battle_count": _matrix_json(counts),
         "predicted_win_rate": _matrix_json(predicted),
         "ratings": ratings,
+        "paired": main["paired"],
+        "judge_calibration": battles.get("judge_calibration") or calibration_summary(None),
         "agreement": agreement,
     }
     io.write_json(uri, report)
@@ -370,6 +382,9 @@ def build_leaderboard(
         "scale": scale,
         "anchor": main["anchor"],
         "ratings": ratings,
+        "paired": report["paired"],
+        "judge_calibration": report["judge_calibration"],
+        "battles_by_source": report["battles_by_source"],
         "agreement": agreement,
         "plots": plots,
         "battles_uri": battles["uri"],

@@ -15,13 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from arenaflow.train.base import register_base, resolve_base
 from arenaflow.train.launch import externally_launched, launch_ranks
 from arenaflow.train.recipe import TrainPlan, fit, output_dir, plan
 from arenaflow.train.reporting import reporter_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainPlan", "fit", "output_dir", "plan", "run", "resolve_base"]
+__all__ = ["TrainPlan", "fit", "output_dir", "plan", "register_base", "resolve_base", "run"]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -39,28 +40,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         reporter.report(result)
     # the full per-step history stays in result.json; the returned value is small
     return {k: v for k, v in result.items() if k not in ("history", "val_history")}
-
-
-def resolve_base(cfg: DictConfig) -> dict[str, Any]:
-    """The base_model value: a local checkpoint folder with the tokenizer and chat template."""
-    from transformers import AutoConfig
-
-    from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
-    from arenaflow.train.flops import model_shape
-
-    path = resolve_model(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(path, cfg.model)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    shape = model_shape(config)
-    return {
-        "path": str(path),
-        "name": cfg.model.name,
-        "chat_template_hash": chat_template_hash(tokenizer),
-        "n_params": shape.n_params,
-        "architecture": type(config).__name__,
-        "hidden_size": shape.hidden_size,
-        "num_layers": shape.n_layers,
-        "vocab_size": shape.vocab_size,
-        "max_length": int(cfg.model.max_length),
-        "chat_template": tokenizer.chat_template,
-    }
