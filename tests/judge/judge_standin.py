@@ -4,6 +4,8 @@ MT-bench questions and answers in FastChat's formats, for the judge tests."""
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import socket
 import threading
 import time
@@ -94,6 +96,37 @@ def logprob_reply(body: dict[str, Any]) -> dict[str, Any]:
     return {"content": f"[[{top[0][0]}]]", "logprobs": {"content": content}}
 
 
+def verdict_alternatives(token: str) -> list[tuple[str, float]]:
+    """A judge that is fairly sure: 0.7 on its verdict, the rest on the neighbours."""
+    if token.isdigit():
+        n = int(token)
+        return [
+            (token, math.log(0.7)),
+            (str(max(1, n - 1)), math.log(0.2)),
+            (str(min(9, n + 1)), math.log(0.1)),
+        ]
+    others = [t for t in "ABC" if t != token]
+    return [(token, math.log(0.8)), (others[0], math.log(0.15)), (others[1], math.log(0.05))]
+
+
+def token_logprobs(text: str) -> list[dict[str, Any]]:
+    """OpenAI's per-token logprobs for a reply: `[[`, `]]`, digits and runs of other characters
+    as tokens; the token after `[[` has the verdict alternatives."""
+    out, previous = [], ""
+    for tok in re.findall(r"\[\[|\]\]|\d|[^\[\]\d]+|[\[\]]", text):
+        top = verdict_alternatives(tok) if previous == "[[" else [(tok, 0.0)]
+        out.append(
+            {
+                "token": tok,
+                "logprob": top[0][1],
+                "bytes": None,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top],
+            }
+        )
+        previous = tok
+    return out
+
+
 def make_app(state: StandIn) -> FastAPI:
     app = FastAPI()
     lock = threading.Lock()
@@ -104,7 +137,10 @@ def make_app(state: StandIn) -> FastAPI:
         state.auth.add(request.headers.get("authorization", ""))
         with lock:
             action = state.script.pop(0) if state.script else "ok"
-            state.hits.append({"action": action, "logprobs": bool(body.get("logprobs"))})
+            followup = len(body["messages"]) > 2  # the verdict-only follow-up of recovery
+            state.hits.append(
+                {"action": action, "logprobs": bool(body.get("logprobs")), "followup": followup}
+            )
         if action == "429":
             return JSONResponse(
                 {"error": {"message": "rate limited"}},
@@ -116,13 +152,16 @@ def make_app(state: StandIn) -> FastAPI:
         if action in ("hang", "slow"):
             await asyncio.sleep(4.0 if action == "hang" else 0.2)
         logprobs = None
-        if body.get("logprobs"):
+        if followup and body.get("logprobs"):
             reply = logprob_reply(body)
             text, logprobs = reply["content"], reply["logprobs"]
-        elif action == "malformed":
-            text = "I cannot decide; both answers have merit."
         else:
-            text = (state.policy or default_reply)(body)
+            if action == "malformed":
+                text = "I cannot decide; both answers have merit."
+            else:
+                text = (state.policy or default_reply)(body)
+            if body.get("logprobs"):
+                logprobs = {"content": token_logprobs(text)}
         return JSONResponse(
             {
                 "id": f"cmpl-{len(state.hits)}",

@@ -109,7 +109,8 @@ def test_logprob_recovery_over_http(stand_in: StandIn, make_cfg, tmp_path: Path)
     result = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
     assert result["counts"]["verdict_logprobs"] == 8
     assert result["health"]["parse_failures"] == 8 and result["health"]["unresolved"] == 0
-    assert sum(1 for h in stand_in.hits if h["logprobs"]) == 8
+    assert sum(1 for h in stand_in.hits if h["followup"]) == 8
+    assert all(h["logprobs"] for h in stand_in.hits)  # the main calls ask for them too
     singles = read_rows(result["single_uri"])
     assert {r["verdict_source"] for r in singles} == {"logprobs"}
     assert {r["score"] for r in singles} == {6.0}
@@ -135,3 +136,20 @@ def test_unreachable_judge_names_the_url(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(*api_overrides(url, **{"judge.retries": 1}))
     with pytest.raises(JudgeUnreachableError, match=url.replace(".", r"\.")):
         judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+
+
+def test_verdict_probabilities_ride_on_the_reply(stand_in: StandIn, make_cfg, tmp_path) -> None:
+    """With logprobs on, the verdict token's alternatives give the expected rating and the
+    verdict probabilities beside the argmax verdict, without another call."""
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    cfg = make_cfg(*api_overrides(stand_in.url, **{"judge.logprob_recovery": True}))
+    result = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert result["counts"]["calls_made"] == 8 and not any(h["followup"] for h in stand_in.hits)
+    singles = {r["model"]: r for r in read_rows(result["single_uri"]) if r["turn"] == 1}
+    assert singles["finetuned"]["score"] == 8.0 and singles["finetuned"]["verdict_source"] == "text"
+    assert singles["finetuned"]["expected_score"] == pytest.approx(8 * 0.7 + 7 * 0.2 + 9 * 0.1)
+    assert singles["finetuned"]["probs"] == pytest.approx({"7": 0.2, "8": 0.7, "9": 0.1})
+    pair = read_rows(result["pair_uri"])[0]
+    assert (pair["g1_winner"], pair["g2_winner"]) == ("model_1", "model_1")
+    assert pair["g1_probs"] == pytest.approx({"A": 0.8, "B": 0.15, "C": 0.05})
+    assert pair["g2_probs"] == pytest.approx({"A": 0.15, "B": 0.8, "C": 0.05})

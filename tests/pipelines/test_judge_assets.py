@@ -118,8 +118,9 @@ def test_materialize_judgments_and_scores(
     assert io.exists(scores["uri"])
 
     meta = result.asset_materializations_for_node("mt_bench_judgments")[0].metadata
-    # 16 judge replies (8 single + 2 x 4 pairwise), none with a verdict, each read from logprobs
-    assert judged["counts"]["verdict_logprobs"] == 16
+    # 16 judge replies (8 single + 2 x 4 pairwise) and 30 calibration replies, none with a
+    # verdict, each read from logprobs
+    assert judged["counts"]["verdict_logprobs"] == 16 + 30
     # + 30 calibration calls (3 questions x 10), each recovered from logprobs too
     assert meta["calls_made"].value == (16 + 30) * 2 and meta["calls_cached"].value == 0
     assert meta["calibration_calls"].value == 30 and meta["judge_calibrated"].value is False

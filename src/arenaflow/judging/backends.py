@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from arenaflow.judging.verdicts import PAIR_TOKENS, RATING_TOKENS
+from arenaflow.judging.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     attempts: int = 1
+    tokens: list[TokenTop] | None = None  # per generated token: (text, alternatives' logprobs)
 
 
 class JudgeBackend:
@@ -194,20 +195,25 @@ class OpenAIBackend(JudgeBackend):
     def _complete_one(self, request: ChatRequest) -> Completion:
         import openai
 
+        # With logprobs on, the reply carries the verdict token's alternatives at no extra cost.
+        extra = {"logprobs": True, "top_logprobs": 20} if self.supports_logprobs else {}
         try:
             response, attempts = self._call(
                 messages=request.messages(),
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
+                **extra,
             )
         except (openai.APIStatusError, openai.APITimeoutError) as e:
             return Completion(text=None, error=_describe(e), attempts=self.retries + 1)
         usage = response.usage
+        content = getattr(response.choices[0].logprobs, "content", None)
         return Completion(
             text=response.choices[0].message.content or "",
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
             attempts=attempts,
+            tokens=[_alternatives(p) for p in content] if content else None,
         )
 
     def complete(self, requests: list[ChatRequest]) -> list[Completion]:
@@ -216,6 +222,7 @@ class OpenAIBackend(JudgeBackend):
     def _logprobs_one(
         self, args: tuple[ChatRequest, str, str]
     ) -> tuple[dict[str, float] | None, int, int]:
+        """A follow-up call that asks for the verdict only, read from its top logprobs."""
         import openai
 
         request, judgment, output_format = args
@@ -236,8 +243,7 @@ class OpenAIBackend(JudgeBackend):
         tokens = (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0))
         content = getattr(response.choices[0].logprobs, "content", None) or []
         for position in content:
-            top = {t.token: t.logprob for t in (position.top_logprobs or [])}
-            top.setdefault(position.token, position.logprob)
+            _, top = _alternatives(position)
             if any(t.strip() in wanted for t in top):
                 return top, *tokens
         return None, *tokens
@@ -253,6 +259,13 @@ class OpenAIBackend(JudgeBackend):
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._client.close()
+
+
+def _alternatives(position: Any) -> TokenTop:
+    """One position of an OpenAI logprobs reply: its token and the alternatives' logprobs."""
+    top = {t.token: t.logprob for t in (position.top_logprobs or [])}
+    top.setdefault(position.token, position.logprob)
+    return position.token, top
 
 
 def _describe(exc: Exception) -> str:
@@ -300,13 +313,23 @@ class LocalBackend(JudgeBackend):
                 )
             else:
                 runnable.append(i)
-        params = SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature)
+        params = SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            logprobs=True,
+            top_logprobs=20,  # the verdict token's alternatives: its probabilities, at no extra pass
+        )
         results = self.engine.generate([prompts[i] for i in runnable], params) if runnable else []
         for i, result in zip(runnable, results, strict=True):
+            choice = result.choices[0]
             out[i] = Completion(
-                text=result.choices[0].text,
+                text=choice.text,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
+                tokens=[
+                    (lp.token, {t.token: t.logprob for t in lp.top} | {lp.token: lp.logprob})
+                    for lp in choice.logprobs or []
+                ],
             )
         return [c for c in out if c is not None]
 

@@ -191,6 +191,7 @@ def single_records(plan: Plan, results: dict[str, ItemResult]) -> list[dict[str,
         )
         if r.verdict.expected_score is not None:
             row["expected_score"] = r.verdict.expected_score
+            row["probs"] = r.verdict.probs
         out.append(row)
     return out
 
@@ -207,6 +208,8 @@ def pair_records(plan: Plan, results: dict[str, ItemResult]) -> list[dict[str, A
             row[f"{g}_judgment"] = r.judgment if not r.error else f"$ERROR$ {r.error}"
             for k, v in _provenance(r).items():
                 row[f"{g}_{k}"] = v
+            if r.verdict.probs is not None:  # A / B / C as the judge saw them in this order
+                row[f"{g}_probs"] = r.verdict.probs
         row["tstamp"] = time.time()
         out.append(row)
     return out

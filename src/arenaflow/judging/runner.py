@@ -17,7 +17,12 @@ from tqdm.auto import tqdm
 
 from arenaflow.judging.backends import ChatRequest, JudgeBackend
 from arenaflow.judging.cache import JudgmentCache
-from arenaflow.judging.verdicts import Verdict, parse_verdict, verdict_from_logprobs
+from arenaflow.judging.verdicts import (
+    Verdict,
+    parse_verdict,
+    verdict_from_logprobs,
+    with_token_probabilities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +195,9 @@ def _judge_chunk(
         if completion.text is None:
             results[item.key] = ItemResult("", Verdict(), error=completion.error or "no reply")
             continue
-        result = ItemResult(completion.text, parse_verdict(completion.text, item.output_format))
+        verdict = parse_verdict(completion.text, item.output_format)
+        verdict = with_token_probabilities(verdict, completion.tokens, item.output_format)
+        result = ItemResult(completion.text, verdict)
         results[item.key] = result
         if result.verdict.parsed:
             cache.put(item.key, backend.model_name, result.as_cache_value())

@@ -1,6 +1,8 @@
 """Read a judge's verdict out of its reply: MT-bench's `[[rating]]`, `[[A]]`/`[[B]]`/`[[C]]` and
 `[[a, b]]` formats (FastChat's regexes and backups), and, when the text holds none, from the
-probability the judge gave each verdict token after a forced verdict prefix.
+probability the judge gave each verdict token after a forced verdict prefix. Where the reply came
+with its own per-token logprobs, the verdict token's alternatives give the verdict probabilities
+and the expected rating beside the argmax verdict.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 TIE_DELTA = 0.1  # [[a, b]] scores closer than this are a tie (FastChat)
@@ -95,3 +97,45 @@ def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdi
         expected = sum(float(k) * p for k, p in norm.items())
         return Verdict(score=float(best), source="logprobs", expected_score=expected, probs=norm)
     return Verdict(winner=PAIR_TOKEN_WINNER[best], source="logprobs", probs=norm)
+
+
+# One generated token and its alternatives (token text -> logprob), as a backend returns them.
+TokenTop = tuple[str, Mapping[str, float]]
+
+
+def verdict_offset(judgment: str, output_format: str) -> int | None:
+    """Where the verdict token of the parsed verdict starts (just after its `[[`), or None."""
+    if output_format == "[[rating]]":
+        match = ONE_SCORE.search(judgment)
+        return match.start(1) if match else None
+    if output_format == "[[A]]":
+        for token in PAIR_TOKENS:  # the token parse_pair picks, in its order
+            i = judgment.find(f"[[{token}]]")
+            if i != -1:
+                return i + 2
+    return None
+
+
+def with_token_probabilities(
+    verdict: Verdict, tokens: Sequence[TokenTop] | None, output_format: str
+) -> Verdict:
+    """Add the verdict probabilities (and the expected rating) read at the verdict token of the
+    reply's own logprobs; the argmax verdict from the text stays the verdict."""
+    if not verdict.parsed or not tokens:
+        return verdict
+    text = "".join(tok for tok, _ in tokens)
+    spelled = parse_verdict(text, output_format)
+    at = verdict_offset(text, output_format)
+    if at is None or (spelled.score, spelled.winner) != (verdict.score, verdict.winner):
+        return verdict  # the tokens do not spell the verdict that was parsed
+    offset = 0
+    for tok, top in tokens:
+        if offset == at:
+            read = verdict_from_logprobs(top, output_format)
+            if read.parsed:
+                verdict.expected_score, verdict.probs = read.expected_score, read.probs
+            break
+        if offset > at:
+            break  # the verdict token was merged into a longer one: no reading
+        offset += len(tok)
+    return verdict

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 GAME_WINNERS = ("model_1", "model_2", "tie")
 PAIR_FIELDS = ("question_id", "model_1", "model_2", "g1_winner", "g2_winner")
 KEEP_FIELDS = ("question_id", "turn", "tstamp", "judge", "language", "anony", "category")
+# The judge's A/B/C probabilities of each order, where its backend returned them.
+PROB_FIELDS = ("g1_probs", "g2_probs")
 SOURCES = ("judge", "human")
 # FastChat's `judge` field of human votes: Chatbot Arena users, MT-bench experts and authors
 HUMAN_JUDGE_PREFIXES = ("arena_user", "expert", "author", "human")
@@ -87,7 +89,7 @@ def battles_from_pairwise(
             continue
         seen.add(key)
         battle = {"model_a": a, "model_b": b, "winner": swap_rule(g1, g2)}
-        battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
+        battle.update({f: row[f] for f in (*KEEP_FIELDS, *PROB_FIELDS) if f in row})
         battle.update({"g1_winner": g1, "g2_winner": g2, "source": "judge", "origin": "mt_bench"})
         counts["valid"] += 1
         yield battle
