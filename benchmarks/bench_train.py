@@ -195,11 +195,10 @@ def bench_fastchat(
     return {"recipe": "fastchat (HF Trainer, pad to 512)", **result}
 
 
-# a variant's modes (`padding-compiled-split`, ...) and the settings each one changes
+# a variant's modes (`padding-compiled-fsdp`, ...) and the settings each one changes
 VARIANT_MODES = {
     "compiled": ["train.compile=true"],
     "noretain": ["hardware.retain_freed_memory=false"],
-    "split": ["hardware.batch_threads=auto"],
     "fsdp": ["hardware=cpu_fsdp"],
 }
 
@@ -258,8 +257,6 @@ def bench_arenaflow(
     ]
     per_epoch = len(steps) // epochs
     label = ["compiled" if result["compiled"] else "eager"]
-    if result["batch_threads"] > 1:
-        label.append(f"rows on {result['batch_threads']} threads")
     if not result.get("retained_heap"):
         label.append("glibc default heap")
     if ranks > 1:
@@ -280,9 +277,7 @@ def main() -> None:
         default="padding,packing,padding-compiled",
         help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
         "with -compiled for train.compile=true, -noretain for hardware.retain_freed_memory=false "
-        "(glibc's default heap: large blocks unmapped on free), -split for "
-        "hardware.batch_threads=auto (rows split over one-core threads instead of every op on "
-        "all cores) "
+        "(glibc's default heap: large blocks unmapped on free) "
         "and -fsdp for hardware=cpu_fsdp (2 ranks of one core each)",
     )
     parser.add_argument(

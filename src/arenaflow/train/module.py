@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from arenaflow.data.sft import IGNORE_INDEX
-from arenaflow.train.rows import RowThreads, add_grads, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ def head_only_at(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[None]:
     vocabulary projection, its backward and the cross-entropy skip prompt and padding positions.
     The hook sits inside the root's forward, so FSDP2's all-gather of the head still applies, and
     the module tree (and so the checkpoint) is unchanged. It is installed once and reads the mask
-    of its own thread, so row-parallel threads (`rows.RowThreads`) each select their own rows;
-    outside this context it passes everything through.
+    set by this context; outside it, it passes everything through.
     """
     head = model.get_output_embeddings()
     if not getattr(head, "_arenaflow_head_rows", False):
@@ -176,7 +174,6 @@ class ChatLM(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         trust_remote_code: bool = False,
-        batch_threads: int = 1,
     ) -> None:
         super().__init__()
         self.model_path = str(model_path)
@@ -188,8 +185,6 @@ class ChatLM(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compiled = compile
         self.trust_remote_code = trust_remote_code
-        self.row_threads = RowThreads(batch_threads) if batch_threads > 1 else None
-        self.row_parts: list[torch.Tensor] | None = None  # the shares' losses awaiting backward
         self.model: torch.nn.Module | None = None
         self.sharding: dict[str, int] = {}
         self.last_grad_norm: float | None = None
@@ -243,59 +238,14 @@ class ChatLM(L.LightningModule):
             batch_sampler.set_epoch(self.current_epoch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.row_threads is not None and batch["input_ids"].size(0) > 1:
-            loss, n = self._row_parallel_step(batch)
-        else:
-            loss_sum, n = labelled_loss_sum(self.model, batch)
-            loss = loss_sum / n.clamp(min=1)
+        loss_sum, n = labelled_loss_sum(self.model, batch)
+        loss = loss_sum / n.clamp(min=1)
         self.step_loss_sum += float(loss.detach())
         self.step_micro_batches += 1
         self.step_trained_tokens += int(n)
         self.step_input_tokens += int(batch["attention_mask"].sum())
         self.step_attn_sq += int(batch["attn_sq"])
         return loss
-
-    def _row_parallel_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """The forward of the micro-batch's rows, split over `row_threads` (one core each).
-
-        Returns the micro-batch's mean loss over its labelled tokens, built from the shares' loss
-        sums; `backward` runs the shares' backward passes on the threads too. (Lightning zeroes
-        gradients between `training_step` and `backward`, so the backward cannot start here.)
-        """
-        assert self.row_threads is not None and self.model is not None
-        shares = split_rows(batch, self.row_threads.n)
-        results = self.row_threads.map(lambda share: labelled_loss_sum(self.model, share), shares)
-        self.row_parts = [loss_sum for loss_sum, _ in results]
-        labelled = sum(int(n) for _, n in results)
-        return torch.stack(self.row_parts).sum() / max(labelled, 1), labelled
-
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """Row-parallel micro-batches: each share's backward on its thread. The first share
-        accumulates into `.grad` itself; the others return their gradients, added after it in
-        share order, so the result does not depend on which thread finishes first."""
-        parts, self.row_parts = self.row_parts, None
-        if parts is None:
-            super().backward(loss, *args, **kwargs)
-            return
-        assert self.row_threads is not None and self.model is not None
-        # what `loss` (as Lightning scaled it for accumulation) asks of each share's loss sum
-        upstream = torch.autograd.grad(loss, parts)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-
-        def share_backward(item: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
-            i, (part, grad) = item
-            if i == 0:
-                part.backward(grad)
-                return None
-            return torch.autograd.grad(part, params, grad_outputs=grad, allow_unused=True)
-
-        results = self.row_threads.map(share_backward, enumerate(zip(parts, upstream, strict=True)))
-        for grads in results[1:]:
-            add_grads(params, grads)
-
-    def on_fit_end(self) -> None:
-        if self.row_threads is not None:
-            self.row_threads.close()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         max_norm = self.grad_clip if self.grad_clip else float("inf")

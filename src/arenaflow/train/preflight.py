@@ -39,17 +39,15 @@ class MemoryEstimate:
         return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
-def estimate_memory(
-    shape: ModelShape, hardware: Any, max_length: int, batch_threads: int = 1
-) -> MemoryEstimate:
-    """Per-device memory; `batch_threads` > 1 adds a gradient buffer per extra thread."""
+def estimate_memory(shape: ModelShape, hardware: Any, max_length: int) -> MemoryEstimate:
+    """Per-device memory: weights, gradients, optimizer states and activations."""
     world = int(hardware.devices) * int(hardware.num_nodes)
     shards = world if hardware.strategy == "fsdp" else 1
     p = shape.n_params
     layer_params = (p - shape.vocab_size * shape.hidden_size) / max(shape.n_layers, 1)
     gathered = layer_params * 4 * 2 if shards > 1 else 0  # one layer all-gathered (+ prefetch)
     params = p * 4 / shards + gathered
-    grads = p * 4 / shards + p * 4 * (batch_threads - 1)
+    grads = p * 4 / shards
     optimizer = p * 8 / shards
     act_bytes = 2 if sixteen_bit(hardware.precision) else 4
     s, b, h, a = max_length, int(hardware.micro_batch_size), shape.hidden_size, shape.n_heads
@@ -84,10 +82,10 @@ def check_accelerator(hardware: Any) -> None:
 
 
 def check_memory(
-    shape: ModelShape, hardware: Any, max_length: int, model_name: str, batch_threads: int = 1
+    shape: ModelShape, hardware: Any, max_length: int, model_name: str
 ) -> MemoryEstimate:
     """Raise `MemoryPreflightError` naming the numbers and the fixes when the run cannot fit."""
-    est = estimate_memory(shape, hardware, max_length, batch_threads)
+    est = estimate_memory(shape, hardware, max_length)
     log.info("memory preflight (GiB per device): %s", est.as_dict())
     if est.total_gb > est.available_gb * HEADROOM:
         raise MemoryPreflightError(
@@ -98,8 +96,7 @@ def check_memory(
             f"device(s), more than {HEADROOM:.0%} of hardware.memory_per_device_gb="
             f"{est.available_gb:g}. Fix: pick a sharded target with more devices (e.g. "
             f"hardware=a100_4x or hardware=h100_8x), lower hardware.micro_batch_size, set "
-            f"hardware.activation_checkpointing=true, lower train.max_length or (CPU) set "
-            f"hardware.batch_threads=1 "
+            f"hardware.activation_checkpointing=true or lower train.max_length "
             f"(train.preflight=false skips this check)."
         )
     return est

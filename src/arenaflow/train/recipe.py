@@ -27,7 +27,6 @@ from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
 from arenaflow.train.allocator import retain_enabled, retained_heap
 from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
 from arenaflow.train.preflight import check_accelerator, check_memory
-from arenaflow.train.rows import batch_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ class TrainPlan:
     shape: dict[str, int]
     memory: dict[str, float] = field(default_factory=dict)
     compile: bool = False
-    batch_threads: int = 1  # rows.RowThreads: threads splitting each CPU micro-batch
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +133,6 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 def plan(cfg: DictConfig) -> TrainPlan:
     check_accelerator(cfg.hardware)
     compiled = compile_enabled(cfg.train.get("compile", False), str(cfg.hardware.accelerator))
-    threads = batch_threads(cfg.hardware, compiled)
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
     ddir = data_dir(cfg)
     local = io.download_dir(ddir, Path(cfg.paths.cache_dir) / "sft_dataset")
@@ -148,7 +145,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
     memory = {}
     if cfg.train.get("preflight", True):
         memory = check_memory(
-            shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name, threads
+            shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name
         ).as_dict()
     return TrainPlan(
         model_path=str(model_path),
@@ -162,7 +159,6 @@ def plan(cfg: DictConfig) -> TrainPlan:
         shape=asdict(shape),
         memory=memory,
         compile=compiled,
-        batch_threads=threads,
     )
 
 
@@ -228,7 +224,6 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
         activation_checkpointing=bool(hw.activation_checkpointing),
         compile=p.compile,
         trust_remote_code=bool(cfg.model.trust_remote_code),
-        batch_threads=p.batch_threads,
     )
     resume = latest_checkpoint(ckpt_dir) if tr.get("resume", True) else None
     if rank == 0 and resume is None:
@@ -414,7 +409,6 @@ def _finish(
         "data_counts": counts,
         "sharding": trainer.lightning_module.sharding,
         "compiled": trainer.lightning_module.compiled,
-        "batch_threads": p.batch_threads,
         "retained_heap": retained_heap,
         "history": history,
         "val_history": metrics_cb.val_history,
