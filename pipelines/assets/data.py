@@ -13,9 +13,11 @@ from arenaflow import io
 from arenaflow.data import run_clean, run_raw, run_sft
 from pipelines.metadata import counts_md, md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "data"}
+CODE_VERSION = source_version(__file__)
 
 
 def _counts_meta(counts: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def _counts_meta(counts: dict[str, Any]) -> dict[str, Any]:
     group_name="data",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"json"},
     description="ShareGPT conversations streamed from data.source; unusable records counted by reason.",
 )
@@ -66,7 +68,7 @@ def sharegpt_raw(
     group_name="data",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"json"},
     description="Cleaned FastChat JSONL: HTML to markdown, role fixes, blocked words, dedup and near-dedup.",
 )
@@ -121,7 +123,7 @@ def sharegpt_clean_accounts_for_every_record(sharegpt_clean: dict[str, Any]) -> 
     group_name="data",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"huggingface"},
     description="Tokenized train/validation SFT dataset with the model's chat template; labels only on assistant replies.",
 )

@@ -11,9 +11,11 @@ from arenaflow.evaluate import answer_competitor, decontaminate, write_questions
 from arenaflow.evaluate.competitors import find_competitor, parse_competitors
 from pipelines.metadata import counts_md, md_table, mlflow_link
 from pipelines.resources import HydraConfigResource, StageConfig, default_overrides, stage_config
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "evaluate"}
+CODE_VERSION = source_version(__file__)
 
 
 def competitor_names() -> list[str]:
@@ -29,7 +31,7 @@ competitors_partitions = dg.StaticPartitionsDefinition(competitor_names())
     group_name="evaluate",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     description="The selected MT-bench questions, written as FastChat question.jsonl.",
 )
 def mt_bench_questions(
@@ -71,7 +73,7 @@ def _model_ref(local: str | None, base: dict[str, Any], finetuned: dict[str, Any
     group_name="evaluate",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     partitions_def=competitors_partitions,
     description="One competitor's two-turn MT-bench answers (FastChat JSONL), resumable.",
 )
@@ -118,7 +120,7 @@ CHECK = "contamination_below_threshold"
     group_name="evaluate",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     check_specs=[dg.AssetCheckSpec(CHECK, asset="decontamination_report")],
     description="N-gram overlap between the SFT conversations and MT-bench questions/references.",
 )

@@ -9,9 +9,11 @@ from arenaflow import io
 from arenaflow.judging import judge, score
 from pipelines.metadata import counts_md, md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "judge"}
+CODE_VERSION = source_version(__file__)
 PARSE_CHECK = "judge_parse_failures_below_threshold"
 CONSISTENCY_CHECK = "judge_position_consistency"
 CALIBRATION_CHECK = "judge_calibration"
@@ -51,7 +53,7 @@ def _marked(table: str, calibration: dict[str, Any]) -> str:
     group_name="evaluate",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     check_specs=[
         dg.AssetCheckSpec(PARSE_CHECK, asset="mt_bench_judgments"),
         dg.AssetCheckSpec(CONSISTENCY_CHECK, asset="mt_bench_judgments"),
@@ -166,7 +168,7 @@ def mt_bench_judgments(
     group_name="evaluate",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     description="MT-bench scores per model and category, pairwise win rates, and judge health.",
 )
 def mt_bench_scores(

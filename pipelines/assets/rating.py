@@ -11,9 +11,11 @@ from arenaflow.arena import VoteStore, database_exists, safe_url, vote_db_url
 from arenaflow.rating import build_battles, build_leaderboard, promote_champion
 from pipelines.metadata import md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "rating"}
+CODE_VERSION = source_version(__file__)
 LEADERBOARD_COLUMNS = [
     "rank",
     "model",
@@ -88,7 +90,7 @@ def _png(uri: str) -> bytes:
     group_name="rating",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"python"},
     description="Battles (FastChat columns, source judge|human) from pairwise judgments by the swap rule, external battle files and the arena's human votes.",
 )
@@ -155,7 +157,7 @@ def battles(
     group_name="rating",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"python", "mlflow"},
     description="Leaderboard: Bradley–Terry rating with bootstrap CI (judge-only, human-only, combined), online Elo, CI-aware rank, MT-bench score, win rate, judge-human agreement.",
 )
@@ -259,7 +261,7 @@ DECISION_FIELDS = (
     group_name="rating",
     owners=OWNERS,
     tags=TAGS,
-    code_version="2",
+    code_version=CODE_VERSION,
     kinds={"mlflow"},
     description="The registry alias `champion`: the base first, then a challenger that beats it in a paired bootstrap comparison judged by a calibrated judge.",
 )

@@ -8,16 +8,18 @@ from arenaflow.serve.deploy import deploy_champion
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 from pipelines.metadata import md_table, mlflow_link
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "serve"}
+CODE_VERSION = source_version(__file__)
 
 
 @dg.asset(
     group_name="serve",
     owners=OWNERS,
     tags=TAGS,
-    code_version="2",
+    code_version=CODE_VERSION,
     description="The champion served on an OpenAI-compatible endpoint (blue/green, smoke-tested).",
 )
 def serving_deployment(

@@ -19,16 +19,18 @@ from arenaflow.train.reporting import REPORTER_ENV
 from pipelines.metadata import md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 from pipelines.train_pipes import REPORTER as PIPES_REPORTER
+from pipelines.versions import source_version
 
 OWNERS = ["team:arenaflow"]
 TAGS = {"stage": "train"}
+CODE_VERSION = source_version(__file__)
 
 
 @dg.asset(
     group_name="train",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"huggingface"},
     description="A local Hugging Face checkpoint of the base model, with its tokenizer and chat template, registered as the first incumbent.",
 )
@@ -71,7 +73,7 @@ def base_model(
     group_name="train",
     owners=OWNERS,
     tags=TAGS,
-    code_version="1",
+    code_version=CODE_VERSION,
     kinds={"pytorch", "mlflow"},
     description="The chat model fine-tuned on sft_dataset with Vicuna's recipe (Lightning FSDP2), registered in MLflow.",
 )
