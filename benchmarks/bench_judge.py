@@ -18,8 +18,8 @@ from pathlib import Path
 
 from arenaflow import io
 from arenaflow.config import compose_config
-from arenaflow.judging import judge, score
-from arenaflow.judging.prompts import load_reference_answers, package_data_dir
+from arenaflow.judge import judge, score
+from arenaflow.judge.prompts import load_reference_answers, package_data_dir
 
 
 def main() -> None:

@@ -27,26 +27,11 @@ import pandas as pd
 
 from arenaflow import io
 from arenaflow.config import compose_config
-from arenaflow.judging.stage import calibration_uris, judgment_uris
-from arenaflow.rating.battles import battles_from_pairwise
-from arenaflow.rating.ratings import compute_bootstrap_bt, compute_bt, pair_counts, solve_bt
+from arenaflow.judge.stage import calibration_uris, judgment_uris
+from arenaflow.rating.battles import battles_from_pairwise, expected_first
+from arenaflow.rating.ratings import compute_bootstrap_bt, compute_bt, paired_differences
 
 ROUNDS, SEED = 1000, 42
-
-
-def p_first(probs: dict[str, float], first: str) -> float | None:
-    """Expected score of the answer shown as `first` (A or B): P(first) + P(tie) / 2."""
-    total = sum(probs.get(k, 0.0) for k in "ABC")
-    return None if total <= 0 else (probs.get(first, 0.0) + 0.5 * probs.get("C", 0.0)) / total
-
-
-def soft_score(row: dict) -> float | None:
-    """model_1's expected score over both orders (g1 shows it as A, g2 as B)."""
-    g1, g2 = row.get("g1_probs"), row.get("g2_probs")
-    if not g1 or not g2:
-        return None
-    a, b = p_first(g1, "A"), p_first(g2, "B")
-    return None if a is None or b is None else (a + b) / 2
 
 
 def t_stat(diffs: list[float]) -> float | None:
@@ -78,32 +63,11 @@ def mt_bench(singles: list[dict]) -> None:
         )
 
 
-def soft_bootstrap(df: pd.DataFrame, anchor: str) -> tuple[pd.Series, pd.DataFrame]:
-    """Bradley–Terry on expected scores: point fit and battle-resampling bootstrap."""
-    pc = pair_counts(df)
-    index = {(i, j): k for k, (i, j) in enumerate(zip(pc.i, pc.j, strict=True))}
-    n, k = len(df), pc.i.size
-    first, second = np.zeros((n, k)), np.zeros((n, k))
-    for r, row in enumerate(df.itertuples()):
-        ia, ib = pc.models.index(row.model_a), pc.models.index(row.model_b)
-        lo, hi = min(ia, ib), max(ia, ib)
-        s_lo = row.score_a if ia == lo else 1 - row.score_a
-        first[r, index[(lo, hi)]], second[r, index[(lo, hi)]] = s_lo, 1 - s_lo
-    rng = np.random.default_rng(SEED)
-    counts = rng.multinomial(n, np.full(n, 1 / n), size=ROUNDS).astype(float)
-    point = solve_bt(pc, first.sum(0)[None], second.sum(0)[None])[0]
-    boot = solve_bt(pc, counts @ first, counts @ second, start=point)
-    a = pc.models.index(anchor)
-    to_rating = lambda beta: 400 * (beta - beta[..., a : a + 1]) + 1000  # noqa: E731
-    return (
-        pd.Series(to_rating(point[None])[0], index=pc.models),
-        pd.DataFrame(to_rating(boot), columns=pc.models),
-    )
-
-
 def battles(pairs: list[dict]) -> None:
-    rows = [{**b, "score_a": soft_score(b)} for b in battles_from_pairwise(pairs)]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(list(battles_from_pairwise(pairs)))
+    if "score_a" not in df.columns:
+        print(f"pairwise battles: {len(df)}, none with probabilities in both orders")
+        return
     soft = df.dropna(subset=["score_a"]).reset_index(drop=True)
     print(f"pairwise battles: {len(df)}, {len(soft)} with probabilities in both orders")
     if soft.empty:
@@ -115,18 +79,13 @@ def battles(pairs: list[dict]) -> None:
         f"  tied battles: {int(soft['winner'].str.startswith('tie').sum())} hard vs {ties_soft} "
         "soft (|score - 0.5| < 0.05)"
     )
-    hard_boot = compute_bootstrap_bt(soft, ROUNDS, SEED, anchor=(b, 1000))
-    hard_point = compute_bt(soft, anchor=(b, 1000))
-    soft_point, soft_boot = soft_bootstrap(soft, b)
-    for name, point, boot in (
-        ("hard", hard_point, hard_boot),
-        ("soft", soft_point, soft_boot),
-    ):
-        d = boot[a] - boot[b]
-        lo, hi = d.quantile(0.025), d.quantile(0.975)
+    for name, use in (("hard", False), ("soft", True)):
+        point = compute_bt(soft, anchor=(b, 1000), soft=use)
+        boot = compute_bootstrap_bt(soft, ROUNDS, SEED, anchor=(b, 1000), soft=use)
+        d = paired_differences(boot, point)[a][b]
         print(
-            f"  {name}: {a} - {b} = {point[a] - point[b]:+7.1f} [{lo:+7.1f}, {hi:+7.1f}] "
-            f"width {hi - lo:6.1f}, P({a} better) {(d > 0).mean():.2f}"
+            f"  {name}: {a} - {b} = {d['diff']:+7.1f} [{d['lower']:+7.1f}, {d['upper']:+7.1f}] "
+            f"width {d['upper'] - d['lower']:6.1f}, P({a} better) {d['p_better']:.2f}"
         )
 
 
@@ -141,7 +100,7 @@ def calibration(rows: list[dict]) -> None:
             print(f"  single separation ({label}): {np.mean(strong) - np.mean(null):+.2f}")
     if pairs:
         hard = np.mean([r["winner"] == r["strong_as"] for r in pairs])
-        soft = np.mean([p_first(r["probs"], r["strong_as"]) for r in pairs])
+        soft = np.mean([expected_first(r["probs"], r["strong_as"]) for r in pairs])
         ties = np.mean([r["winner"] == "tie" for r in pairs])
         soft_ties = np.mean([r["probs"].get("C", 0.0) for r in pairs])
         print(f"  pairwise accuracy: {hard:.2f} argmax vs {soft:.2f} expected")

@@ -38,7 +38,8 @@ ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always ch
 UNUSED_SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("chat", "serve", "rating", "judge", "eval"),
     "train": ("chat", "serve", "rating", "judge", "eval"),
-    "evaluate": ("chat", "serve", "rating", "train"),  # evaluate holds the judge's assets too
+    "evaluate": ("chat", "serve", "rating", "train", "judge"),
+    "judge": ("chat", "serve", "rating", "train", "data"),
     "rating": ("chat", "train", "data"),  # serve stays: the vote store is serve.arena.db_url
     "serve": ("chat", "train", "judge", "rating"),
 }
@@ -166,10 +167,10 @@ def report(
         lines += ["", "MT-bench (judge scores 1-10):"]
         lines += _table(
             [
-                [m, _f(s.get("turn1")), _f(s.get("turn2")), _f(s.get("average"))]
+                [m, *(_f(s.get(k)) for k in ("turn1", "turn2", "average", "expected"))]
                 for m, s in scores.items()
             ],
-            ["model", "turn 1", "turn 2", "avg"],
+            ["model", "turn 1", "turn 2", "avg", "expected"],
         )
     lb = _value(defs, instance, "leaderboard") or {}
     board = lb.get("rows") or []
@@ -181,7 +182,12 @@ def report(
         shown = [f"{k} {_f(figures.get(k))}" for k in CALIBRATION_FIGURES]
         lines.append("  " + ", ".join(shown))
     if board:
-        lines += ["", "leaderboard (Bradley-Terry, 95% bootstrap CI; W/T/L in judged battles):"]
+        outcomes = str(lb.get("outcomes") or "hard").split(":")[0]
+        lines += [
+            "",
+            f"leaderboard (Bradley-Terry on {outcomes} outcomes, 95% bootstrap CI; W/T/L in "
+            "judged battles):",
+        ]
         if calibration and not calibration.get("passed"):
             lines.append("  (uncalibrated judge: these ratings cannot move the champion)")
         human = any(r.get("human_battles") for r in board)

@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 from arenaflow import io
-from arenaflow.judging.stage import judgment_uris, score
+from arenaflow.judge.stage import judgment_uris, score
 from arenaflow.rating import run as rate
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -1,12 +1,12 @@
-"""Dagster assets of the LLM judge (group `evaluate`): MT-bench judgments and scores, with judge
-health checks. Both call `arenaflow.judging`, the same library `python -m arenaflow.judge` runs."""
+"""Dagster assets of the LLM judge (group `judge`): MT-bench judgments and scores, with judge
+health checks. Both call `arenaflow.judge`, the same library `python -m arenaflow.judge` runs."""
 
 from typing import Any
 
 import dagster as dg
 
 from arenaflow import io
-from arenaflow.judging import judge, score
+from arenaflow.judge import judge, score
 from pipelines.metadata import counts_md, md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 from pipelines.versions import source_version
@@ -50,7 +50,7 @@ def _marked(table: str, calibration: dict[str, Any]) -> str:
 
 
 @dg.asset(
-    group_name="evaluate",
+    group_name="judge",
     owners=OWNERS,
     tags=TAGS,
     code_version=CODE_VERSION,
@@ -165,7 +165,7 @@ def mt_bench_judgments(
 
 
 @dg.asset(
-    group_name="evaluate",
+    group_name="judge",
     owners=OWNERS,
     tags=TAGS,
     code_version=CODE_VERSION,

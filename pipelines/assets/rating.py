@@ -200,6 +200,7 @@ def leaderboard(
                 "judge_model",
                 "run_id",
                 "paired",
+                "outcomes",
                 "judge_calibration",
                 "battles_by_source",
             )
@@ -214,6 +215,7 @@ def leaderboard(
             "judge_calibrated": bool(out["judge_calibration"].get("passed")),
             "judge_calibration": dg.MetadataValue.text(str(out["judge_calibration"]["summary"])),
             "paired_differences": dg.MetadataValue.md(paired_table(out["paired"])),
+            "outcomes": dg.MetadataValue.text(out["outcomes"]),
             "rating_on": dg.MetadataValue.text(out["rating_on"]),
             "ratings": dg.MetadataValue.md(ratings_table(out["ratings"])),
             **{

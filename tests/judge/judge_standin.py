@@ -206,7 +206,7 @@ def start_stand_in() -> tuple[StandIn, uvicorn.Server, threading.Thread]:
 
 def write_inputs(root: Path, question_ids: tuple[int, ...] = (81, 111)) -> dict[str, Any]:
     """MT-bench questions from the package plus hand-made answers: `finetuned` GOOD, `base` meh."""
-    from arenaflow.judging.prompts import package_data_dir
+    from arenaflow.judge.prompts import package_data_dir
 
     wanted = set(question_ids)
     questions = [

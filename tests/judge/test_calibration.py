@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from judge_standin import StandIn, api_overrides, read_rows, write_inputs
 
-from arenaflow.judging import judge
-from arenaflow.judging.calibration import CHECKS, NULL_ANSWERS, null_answer
+from arenaflow.judge import judge
+from arenaflow.judge.calibration import CHECKS, NULL_ANSWERS, null_answer
 
 # experiment=test: 1 question per reference category (math, reasoning, coding), turn 1:
 # 4 single gradings (reference + 3 null answers) and 3 nulls x 2 orders pairwise each.

@@ -9,9 +9,9 @@ import pytest
 from judge_standin import read_rows, write_inputs
 
 from arenaflow.engine import Engine, SamplingParams
-from arenaflow.judging import judge, score
-from arenaflow.judging.backends import VERDICT_PREFIX, ChatRequest, LocalBackend
-from arenaflow.judging.verdicts import verdict_from_logprobs
+from arenaflow.judge import judge, score
+from arenaflow.judge.backends import VERDICT_PREFIX, ChatRequest, LocalBackend
+from arenaflow.judge.verdicts import verdict_from_logprobs
 
 
 def test_local_judge_end_to_end_on_tiny_model(

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from arenaflow.judging.backends import JudgeConfigError
-from arenaflow.judging.mtbench import build_plan, load_answers
-from arenaflow.judging.prompts import load_judge_prompts, load_reference_answers
+from arenaflow.judge.backends import JudgeConfigError
+from arenaflow.judge.mtbench import build_plan, load_answers
+from arenaflow.judge.prompts import load_judge_prompts, load_reference_answers
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},

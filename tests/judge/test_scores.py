@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arenaflow.judging.scores import (
+from arenaflow.judge.scores import (
     category_scores,
     judge_health,
     pairwise_results,
@@ -67,7 +67,24 @@ def test_single_scores_exclude_unparsed_and_average_all_scored_turns() -> None:
     assert table["A"]["average"] == pytest.approx(19 / 3)  # not the mean of turn means (6.0)
     assert (table["A"]["scored"], table["A"]["unparsed"]) == (3, 1)
     # B: only turn 1 scored
-    assert table["B"] == {"turn1": 3.0, "turn2": None, "average": 3.0, "scored": 1, "unparsed": 2}
+    assert table["B"] == {
+        "turn1": 3.0,
+        "turn2": None,
+        "average": 3.0,
+        "expected": None,
+        "scored": 1,
+        "unparsed": 2,
+    }
+
+
+def test_expected_scores_average_beside_the_argmax() -> None:
+    rows = [
+        {"model": "A", "turn": 1, "score": 8.0, "expected_score": 7.5},
+        {"model": "A", "turn": 2, "score": 6.0, "expected_score": 6.1},
+        {"model": "A", "turn": 2, "score": -1, "expected_score": 2.0},  # unparsed: left out
+    ]
+    table = single_scores(rows)["A"]
+    assert table["average"] == 7.0 and table["expected"] == pytest.approx(6.8)
 
 
 def test_category_scores() -> None:

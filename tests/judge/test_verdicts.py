@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from arenaflow.judging.verdicts import (
+from arenaflow.judge.verdicts import (
     parse_pair,
     parse_rating,
     parse_verdict,

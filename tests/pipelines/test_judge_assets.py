@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 
 from arenaflow import io
-from arenaflow.judging.prompts import package_data_dir
+from arenaflow.judge.prompts import package_data_dir
 from pipelines.assets.evaluate import competitors_partitions
 from pipelines.assets.judge import (
     CALIBRATION_CHECK,

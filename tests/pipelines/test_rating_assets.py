@@ -21,6 +21,10 @@ from pipelines.resources import HydraConfigResource
 QUESTIONS = [81, 111, 121]
 
 
+def base_overrides(home: Path, cache: Path) -> list[str]:
+    return ["experiment=test", f"paths.home={home}", f"paths.cache_dir={cache}"]
+
+
 def pair_rows(winner_by_q: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
     rows = []
     for q, (g1, g2) in winner_by_q.items():
@@ -124,12 +128,7 @@ def ckpt(tmp_path: Path) -> Path:
 
 
 def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ckpt) -> None:
-    overrides = [
-        "experiment=test",
-        f"paths.home={af_home}",
-        f"paths.cache_dir={model_cache}",
-        "rating.bootstrap_rounds=40",
-    ]
+    overrides = [*base_overrides(af_home, model_cache), "rating.bootstrap_rounds=40"]
     instance = dg.DagsterInstance.ephemeral()
     good = pair_rows(
         {81: ("model_1", "model_1"), 111: ("model_1", "model_2"), 121: ("model_1", "model_1")}
@@ -210,12 +209,7 @@ def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ck
 
 
 def test_an_uncalibrated_judge_rates_but_cannot_promote(af_home, model_cache, ckpt) -> None:
-    overrides = [
-        "experiment=test",
-        f"paths.home={af_home}",
-        f"paths.cache_dir={model_cache}",
-        "rating.bootstrap_rounds=40",
-    ]
+    overrides = [*base_overrides(af_home, model_cache), "rating.bootstrap_rounds=40"]
     failed = {
         "passed": False,
         "summary": "judge j failed calibration (pairwise_accuracy 0.33 < 0.75); use judge=gpt4",
@@ -258,12 +252,7 @@ def cast_votes(cfg, votes: list[tuple[str, str, str]], start: int = 0) -> None:
 
 
 def test_human_votes_join_the_judge_battles_and_the_leaderboard(af_home, model_cache, ckpt) -> None:
-    overrides = [
-        "experiment=test",
-        f"paths.home={af_home}",
-        f"paths.cache_dir={model_cache}",
-        "rating.bootstrap_rounds=40",
-    ]
+    overrides = [*base_overrides(af_home, model_cache), "rating.bootstrap_rounds=40"]
     cfg = compose_config(overrides)
     # Humans disagree with the judge: base wins most human votes; one vote involves a model that
     # is not a competitor of this evaluation (it is still a battle, reported separately).
@@ -322,12 +311,7 @@ def test_human_votes_join_the_judge_battles_and_the_leaderboard(af_home, model_c
 def test_vote_sensor_requests_a_refresh_after_enough_new_votes(af_home, model_cache, ckpt) -> None:
     from pipelines.assets.rating import arena_votes_sensor
 
-    overrides = [
-        "experiment=test",
-        f"paths.home={af_home}",
-        f"paths.cache_dir={model_cache}",
-        "rating.vote_sensor.min_new_votes=3",
-    ]
+    overrides = [*base_overrides(af_home, model_cache), "rating.vote_sensor.min_new_votes=3"]
     cfg = compose_config(overrides)
     instance = dg.DagsterInstance.ephemeral()
     resources = {"hydra": HydraConfigResource(overrides=overrides)}

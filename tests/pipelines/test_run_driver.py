@@ -67,8 +67,14 @@ def test_driver_runs_in_order_then_reuses(fake_graph, tmp_path, af_home) -> None
         driver.materialize_all([*overrides, "serve.port=8123"], instance)
         assert CALLS == ["summary"]
 
-        CALLS.clear()  # judge.* reaches evaluate (which holds the judge's assets) and later stages
+        CALLS.clear()  # judge.* reaches neither the answers (group evaluate) nor serve
         driver.materialize_all([*overrides, "serve.port=8123", "judge.max_tokens=3"], instance)
+        assert CALLS == []
+
+        CALLS.clear()  # eval.* reaches the answers and everything after them
+        driver.materialize_all(
+            [*overrides, "serve.port=8123", "judge.max_tokens=3", "eval.max_new_tokens=5"], instance
+        )
         assert CALLS == ["per_competitor[a]", "per_competitor[b]", "summary"]
         text = driver.report(fake_graph, instance, out["timings"], 1.0)
         assert "make dev" in text and "per_competitor[a]" in text
@@ -111,9 +117,17 @@ def test_report_reads_as_tables(tmp_path) -> None:
         },
         "finetuned_model": {"final_loss": 1.234567891, "model_uri": "models:/m/2"},
         "mt_bench_scores": {
-            "scores": {"finetuned": {"turn1": 6.5, "turn2": 5.0, "average": 5.75}, "base": {}}
+            "scores": {
+                "finetuned": {"turn1": 6.5, "turn2": 5.0, "average": 5.75, "expected": 6.1},
+                "base": {},
+            }
         },
         "leaderboard": {
+            "judge_calibration": {
+                "passed": False,
+                "summary": "judge j failed calibration (tie_rate 0.9 > 0.35)",
+                "figures": {"tie_rate": 0.9},
+            },
             "rows": [
                 {
                     "rank": 1,
@@ -139,7 +153,14 @@ def test_report_reads_as_tables(tmp_path) -> None:
                     "ties": 1,
                     "losses": 3,
                 },
-            ]
+            ],
+        },
+        "champion_model": {
+            "model_uri": "models:/m@champion",
+            "version": "1",
+            "served_role": "base",
+            "outcome": "kept",
+            "reason": "champion v1 (base) stays: judge j failed calibration (tie_rate 0.9 > 0.35)",
         },
         "serving_deployment": {
             "url": "http://127.0.0.1:8123/v1",
@@ -169,9 +190,13 @@ def test_report_reads_as_tables(tmp_path) -> None:
     assert "data: 10 conversations in, 7 kept, 3 dropped (wrong_format 2, too_short 1)" in lines
     assert "sft dataset: 9 examples (train 8, validation 1) from 7 conversations" in lines
     assert "training: final loss 1.2346, model models:/m/2" in lines
-    assert "  model      turn 1  turn 2   avg" in lines
-    assert "  finetuned    6.50    5.00  5.75" in lines
-    assert "  base            -       -     -" in lines
+    assert "  model      turn 1  turn 2   avg  expected" in lines
+    assert "  finetuned    6.50    5.00  5.75      6.10" in lines
+    assert "  base            -       -     -         -" in lines
+    assert "judge calibration: FAILED: judge j failed calibration (tie_rate 0.9 > 0.35)" in lines
+    assert "  (uncalibrated judge: these ratings cannot move the champion)" in lines
+    assert "champion: models:/m@champion = v1 (base), kept" in lines
+    assert "  champion v1 (base) stays: judge j failed calibration (tie_rate 0.9 > 0.35)" in lines
     head = lines.index("  rank  model      rating               CI  MT-bench  W/T/L   human")
     assert lines[head + 1] == "  1     finetuned  1012.3  [990.0, 1040.5]      5.75  3/1/0  1005.0"
     assert lines[head + 2] == "  2     base        987.7  [960.0, 1010.0]         -  0/1/3       -"

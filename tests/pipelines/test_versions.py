@@ -29,12 +29,12 @@ def edit(path: Path) -> None:
 
 def test_an_edit_in_the_code_an_asset_runs_changes_its_version(library: Path, tmp_path) -> None:
     asset = tmp_path / "asset.py"
-    asset.write_text("from arenaflow.judging import judge\n")
-    assert versions.stage_packages(str(asset)) == ["engine", "evaluate", "judging"]
+    asset.write_text("from arenaflow.judge import judge\n")
+    assert versions.stage_packages(str(asset)) == ["engine", "evaluate", "judge"]
     v0 = versions.source_version(str(asset))
     edit(library / "train" / "recipe.py")  # not reached from the judge
     assert versions.source_version(str(asset)) == v0
-    edit(library / "engine" / "engine.py")  # reached through judging's imports
+    edit(library / "engine" / "engine.py")  # reached through the judge's imports
     v1 = versions.source_version(str(asset))
     assert v1 != v0
     edit(library / "io.py")  # shared by every stage

@@ -161,3 +161,35 @@ def test_matrices() -> None:
         1 / 11
     )
     assert np.isnan(pred.loc["x", "x"])
+
+
+def test_soft_outcomes_weigh_each_battle_by_its_expected_score() -> None:
+    from arenaflow.rating.battles import soft_score
+
+    # both orders favour model_1 with 0.7 (+ half of 0.1 tie): its expected score is 0.75
+    row = {"g1_probs": {"A": 0.7, "B": 0.2, "C": 0.1}, "g2_probs": {"A": 0.2, "B": 0.7, "C": 0.1}}
+    assert soft_score(row) == pytest.approx(0.75)
+    assert soft_score({"g1_probs": {"A": 1.0}}) is None  # one order only: no soft outcome
+    assert soft_score({"g1_probs": {"A": -1}, "g2_probs": {"B": 1}}) is None
+    df = pd.DataFrame(
+        [{"model_a": "a", "model_b": "b", "winner": "model_a", "score_a": 0.75}] * 40
+        + [{"model_a": "b", "model_b": "a", "winner": "model_b", "score_a": 0.25}] * 40
+    )
+    hard = compute_bt(df, anchor=("b", 1000), l2=0.0)
+    soft = compute_bt(df, anchor=("b", 1000), l2=0.0, soft=True)
+    # soft: P(a beats b) = 0.75 exactly -> 400 * log10(3) points; hard: a won every battle
+    assert soft["a"] - 1000 == pytest.approx(400 * np.log10(3), abs=0.01)
+    assert hard["a"] - 1000 > 1000
+    # battles without a score_a (human votes, one-order judgments) count by their winner: with
+    # none set, the soft fit is the hard one
+    plain = df.iloc[:60].copy()
+    plain["score_a"] = np.nan
+    plain.loc[::3, "winner"] = "tie"
+    pd.testing.assert_series_equal(
+        compute_bt(plain, anchor=("b", 1000), soft=True), compute_bt(plain, anchor=("b", 1000))
+    )
+    # soft bootstrap rounds resample battles: the interval of a mixed set has width
+    mixed = df.copy()
+    mixed.loc[::4, "score_a"] = 0.4
+    boot = compute_bootstrap_bt(mixed, 200, 1, anchor=("b", 1000), soft=True)
+    assert boot["a"].quantile(0.975) - boot["a"].quantile(0.025) > 1.0

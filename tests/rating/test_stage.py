@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from arenaflow import io
-from arenaflow.judging.stage import calibration_uris, judgment_uris
+from arenaflow.judge.stage import calibration_uris, judgment_uris
 from arenaflow.rating import run
 from arenaflow.tracking import tracker_from_cfg
 

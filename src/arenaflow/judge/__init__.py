@@ -1,5 +1,6 @@
-"""`python -m arenaflow.judge`: the judge stage's Hydra CLI (the library lives in arenaflow.judging)."""
+"""LLM-as-a-judge for MT-bench: judge prompts, backends (OpenAI, OpenAI-compatible, the local engine),
+a persistent judgment cache, single and pairwise protocols, verdict parsing, scores and judge health."""
 
-from arenaflow.judging import judge, run, score
+from arenaflow.judge.stage import judge, run, score
 
 __all__ = ["judge", "run", "score"]

@@ -1,7 +1,7 @@
 """python -m arenaflow.judge [judge=gpt4|openai_compatible|local] [key=value ...]"""
 
 from arenaflow.config import hydra_main
-from arenaflow.judging import run
+from arenaflow.judge import run
 
 if __name__ == "__main__":
     hydra_main(run)()

@@ -59,8 +59,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     come from the single-grading judgments and the judge's calibration from its summary file,
     when those files exist.
     """
-    from arenaflow.judging.scores import single_scores
-    from arenaflow.judging.stage import calibration_uris, judgment_uris
+    from arenaflow.judge.scores import single_scores
+    from arenaflow.judge.stage import calibration_uris, judgment_uris
 
     single_uri, pair_uri = judgment_uris(cfg)
     summary_uri = calibration_uris(cfg)[1]

@@ -56,6 +56,27 @@ def swap_rule(g1: str, g2: str) -> str:
     return "model_a" if g1 == "model_1" else "model_b"
 
 
+def expected_first(probs: Any, shown_as: str) -> float | None:
+    """Expected score of the answer a judge saw as `shown_as` (A or B): P(it wins) + P(tie) / 2."""
+    if not isinstance(probs, dict):
+        return None
+    try:
+        p = {k: float(probs.get(k, 0.0)) for k in ("A", "B", "C")}
+    except (TypeError, ValueError):
+        return None
+    total = sum(p.values())
+    if not (total > 0 and all(v >= 0 for v in p.values())):
+        return None
+    return (p[shown_as] + 0.5 * p["C"]) / total
+
+
+def soft_score(row: dict[str, Any]) -> float | None:
+    """model_1's expected score over both orders (g1 shows it as A, g2 as B); None unless the
+    judge's verdict probabilities of both orders are there."""
+    a, b = expected_first(row.get("g1_probs"), "A"), expected_first(row.get("g2_probs"), "B")
+    return None if a is None or b is None else (a + b) / 2
+
+
 def battles_from_pairwise(
     judgments: Iterable[Any], counts: Counter[str] | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -90,6 +111,9 @@ def battles_from_pairwise(
         seen.add(key)
         battle = {"model_a": a, "model_b": b, "winner": swap_rule(g1, g2)}
         battle.update({f: row[f] for f in (*KEEP_FIELDS, *PROB_FIELDS) if f in row})
+        score = soft_score(row)
+        if score is not None:
+            battle["score_a"] = score
         battle.update({"g1_winner": g1, "g2_winner": g2, "source": "judge", "origin": "mt_bench"})
         counts["valid"] += 1
         yield battle

@@ -34,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow import io
+from arenaflow.rating.ratings import TIE_EPS
 from arenaflow.tracking import ModelVersionInfo, Tracker, parse_models_uri, tracker_from_cfg
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def decide(
     versus = f"{who} vs {champ}: {_interval(d, level)} ({d.comparison})"
     if judge_failure:
         d.reason = f"{champ} stays: {judge_failure}. {versus}"
-    elif d.diff_lower > margin:
+    elif d.diff_lower > margin + TIE_EPS:  # a bound within rounding of the margin is not above it
         d.promoted, d.outcome = True, "promoted"
         d.reason = f"promoted {who} over {champ}: {_interval(d, level)} ({d.comparison})"
     else:

@@ -265,6 +265,61 @@ def _anchor_tuple(anchor: object) -> tuple[str, float] | None:
     raise ValueError(f"anchor must be (model, rating) or {{model, rating}}, got {anchor!r}")
 
 
+HARD_SCORE = {"model_a": 1.0, "model_b": 0.0}  # ties (and "tie (bothbad)") score 0.5
+
+
+@dataclass
+class OutcomeCells:
+    """Battles grouped into cells that a bootstrap resamples: `counts` (C,) battles per cell, and
+    what one battle of each cell adds to its pair's wins: `first` / `second` (C, K) sparse, the
+    score of the pair's first / second model (1, 0 or 0.5 for hard outcomes; the expected score
+    for soft ones). Resampling battles with replacement is a multinomial over the cells."""
+
+    counts: np.ndarray
+    first: sparse.csr_matrix
+    second: sparse.csr_matrix
+
+    def wins(self, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rounds, K) wins of each pair's first and second model for (rounds, C) cell counts."""
+        return np.asarray((self.first.T @ draws.T).T), np.asarray((self.second.T @ draws.T).T)
+
+
+def outcome_cells(battles: pd.DataFrame, pc: PairCounts, soft: bool = False) -> OutcomeCells:
+    """Hard cells: per pair, first wins / second wins / tie. Soft cells: per pair and expected
+    score, from each battle's `score_a` (model_a's expected score, e.g. from the judge's verdict
+    probabilities) where it is set, else from its winner."""
+    k = pc.i.size
+    if not soft or "score_a" not in battles.columns:
+        eye = sparse.identity(k, format="csr")
+        zero = sparse.csr_matrix((k, k))
+        return OutcomeCells(
+            np.concatenate([pc.wins_i, pc.wins_j, pc.ties]),
+            sparse.vstack([eye, zero, 0.5 * eye], format="csr"),
+            sparse.vstack([zero, eye, 0.5 * eye], format="csr"),
+        )
+    pos = {m: n for n, m in enumerate(pc.models)}
+    a = battles["model_a"].map(pos).to_numpy()
+    b = battles["model_b"].map(pos).to_numpy()
+    score = pd.to_numeric(battles["score_a"], errors="coerce").to_numpy(dtype=float)
+    hard = battles["winner"].map(HARD_SCORE).fillna(0.5).to_numpy(dtype=float)
+    score = np.clip(np.where(np.isnan(score), hard, score), 0.0, 1.0)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    score_lo = np.where(a > b, 1.0 - score, score)
+    pair_of = {(int(i), int(j)): n for n, (i, j) in enumerate(zip(pc.i, pc.j, strict=True))}
+    pair = np.array([pair_of[(int(x), int(y))] for x, y in zip(lo, hi, strict=True)])
+    keys, counts = np.unique(
+        np.stack([pair, np.round(score_lo, 6)], axis=1), axis=0, return_counts=True
+    )
+    rows = np.arange(len(keys))
+    cols = keys[:, 0].astype(np.int64)
+    shape = (len(keys), k)
+    return OutcomeCells(
+        counts.astype(np.float64),
+        sparse.csr_matrix((keys[:, 1], (rows, cols)), shape=shape),
+        sparse.csr_matrix((1.0 - keys[:, 1], (rows, cols)), shape=shape),
+    )
+
+
 def compute_bt(
     battles: pd.DataFrame,
     scale: float = 400,
@@ -273,14 +328,18 @@ def compute_bt(
     anchor: tuple[str, float] | None = None,
     *,
     l2: float = DEFAULT_L2,
+    soft: bool = False,
 ) -> pd.Series:
     """Bradley–Terry ratings, a tie counting as half a win for each side (FastChat's
     `compute_elo_mle_with_tie`). `l2` is the Gaussian prior FastChat's LogisticRegression(C=1)
     puts on the strengths (0.5 per battle here; 0 = pure MLE); without an anchor the ratings
     average `init_rating`, with `anchor=(model, rating)` that model sits at that rating.
+    `soft`: a battle with `score_a` counts as that fraction of a win for model_a (the rest for
+    model_b) instead of by its winner.
     """
     pc = pair_counts(battles)
-    wi, wj = (pc.wins_i + 0.5 * pc.ties)[None], (pc.wins_j + 0.5 * pc.ties)[None]
+    cells = outcome_cells(battles, pc, soft)
+    wi, wj = cells.wins(cells.counts[None])
     beta = solve_bt(pc, wi, wj, base=base, l2=l2)
     ratings = _to_ratings(beta, pc.models, scale, init_rating, _anchor_tuple(anchor))[0]
     return pd.Series(ratings, index=pc.models, name="rating").sort_values(ascending=False)
@@ -296,29 +355,30 @@ def compute_bootstrap_bt(
     init_rating: float = 1000,
     anchor: tuple[str, float] | None = None,
     l2: float = DEFAULT_L2,
+    soft: bool = False,
     chunk_rounds: int = 250,
 ) -> pd.DataFrame:
     """Bootstrap Bradley–Terry ratings: one row per round, one column per model (by median, best first).
 
-    Each round draws the counts of every (pair, outcome) cell from a multinomial over the observed
-    cells with the battle total as its size: the same law as resampling rows with replacement.
+    Each round draws the counts of every outcome cell (`outcome_cells`: per pair and outcome, or
+    per pair and expected score when `soft`) from a multinomial over the observed cells with the
+    battle total as its size: the same law as resampling rows with replacement.
     """
     pc = pair_counts(battles)
     anchor_t = _anchor_tuple(anchor)
-    cells = np.concatenate([pc.wins_i, pc.wins_j, pc.ties])
-    total = int(cells.sum())
+    cells = outcome_cells(battles, pc, soft)
+    total = int(cells.counts.sum())
     if total == 0:
         raise ValueError("no battles to bootstrap")
-    k = pc.i.size
     pm = _PairModel(pc.i, pc.j, len(pc.models), base, l2)
-    obs_i, obs_j = pc.wins_i + 0.5 * pc.ties, pc.wins_j + 0.5 * pc.ties
+    obs_i, obs_j = (w[0] for w in cells.wins(cells.counts[None]))
     point = _newton(pm, obs_i[None], obs_j[None], np.zeros((1, len(pc.models))), 1e-7, 100)[0]
     h_inv = _chord_inverse(pm, point, obs_i, obs_j)
     sizes = [min(chunk_rounds, num_round - s) for s in range(0, num_round, chunk_rounds)]
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(sizes))]
 
     def draw(c: int) -> np.ndarray:
-        return streams[c].multinomial(total, cells / total, size=sizes[c])
+        return streams[c].multinomial(total, cells.counts / total, size=sizes[c])
 
     out = np.empty((num_round, len(pc.models)))
     from tqdm.auto import tqdm
@@ -330,8 +390,7 @@ def compute_bootstrap_bt(
     ):
         start = 0
         for c, draws in enumerate(pool.map(draw, range(len(sizes)))):
-            ties = 0.5 * draws[:, 2 * k :]
-            wi, wj = draws[:, :k] + ties, draws[:, k : 2 * k] + ties
+            wi, wj = cells.wins(draws.astype(np.float64))
             beta = _chord(pm, wi, wj, point, h_inv, 1e-7, 100)
             out[start : start + sizes[c]] = _to_ratings(
                 beta, pc.models, scale, init_rating, anchor_t
@@ -352,6 +411,9 @@ def bootstrap_intervals(boot: pd.DataFrame, level: float = 0.95) -> pd.DataFrame
             "upper": boot.quantile(hi),
         }
     )
+
+
+TIE_EPS = 1e-6  # rating points: a bootstrap difference this small is no difference
 
 
 def paired_differences(
@@ -377,7 +439,8 @@ def paired_differences(
                 "diff": float(point[a] - point[b]),
                 "lower": float(np.quantile(d, lo)),
                 "upper": float(np.quantile(d, hi)),
-                "p_better": float((d > 0).mean()),
+                # a round with no difference (e.g. only tied battles) counts half
+                "p_better": float((d > TIE_EPS).mean() + 0.5 * (np.abs(d) <= TIE_EPS).mean()),
             }
     return out
 

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("rating_ci", "win_fraction", "battle_count")
 VIEWS = ("judge", "human", "combined")
+OUTCOMES = {
+    True: "soft: judged battles count as the judge's expected score where it gave probabilities",
+    False: "hard: winner by the swap rule, a tie counts half",
+}
 
 
 def metric_name(name: str) -> str:
@@ -192,7 +196,8 @@ def rating_scale(cfg: DictConfig, anchor: tuple[str, float] | None, judge_model:
     """Ratings of two runs compare only on the same scale: anchor, judge and benchmark."""
     if anchor is None:
         return "unanchored"
-    return f"anchor={anchor[0]}@{anchor[1]:g};judge={judge_model};bench={cfg.eval.bench_name}"
+    scale = f"anchor={anchor[0]}@{anchor[1]:g};judge={judge_model};bench={cfg.eval.bench_name}"
+    return scale + (";outcomes=soft" if cfg.rating.soft_outcomes else "")
 
 
 def _voters(df: pd.DataFrame, judge_model: str | None) -> str:
@@ -214,6 +219,7 @@ def fit_ratings(
     if anchor is None and r.anchor is not None:
         log.warning(anchor_note)
     kw = {"scale": r.scale, "base": r.base, "init_rating": r.init_rating, "anchor": anchor}
+    kw["soft"] = bool(r.soft_outcomes)
     point = compute_bt(df, l2=r.l2, **kw)
     boot = compute_bootstrap_bt(df, int(r.bootstrap_rounds), int(r.seed), l2=r.l2, **kw)
     ci = bootstrap_intervals(boot, float(r.ci_level))
@@ -338,6 +344,7 @@ def build_leaderboard(
         "scale": scale,
         "anchor": main["anchor"],
         "ci_level": level,
+        "outcomes": OUTCOMES[bool(r.soft_outcomes)],
         "bootstrap_rounds": int(r.bootstrap_rounds),
         "battles": main["battles"],
         "battles_by_source": {v: len(subsets[v]) for v in ("judge", "human")},
@@ -383,6 +390,7 @@ def build_leaderboard(
         "anchor": main["anchor"],
         "ratings": ratings,
         "paired": report["paired"],
+        "outcomes": report["outcomes"],
         "judge_calibration": report["judge_calibration"],
         "battles_by_source": report["battles_by_source"],
         "agreement": agreement,

@@ -22,6 +22,7 @@ def _mean(values: list[float]) -> float | None:
 def single_scores(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{model: {turn1, turn2, average, scored, unparsed}} (FastChat's show_result)."""
     by_model: dict[str, dict[int, list[float]]] = defaultdict(lambda: {1: [], 2: []})
+    expected: dict[str, list[float]] = defaultdict(list)
     unparsed: dict[str, int] = defaultdict(int)
     for row in rows:
         model = row["model"]
@@ -30,11 +31,16 @@ def single_scores(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             unparsed[model] += 1
             continue
         by_model[model][int(row["turn"])].append(float(row["score"]))
+        if row.get("expected_score") is not None:
+            expected[model].append(float(row["expected_score"]))
     return {
         model: {
             "turn1": _mean(turns[1]),
             "turn2": _mean(turns[2]),
             "average": _mean(turns[1] + turns[2]),
+            # the probability-weighted rating where the judge gave probabilities (beside the
+            # argmax average, which stays FastChat's MT-bench score)
+            "expected": _mean(expected[model]),
             "scored": len(turns[1]) + len(turns[2]),
             "unparsed": unparsed[model],
         }

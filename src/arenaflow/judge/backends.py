@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from arenaflow.judging.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
+from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
 
 log = logging.getLogger(__name__)
 

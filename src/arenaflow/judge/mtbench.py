@@ -14,15 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from arenaflow.judging.backends import ChatRequest, JudgeConfigError
-from arenaflow.judging.cache import judgment_key
-from arenaflow.judging.prompts import (
+from arenaflow.judge.backends import ChatRequest, JudgeConfigError
+from arenaflow.judge.cache import judgment_key
+from arenaflow.judge.prompts import (
     needs_reference,
     pair_user_prompt,
     prompt_names,
     single_user_prompt,
 )
-from arenaflow.judging.runner import ItemResult, JudgeItem
+from arenaflow.judge.runner import ItemResult, JudgeItem
 
 log = logging.getLogger(__name__)
 

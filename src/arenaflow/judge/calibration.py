@@ -16,14 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arenaflow.judging.mtbench import make_item
-from arenaflow.judging.prompts import (
+from arenaflow.judge.mtbench import make_item
+from arenaflow.judge.prompts import (
     needs_reference,
     pair_user_prompt,
     prompt_names,
     single_user_prompt,
 )
-from arenaflow.judging.runner import ItemResult, JudgeItem
+from arenaflow.judge.runner import ItemResult, JudgeItem
 
 NULL_ANSWERS = ("empty", "idk", "echo")
 STRONG = "reference"

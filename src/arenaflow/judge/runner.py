@@ -15,9 +15,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from arenaflow.judging.backends import ChatRequest, JudgeBackend
-from arenaflow.judging.cache import JudgmentCache
-from arenaflow.judging.verdicts import (
+from arenaflow.judge.backends import ChatRequest, JudgeBackend
+from arenaflow.judge.cache import JudgmentCache
+from arenaflow.judge.verdicts import (
     Verdict,
     parse_verdict,
     verdict_from_logprobs,

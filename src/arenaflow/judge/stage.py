@@ -19,18 +19,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from arenaflow import io
-from arenaflow.judging.backends import JudgeBackend, build_backend
-from arenaflow.judging.cache import JudgmentCache
-from arenaflow.judging.calibration import (
+from arenaflow.judge.backends import JudgeBackend, build_backend
+from arenaflow.judge.cache import JudgmentCache
+from arenaflow.judge.calibration import (
     build_calibration,
     calibration_figures,
     calibration_records,
     judge_calibration,
 )
-from arenaflow.judging.mtbench import build_plan, load_answers, pair_records, single_records
-from arenaflow.judging.prompts import load_judge_prompts, load_reference_answers
-from arenaflow.judging.runner import Budget, run_items
-from arenaflow.judging.scores import (
+from arenaflow.judge.mtbench import build_plan, load_answers, pair_records, single_records
+from arenaflow.judge.prompts import load_judge_prompts, load_reference_answers
+from arenaflow.judge.runner import Budget, run_items
+from arenaflow.judge.scores import (
     category_scores,
     judge_health,
     pairwise_results,
@@ -287,7 +287,7 @@ def score(
         "radar_uri": radar_uri,
         "judge_model": str(cfg.judge.model_name),
         "scores": {
-            m: {"turn1": s["turn1"], "turn2": s["turn2"], "average": s["average"]}
+            m: {k: s[k] for k in ("turn1", "turn2", "average", "expected")}
             for m, s in table.items()
         },
         "unparsed": {m: s["unparsed"] for m, s in table.items()},
