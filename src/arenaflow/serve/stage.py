@@ -1,0 +1,56 @@
+"""The OpenAI-compatible HTTP endpoint: `create_app(cfg)` for uvicorn, `run(cfg)` to serve in the foreground.
+
+`python -m arenaflow.serve serve.model_uri=<models:/name@alias | checkpoint folder>` (or `make serve`)
+runs the same app that the `serving_deployment` asset starts as a detached process; with
+`serve.models=[{name, uri}, ...]` (or `serve.models_from=competitors`) it serves several models.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig
+
+from arenaflow.serve.app import create_app
+from arenaflow.serve.errors import ServeConfigError
+from arenaflow.serve.loading import ServedModel, model_specs, resolve_served_model
+from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: DictConfig) -> tuple[dict[str, ServedModel], MemoryPlan]:
+    """Resolve every served model and check that the set fits, before any weights load."""
+    resolved = {spec.name: resolve_served_model(cfg, spec) for spec in model_specs(cfg)}
+    plan = plan_memory(cfg, {name: s.path for name, s in resolved.items()})
+    check_memory(plan)
+    return resolved, plan
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Serve the configured model(s) on serve.host:serve.port until interrupted.
+
+    Raises ServeConfigError (ModelsDoNotFitError when the set does not fit) before uvicorn starts.
+    """
+    import uvicorn
+
+    resolved, plan = preflight(cfg)
+    host, port = str(cfg.serve.host), int(cfg.serve.port)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(resolved), host, port)
+    app = create_app(cfg, served_models=resolved)
+    uvicorn.run(app, host=host, port=port, log_level=str(cfg.serve.log_level))
+    return {
+        "url": f"http://{host}:{port}/v1",
+        "model_uri": str(cfg.serve.model_uri),
+        "models": {name: s.card.get("root") for name, s in resolved.items()},
+        "memory_estimate_bytes": plan.total_bytes,
+    }
+
+
+def run_cli(cfg: DictConfig) -> dict[str, Any]:
+    """`run` for command lines: a refused set-up exits non-zero with its message, no traceback."""
+    try:
+        return run(cfg)
+    except ServeConfigError as e:
+        raise SystemExit(f"arenaflow.serve: refusing to serve: {e}") from None
