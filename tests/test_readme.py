@@ -82,3 +82,17 @@ def test_make_command_exists_and_its_overrides_compose(line: str) -> None:
     assert (ROOT / "conf" / "experiment" / f"{experiment}.yaml").exists()
     extra = shlex.split(variables.get("OVERRIDES", ""))
     compose_config([f"experiment={experiment}", *extra], resolve=False)
+
+
+def test_layout_table_names_real_places() -> None:
+    """Every path in the README's layout table exists, and every stage has all four places."""
+    section = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and "`" in r]
+    assert len(rows) == 6
+    for row in rows:
+        stage = row.strip("|").split("|")[0].strip()
+        paths = re.findall(r"`([^`]+/[^`]*)`", row)
+        assert len(paths) >= 4, row
+        for path in paths:
+            assert (ROOT / path).exists(), f"{stage}: {path} does not exist"
+        assert (ROOT / "src" / "arenaflow" / stage / "stage.py").exists(), stage
