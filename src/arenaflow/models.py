@@ -185,3 +185,19 @@ def load_model(
         str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
     return model.to(device).eval()
+
+
+def checkpoint_identity(path: str | Path, head_bytes: int = 1 << 20) -> str:
+    """A short content hash of a checkpoint folder: every file's name and size, and the first
+    `head_bytes` of each (config, tokenizer, and the start of every weights shard), so that a
+    retrained or replaced checkpoint under the same path gets a new identity without hashing
+    gigabytes of weights."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root)}:{f.stat().st_size}:".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(head_bytes))
+    return h.hexdigest()[:16]

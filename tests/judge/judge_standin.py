@@ -147,6 +147,15 @@ def make_app(state: StandIn) -> FastAPI:
                 status_code=429,
                 headers={"Retry-After": "0.05"},
             )
+        if action in ("429-day", "429-inf"):  # a server asking for a very long (or no) end
+            wait = "86400" if action == "429-day" else "inf"
+            return JSONResponse(
+                {"error": {"message": "rate limited"}},
+                status_code=429,
+                headers={"Retry-After": wait},
+            )
+        if action == "400":
+            return JSONResponse({"error": {"message": "bad request"}}, status_code=400)
         if action == "500":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         if action in ("hang", "slow"):

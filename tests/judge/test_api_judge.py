@@ -158,3 +158,44 @@ def test_verdict_probabilities_ride_on_the_reply(stand_in: StandIn, make_cfg, tm
     assert (pair["g1_winner"], pair["g2_winner"]) == ("model_1", "model_1")
     assert pair["g1_probs"] == pytest.approx({"A": 0.8, "B": 0.15, "C": 0.05})
     assert pair["g2_probs"] == pytest.approx({"A": 0.15, "B": 0.8, "C": 0.05})
+
+
+def test_retry_after_is_capped_and_attempts_are_exact(
+    stand_in: StandIn, make_cfg, tmp_path: Path
+) -> None:
+    """A server that asks to wait a day (or forever) waits judge.backoff_max; a 4xx that is not
+    retried counts one attempt, not retries + 1."""
+    import time
+
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    cfg = make_cfg(
+        *api_overrides(stand_in.url, **{"judge.backoff_max": 0.05, "judge.concurrency": 1})
+    )
+    stand_in.script[:] = ["429-day", "429-inf", "400"]
+    t0 = time.perf_counter()
+    out = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+    assert time.perf_counter() - t0 < 30
+    # the first call retried twice (day, inf) and then answered; the 400 was not retried
+    assert out["counts"]["retries"] == 2
+    assert out["counts"]["verdict_error"] == 1 and out["counts"]["verdict_text"] == 7
+    errors = [r for r in read_rows(out["single_uri"]) if r.get("error")]
+    errors += [r for r in read_rows(out["pair_uri"]) if r.get("g1_error") or r.get("g2_error")]
+    assert len(errors) == 1 and "400" in str(errors[0])
+
+
+def test_the_cache_key_follows_the_endpoint(stand_in: StandIn, make_cfg, tmp_path: Path) -> None:
+    """The same judge.model behind another base_url is another judge: nothing is reused."""
+    from judge_standin import start_stand_in
+
+    other, server, thread = start_stand_in()
+    try:
+        inputs = write_inputs(tmp_path, question_ids=(81,))
+        args = dict(question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
+        first = judge(make_cfg(*api_overrides(stand_in.url)), **args)
+        again = judge(make_cfg(*api_overrides(stand_in.url)), **args)
+        moved = judge(make_cfg(*api_overrides(other.url)), **args)
+        assert first["counts"]["calls_made"] == 8 and again["counts"]["calls_made"] == 0
+        assert moved["counts"]["calls_made"] == 8 and len(other.hits) == 8
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)

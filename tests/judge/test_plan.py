@@ -94,3 +94,45 @@ def test_pairwise_baseline(prompts: dict, refs: dict) -> None:
             pairwise="baseline",
             baseline="gpt-3.5-turbo",
         )
+
+
+def test_two_judge_runs_share_one_cache_file(tmp_path) -> None:
+    """WAL and a busy timeout: concurrent writers on one cache file wait, they do not fail."""
+    import threading
+
+    from arenaflow.judge.cache import JudgmentCache
+
+    path = tmp_path / "cache.sqlite"
+    caches = [JudgmentCache(path), JudgmentCache(path)]
+    errors: list[Exception] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(150):
+                caches[n].put(f"{n}-{i}", "j", {"judgment": "x", "score": 5})
+        except Exception as e:  # noqa: BLE001 - the failure under test
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(caches[0]) == 300
+    mode = caches[0]._db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    for c in caches:
+        c.close()
+
+
+def test_checkpoint_identity_follows_the_content(tmp_path) -> None:
+    from arenaflow.models import checkpoint_identity
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 4096)
+    first = checkpoint_identity(ckpt)
+    assert checkpoint_identity(ckpt) == first
+    (ckpt / "model.safetensors").write_bytes(b"\1" + b"\0" * 4095)  # same size, new weights
+    assert checkpoint_identity(ckpt) != first

@@ -9,6 +9,7 @@ and concurrency live here; caching and budgets live in the runner, which is back
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -87,9 +88,12 @@ def _retry_after(exc: Exception) -> float | None:
         if value is None:
             continue
         try:
-            return max(0.0, float(value) * scale)
+            seconds = float(value) * scale
         except ValueError:
             continue
+        if math.isnan(seconds):
+            continue
+        return max(0.0, seconds)  # inf stays inf: the caller caps it at judge.backoff_max
     return None
 
 
@@ -143,8 +147,8 @@ class OpenAIBackend(JudgeBackend):
 
     def _backoff(self, attempt: int, exc: Exception) -> float:
         honoured = _retry_after(exc)
-        if honoured is not None:
-            return honoured
+        if honoured is not None:  # the server's wait, never longer than judge.backoff_max
+            return min(honoured, self.backoff_max)
         cap = min(self.backoff_max, self.backoff_base * 2**attempt)
         return cap / 2 + random.uniform(0, cap / 2)
 
@@ -177,9 +181,11 @@ class OpenAIBackend(JudgeBackend):
                 ) from e
             except openai.APIStatusError as e:
                 if e.status_code != 429 and e.status_code < 500:
+                    e.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
                     raise
                 retryable = e
             if attempt >= self.retries:
+                retryable.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
                 raise retryable
             delay = self._backoff(attempt, retryable)
             log.info(
@@ -205,7 +211,8 @@ class OpenAIBackend(JudgeBackend):
                 **extra,
             )
         except (openai.APIStatusError, openai.APITimeoutError) as e:
-            return Completion(text=None, error=_describe(e), attempts=self.retries + 1)
+            attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
+            return Completion(text=None, error=_describe(e), attempts=attempts)
         usage = response.usage
         content = getattr(response.choices[0].logprobs, "content", None)
         return Completion(
@@ -385,6 +392,27 @@ def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None
 
         return str(resolve_model(cfg.model, cfg.paths.cache_dir))
     return str(cfg.judge.model)
+
+
+def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
+    """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
+    judge, the registry version an alias names now, or the checkpoint folder's content hash. A
+    moved alias, a new base_url or a replaced checkpoint never reuses old verdicts."""
+    j = cfg.judge
+    if j.backend != "local":
+        return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
+    ref = resolve_judge_checkpoint(cfg, base_model_path)
+    if ref.startswith(("models:/", "runs:/")):
+        from arenaflow.tracking import parse_models_uri, tracker_from_cfg
+
+        if ref.startswith("runs:/"):
+            return {"checkpoint": ref}
+        name, version, alias = parse_models_uri(ref)
+        info = tracker_from_cfg(cfg).get_version(name, alias=alias, version=version)
+        return {"checkpoint": f"models:/{name}/{info.version}" if info else ref}
+    from arenaflow.models import checkpoint_identity
+
+    return {"checkpoint": checkpoint_identity(ref)}
 
 
 def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) -> JudgeBackend:

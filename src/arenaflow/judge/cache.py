@@ -29,7 +29,11 @@ class JudgmentCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        # WAL and a busy timeout: two judge runs on one cache wait for each other's writes
+        # instead of failing with "database is locked"
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=60000")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS judgments ("
             "key TEXT PRIMARY KEY, judge_model TEXT, value TEXT NOT NULL, created REAL NOT NULL)"

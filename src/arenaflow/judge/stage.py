@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from arenaflow import io
-from arenaflow.judge.backends import JudgeBackend, build_backend
+from arenaflow.judge.backends import JudgeBackend, build_backend, judge_identity
 from arenaflow.judge.cache import JudgmentCache
 from arenaflow.judge.calibration import (
     build_calibration,
@@ -146,6 +146,8 @@ def judge(
     prompts = load_judge_prompts(str(j.prompt_file))
     references = load_reference_answers(str(j.reference_file), str(cfg.eval.bench_name))
     settings = {"temperature": float(j.temperature), "max_tokens": int(j.max_tokens)}
+    settings |= {"backend": str(j.backend), "model": str(j.model)}
+    settings |= judge_identity(cfg, base_model_path)
     plan = build_plan(
         questions,
         answers,
@@ -155,7 +157,7 @@ def judge(
         modes=modes,
         pairwise=str(j.pairwise),
         baseline=j.get("baseline"),
-        settings={**settings, "backend": str(j.backend), "model": str(j.model)},
+        settings=settings,
         skipped=skipped,
     )
     calibration_plan = build_calibration(
@@ -163,7 +165,7 @@ def judge(
         references,
         prompts,
         judge_model=str(j.model_name),
-        settings={**settings, "backend": str(j.backend), "model": str(j.model)},
+        settings=settings,
         per_category=int(j.calibration.per_category),
     )
     log.info(
