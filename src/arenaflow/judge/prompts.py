@@ -87,6 +87,21 @@ def needs_reference(category: str) -> bool:
     return category in NEED_REF_CATS
 
 
+def _shared_fields(
+    question: dict[str, Any], turn: int, reference: list[str] | None
+) -> dict[str, str]:
+    """The question and reference fields both prompt kinds fill, for turn 1 or turn 2."""
+    if turn == 2:
+        fields = {"question_1": question["turns"][0], "question_2": question["turns"][1]}
+    else:
+        fields = {"question": question["turns"][0]}
+    if reference is not None:
+        fields["ref_answer_1"] = reference[0]
+        if turn == 2:
+            fields["ref_answer_2"] = reference[1]
+    return fields
+
+
 def single_user_prompt(
     template: dict[str, Any],
     question: dict[str, Any],
@@ -95,21 +110,12 @@ def single_user_prompt(
     reference: list[str] | None,
 ) -> str:
     """The user message of a single-answer grading (FastChat's `run_judge_single`)."""
-    kwargs: dict[str, str] = {}
-    if reference is not None:
-        kwargs["ref_answer_1"] = reference[0]
-        if turn == 2:
-            kwargs["ref_answer_2"] = reference[1]
     if turn == 2:
-        return template["prompt_template"].format(
-            question_1=question["turns"][0],
-            question_2=question["turns"][1],
-            answer_1=answer_turns[0],
-            answer_2=answer_turns[1],
-            **kwargs,
-        )
+        answers = {"answer_1": answer_turns[0], "answer_2": answer_turns[1]}
+    else:
+        answers = {"answer": answer_turns[0]}
     return template["prompt_template"].format(
-        question=question["turns"][0], answer=answer_turns[0], **kwargs
+        **_shared_fields(question, turn, reference), **answers
     )
 
 
@@ -122,21 +128,15 @@ def pair_user_prompt(
     reference: list[str] | None,
 ) -> str:
     """The user message of a pairwise comparison (FastChat's `run_judge_pair`)."""
-    kwargs: dict[str, str] = {}
-    if reference is not None:
-        kwargs["ref_answer_1"] = reference[0]
-        if turn == 2:
-            kwargs["ref_answer_2"] = reference[1]
     if turn == 2:
-        return template["prompt_template"].format(
-            question_1=question["turns"][0],
-            question_2=question["turns"][1],
-            answer_a_1=answer_a[0],
-            answer_b_1=answer_b[0],
-            answer_a_2=answer_a[1],
-            answer_b_2=answer_b[1],
-            **kwargs,
-        )
+        answers = {
+            "answer_a_1": answer_a[0],
+            "answer_b_1": answer_b[0],
+            "answer_a_2": answer_a[1],
+            "answer_b_2": answer_b[1],
+        }
+    else:
+        answers = {"answer_a": answer_a[0], "answer_b": answer_b[0]}
     return template["prompt_template"].format(
-        question=question["turns"][0], answer_a=answer_a[0], answer_b=answer_b[0], **kwargs
+        **_shared_fields(question, turn, reference), **answers
     )
