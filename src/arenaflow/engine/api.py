@@ -6,7 +6,12 @@ request means the same thing everywhere (greedy at temperature 0, stop strings, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this a temperature is greedy decoding: logits / 1e-40 overflow to inf and the softmax turns
+# to NaN, and long before that the distribution is one-hot in float32 anyway.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -21,7 +26,13 @@ class SamplingParams:
     top_logprobs: int = 0  # 0..20 alternatives per generated token
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field (callers turn it into a 400)."""
+        """Raise ValueError naming the bad field (callers turn it into a 400); a temperature
+        below MIN_TEMPERATURE becomes 0 (greedy), so no request can overflow the sampler."""
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -78,6 +89,11 @@ class StreamEvent:
     finish_reason: str | None = None  # set on the choice's last event
     prompt_tokens: int | None = None  # set on the last event of the request
     completion_tokens: int | None = None
+
+
+class RequestFailedError(Exception):
+    """One request failed inside the running batch (its prefill, its sampler or its own callback
+    raised); the rows it shared the batch with went on (the server answers 500)."""
 
 
 class QueueFullError(RuntimeError):

@@ -22,6 +22,7 @@ import torch
 from arenaflow.engine.api import (
     Choice,
     GenerationResult,
+    RequestFailedError,
     SamplingParams,
     StreamEvent,
     TokenLogprob,
@@ -46,13 +47,21 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
     result: GenerationResult | None = None
+    error: RequestFailedError | None = None  # set when this request failed on its own
 
     def __post_init__(self) -> None:
         self.seqs = [Sequence(self, i) for i in range(self.params.n)]
 
     @property
     def done(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+        return self.error is not None or all(s.finish_reason is not None for s in self.seqs)
+
+    def fail(self, error: BaseException) -> None:
+        """Mark this request failed (first error wins); the batch drops its rows at the next check."""
+        if self.error is None:
+            log.error("generation request failed, its batch goes on: %r", error)
+            self.error = RequestFailedError(f"generation failed: {type(error).__name__}: {error}")
+            self.error.__cause__ = error
 
     def build_result(self) -> GenerationResult:
         choices = [
@@ -134,10 +143,18 @@ class RunningBatch:
         Each prompt is prefilled on its own (no padding, so no wasted compute and exactly the
         numbers an unbatched run computes); the n choices of a request share one prefill.
         """
+        prefilled, ok = [], []
+        for r in requests:  # a prompt the model cannot prefill fails alone
+            try:
+                prefilled.append(self._prefill(r.prompt_ids))
+                ok.append(r)
+            except Exception as e:
+                r.fail(e)
+        failed = [r for r in requests if r.error is not None]
+        requests = ok
         seqs = [s for r in requests for s in r.seqs]
         if not seqs:
-            return []
-        prefilled = [self._prefill(r.prompt_ids) for r in requests]
+            return failed
         if self.cache is None:
             self.cache = BatchKVCache(
                 len(prefilled[0][0].layers), self.max_batch_size, self.context_length
@@ -150,7 +167,7 @@ class RunningBatch:
         self.positions = torch.cat([self.positions, lengths])
         self.rows.extend(seqs)
         self.next_tokens = torch.cat([self.next_tokens, self._sample(logits, seqs)])
-        return self._finish_rows()
+        return failed + self._finish_rows()
 
     def _prefill(self, prompt_ids: list[int]) -> tuple[Any, torch.Tensor]:
         """KV cache and last-position logits of one unpadded prompt."""
@@ -189,18 +206,25 @@ class RunningBatch:
         return self._finish_rows()
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token of every row; a row whose sampling or bookkeeping raises fails its request
+        only (its batch-mates get their tokens as usual)."""
+        logits = torch.nan_to_num(logits, nan=-torch.inf)  # a NaN never wins, never breaks softmax
         need_logprobs = any(s.request.params.logprobs for s in seqs)
         logp = torch.log_softmax(logits, dim=-1) if need_logprobs else None
         chosen = logits.argmax(dim=-1)
         for i, s in enumerate(seqs):
+            if s.request.error is not None:
+                continue
             p = s.request.params
-            if p.temperature > 0:
-                chosen[i] = _sample_row(logits[i], p.temperature, p.top_p, s.generator)
-        for i, s in enumerate(seqs):
-            lp = None
-            if s.request.params.logprobs:
-                lp = self._token_logprob(logp[i], int(chosen[i]), s.request.params.top_logprobs)
-            self._append(s, int(chosen[i]), lp)
+            try:
+                if p.temperature > 0:
+                    chosen[i] = _sample_row(logits[i], p.temperature, p.top_p, s.generator)
+                lp = None
+                if p.logprobs:
+                    lp = self._token_logprob(logp[i], int(chosen[i]), p.top_logprobs)
+                self._append(s, int(chosen[i]), lp)
+            except Exception as e:
+                s.request.fail(e)
         return chosen
 
     def _token_logprob(self, row: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
@@ -262,7 +286,7 @@ class RunningBatch:
         keep = [
             i
             for i, s in enumerate(self.rows)
-            if s.finish_reason is None and not s.request.cancelled
+            if s.finish_reason is None and not s.request.cancelled and s.request.error is None
         ]
         finished: list[Request] = []
         seen: set[int] = set()
@@ -296,10 +320,17 @@ class RunningBatch:
 def _sample_row(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """One token from softmax(logits / temperature) cut to the top_p nucleus.
+
+    Raises ValueError when the row has no finite logit (nothing to sample from)."""
+    if not torch.isfinite(logits).any():
+        raise ValueError("the model produced no finite logit for this row")
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         cum = sorted_p.cumsum(-1)
         sorted_p[(cum - sorted_p) > top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if not torch.isfinite(probs).all() or float(probs.sum()) <= 0.0:
+        return logits.argmax()  # a degenerate distribution is greedy
     return torch.multinomial(probs, 1, generator=generator)[0]

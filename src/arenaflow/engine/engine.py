@@ -97,6 +97,9 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         requests = [self.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         self.run_requests(requests)
+        failed = next((r.error for r in requests if r.error is not None), None)
+        if failed is not None:
+            raise failed
         return [r.build_result() for r in requests]
 
     def chat(
@@ -131,6 +134,8 @@ class Engine:
         while True:
             yield from events
             events.clear()
+            if request.error is not None:
+                raise request.error
             if request.done:
                 return
             with self.lock:

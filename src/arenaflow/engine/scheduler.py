@@ -187,7 +187,10 @@ class Scheduler:
                 continue
             for r in finished:
                 self._running.pop(id(r), None)
-                if r.cancelled and not r.done:
+                if r.error is not None:  # this request failed alone; its batch-mates go on
+                    self._counters["failed"] += 1
+                    _notify(r, r.error)
+                elif r.cancelled and not r.done:
                     self._counters["cancelled"] += 1
                     _notify(r, RuntimeError("request cancelled"))
                 else:
