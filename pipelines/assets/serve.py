@@ -1,9 +1,11 @@
 """Dagster assets of the `serve` group: the deployed OpenAI-compatible endpoint and the sensor that rolls it."""
 
+import json
 from typing import Any
 
 import dagster as dg
 
+from arenaflow.serve.app import api_keys_from_cfg
 from arenaflow.serve.deploy import deploy_champion
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 from pipelines.metadata import md_table, mlflow_link
@@ -47,8 +49,9 @@ def serving_deployment(
                 else "_first deployment_"
             ),
             "smoke_test": dg.MetadataValue.md(
-                md_table(out["smoke"], ["question_id", "category", "match", "http", "engine"])
+                md_table(out["smoke"], ["question_id", "category", "match", "http", "rendered"])
             ),
+            "strays_stopped": dg.MetadataValue.int(len(out["strays"])),
             "model_card": dg.MetadataValue.json(out["card"]),
             "served_models": dg.MetadataValue.md(
                 md_table(out["models"], ["id", "alias_of", "root"])
@@ -56,7 +59,8 @@ def serving_deployment(
             "server_log": dg.MetadataValue.path(out["log_path"]),
             "try_it": dg.MetadataValue.md(
                 f"```bash\ncurl {out['url']}/chat/completions -H 'Content-Type: application/json' "
-                f'-d \'{{"model": "{cfg.serve.served_model_name}", '
+                + ('-H "Authorization: Bearer $API_KEY" ' if api_keys_from_cfg(cfg) else "")
+                + f'-d \'{{"model": "{cfg.serve.served_model_name}", '
                 f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n```'
             ),
             **mlflow_link(out["run_url"]),
@@ -84,13 +88,28 @@ def champion_alias_sensor(
     info = tracker_from_cfg(cfg).get_version(name, alias=alias)
     if info is None:
         return dg.SkipReason(f"the registry has no {name}@{alias} yet")
-    if context.cursor == info.version:
+    version, changes = _read_cursor(context.cursor)
+    if version == info.version:
         return dg.SkipReason(f"{name}@{alias} is still version {info.version}")
-    context.update_cursor(info.version)
+    # the run key counts alias moves: a rollback to a version deployed before is a new run
+    # (a key seen before would make Dagster skip it)
+    changes += 1
+    context.update_cursor(json.dumps({"version": info.version, "changes": changes}))
     return dg.RunRequest(
-        run_key=f"{name}@{alias}-v{info.version}",
+        run_key=f"{name}@{alias}-v{info.version}-change{changes}",
         tags={"arenaflow/champion_version": info.version},
     )
+
+
+def _read_cursor(cursor: str | None) -> tuple[str | None, int]:
+    """(version last seen, alias moves seen); a cursor from before the count is the bare version."""
+    if not cursor:
+        return None, 0
+    try:
+        state = json.loads(cursor)
+        return str(state["version"]), int(state["changes"])
+    except (ValueError, TypeError, KeyError):
+        return cursor, 0
 
 
 sensors = [champion_alias_sensor]

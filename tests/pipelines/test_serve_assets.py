@@ -5,7 +5,12 @@ the temp registry, moves the `champion` alias to it and returns the documented v
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,11 @@ import pytest
 from omegaconf import OmegaConf
 from openai import OpenAI
 
+import arenaflow.serve.deploy as deploy_module
 from arenaflow.config import compose_config
-from arenaflow.serve.deploy import _alive, read_state, undeploy
+from arenaflow.engine import Engine
+from arenaflow.serve.deploy import read_state, serve_dir, server_config, undeploy
+from arenaflow.serve.process import alive, spawn, write_json
 from arenaflow.tracking import tracker_from_cfg
 from pipelines.assets.serve import champion_alias_sensor, sensors, serving_deployment
 from pipelines.resources import HydraConfigResource
@@ -94,7 +102,7 @@ def _chat(url: str) -> str:
 def _gone(pid: int, timeout: float = 30) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.2)
     return False
@@ -104,6 +112,11 @@ def test_deploy_rolls_to_new_champion_and_keeps_old_on_failure(
     overrides: list[str], tiny_model_dir: Path, broken_checkpoint: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("ARENAFLOW_API_KEYS", KEY)  # serve.api_keys_env: keys never enter config
+
+    def no_third_copy(*args, **kwargs):
+        raise AssertionError("the deploying process must not load a copy of the model")
+
+    monkeypatch.setattr(Engine, "load", classmethod(no_third_copy))  # the smoke test goes by HTTP
     cfg = compose_config(overrides)
     instance = dg.DagsterInstance.ephemeral()
     pids: list[int] = []
@@ -177,14 +190,24 @@ def test_sensor_requests_a_roll_when_the_champion_alias_moves(
         v2 = tracker.register_model(run, tiny_model_dir, "arenaflow-chat").version
     tracker.set_alias("arenaflow-chat", "champion", v1)
     result, cursor = evaluate(None)
-    assert isinstance(result, dg.RunRequest) and result.run_key == "arenaflow-chat@champion-v1"
-    assert cursor == v1
+    assert isinstance(result, dg.RunRequest) and result.run_key.startswith(
+        "arenaflow-chat@champion-v1"
+    )
+    first_key = result.run_key
     result, _ = evaluate(cursor)
     assert isinstance(result, dg.SkipReason)
     tracker.set_alias("arenaflow-chat", "champion", v2)
     result, cursor = evaluate(cursor)
     assert isinstance(result, dg.RunRequest) and result.tags["arenaflow/champion_version"] == v2
-    assert cursor == v2
+    second_key = result.run_key
+    # a rollback to v1 is a new run: Dagster skips a run key it has seen
+    tracker.set_alias("arenaflow-chat", "champion", v1)
+    result, cursor = evaluate(cursor)
+    assert isinstance(result, dg.RunRequest) and result.tags["arenaflow/champion_version"] == v1
+    assert len({first_key, second_key, result.run_key}) == 3
+    assert isinstance(evaluate(cursor)[0], dg.SkipReason)
+    # a cursor written before the count (the bare version) still reads
+    assert isinstance(evaluate(v1)[0], dg.SkipReason)
 
 
 def test_deployment_serves_the_competitors_beside_the_champion(
@@ -229,3 +252,100 @@ def test_deployment_refuses_a_served_set_that_reuses_the_champion_name(
     text = result.get_step_failure_events()[0].event_specific_data.error.to_string()
     assert "served_model_name='arenaflow-chat' is also the name of a model" in text
     assert read_state(compose_config(overrides)) is None, "nothing was started"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+def test_deployment_enforces_its_keys_sheds_secrets_strays_and_taken_ports(
+    overrides: list[str], tiny_model_dir: Path, monkeypatch
+) -> None:
+    """Keys from serve.api_keys are enforced in the deployed process (without serve.api_keys_env);
+    the child's environment holds none of the parent's secrets; a server a killed run left
+    (recorded, never made the deployment) is stopped, a foreign process never; a port taken
+    between free_port and the child's bind is retried on another."""
+    overrides = [*overrides, "serve.api_keys_env=null", f"serve.api_keys=[{KEY}]"]
+    cfg = compose_config(overrides)
+    for name in ("OPENAI_API_KEY", "FOO_SECRET", "HF_TOKEN"):
+        monkeypatch.setenv(name, f"planted-{name.lower()}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    # a run killed after starting its server: the process and its record, no state
+    runs = serve_dir(cfg) / "deployments"
+    stray_dir = runs / "killed-run"
+    stray_dir.mkdir(parents=True)
+    stray_config, env = server_config(cfg, str(tiny_model_dir), "127.0.0.1", 1, [])
+    (stray_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(stray_config)))
+    _, stray = spawn(
+        stray_dir / "config.yaml",
+        stray_dir / "server.log",
+        env,
+        host="127.0.0.1",
+        port=1,
+        model_uri=str(tiny_model_dir),
+    )
+    # a record whose pid now belongs to someone else
+    foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    write_json(
+        runs / "reused-pid" / "process.json",
+        {**asdict(stray), "pid": foreign.pid, "config_path": str(runs / "reused-pid" / "c.yaml")},
+    )
+    # a port someone binds between free_port and the server's bind
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = deploy_module.free_port
+    monkeypatch.setattr(
+        deploy_module, "free_port", lambda host: next(ports, None) or real_free_port(host)
+    )
+    try:
+        result = _roll(overrides, dg.DagsterInstance.ephemeral(), tiny_model_dir)
+        assert result.success
+        dep = result.output_for_node("serving_deployment")
+        assert dep["url"] != f"http://127.0.0.1:{taken.getsockname()[1]}/v1"
+        first_try = next(runs.glob(f"*-{taken.getsockname()[1]}"))
+        assert "address already in use" in (first_try / "server.log").read_text().lower()
+
+        assert httpx.get(f"{dep['url']}/models").status_code == 401
+        assert _chat(dep["url"])  # with KEY
+        meta = result.asset_materializations_for_node("serving_deployment")[0].metadata
+        assert "| True |" in meta["smoke_test"].value  # the smoke test used the key
+
+        child = _environ(dep["pid"])
+        assert "PATH" in child and child["HF_HUB_OFFLINE"] == "1"
+        assert not {"OPENAI_API_KEY", "FOO_SECRET", "HF_TOKEN", "ARENAFLOW_API_KEYS"} & set(child)
+        served = Path(read_state(cfg).config_path).read_text()
+        assert KEY not in served and "planted" not in served
+
+        assert _gone(stray.pid), "the stray server must be stopped"
+        assert meta["strays_stopped"].value == 1
+        assert not (stray_dir / "process.json").exists()
+        assert foreign.poll() is None, "a process that is not ours is never signalled"
+        assert not (runs / "reused-pid" / "process.json").exists()
+    finally:
+        taken.close()
+        foreign.kill()
+        foreign.wait()
+        undeploy(cfg)
+        assert _gone(stray.pid)
+    assert not list(runs.glob("*/process.json")), "undeploy leaves no recorded process"
+
+
+def test_secrets_the_server_needs_travel_by_env_not_in_its_config(overrides: list[str]) -> None:
+    from arenaflow.serve.launch import restore_secrets
+
+    url = "postgresql://arena:pw-8731@db.internal/arena"
+    cfg = compose_config([*overrides, f"serve.arena.db_url='{url}'", "tracking=none"])
+    config, env = server_config(cfg, "/ckpt", "127.0.0.1", 8123, [KEY])
+    text = OmegaConf.to_yaml(OmegaConf.create(config))
+    assert "pw-8731" not in text and KEY not in text
+    assert config["serve"]["api_keys_env"] == "ARENAFLOW_DEPLOY_API_KEYS"
+    assert env["ARENAFLOW_DEPLOY_API_KEYS"] == KEY
+    child_cfg = OmegaConf.create(text)
+    restore_secrets(child_cfg, env)
+    assert child_cfg.serve.arena.db_url == url
+    assert "ARENAFLOW_DEPLOY_SECRETS" not in env
+    assert os.environ.get("ARENAFLOW_DEPLOY_SECRETS") is None

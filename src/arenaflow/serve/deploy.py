@@ -1,58 +1,64 @@
 """Blue/green deployment of the serving app as a detached uvicorn process, with a smoke test.
 
 A deployment starts the new server next to the old one on a free port, waits for `/ready`, and
-compares its greedy HTTP answers on a few MT-bench questions with the engine's greedy answers for
-the same checkpoint (catching train/serve template drift). Only then does the recorded endpoint
-switch and the old server stop; a new server that fails leaves the old one serving. The current
-deployment lives in `<paths.home>/serve/deployment.json`, so the next materialization finds it.
+smoke-tests it over HTTP (`smoke_test`). Only then does the recorded endpoint switch and the old
+server stop; a new server that fails leaves the old one serving. The current deployment lives in
+`<paths.home>/serve/deployment.json`, so the next materialization finds it; every process started
+is recorded as it starts (`arenaflow.serve.process`), so one a killed run left behind is stopped
+by the next deployment. The server's config file holds no secret: its API keys come through its
+environment, which holds only what a server needs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
-from arenaflow.tracking import config_container, parse_models_uri, tracker_from_cfg
+from arenaflow.serve.process import (
+    KEYS_ENV,
+    SECRETS_ENV,
+    Deployment,
+    alive,
+    child_env,
+    deploy_lock,
+    free_port,
+    is_ours,
+    spawn,
+    stop_server,
+    stop_strays,
+    write_json,
+)
+from arenaflow.tracking import parse_models_uri, redact, tracker_from_cfg
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Deployment", "DeploymentError", "deploy", "deploy_champion", "read_state", "undeploy"]
+
+_BIND_ATTEMPTS = 3  # fresh ports tried when another process takes the free one first
 
 
 class DeploymentError(RuntimeError):
     """The new server could not be started or failed its smoke test (the old one keeps serving)."""
 
 
-@dataclass
-class Deployment:
-    """One running server process, as recorded in the state file."""
+class _PortTaken(DeploymentError):
+    """The port `free_port` chose was bound by someone else before the new server could bind it."""
 
-    url: str  # OpenAI base URL, http://host:port/v1
-    pid: int
-    port: int
-    model_uri: str
-    version: str | None
-    started_at: float
-    config_path: str
-    log_path: str
 
-    @property
-    def base(self) -> str:
-        return self.url.removesuffix("/v1")
+def serve_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.home) / "serve"
 
 
 def state_path(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.home) / "serve" / "deployment.json"
+    return serve_dir(cfg) / "deployment.json"
 
 
 def read_state(cfg: DictConfig) -> Deployment | None:
@@ -68,21 +74,12 @@ def read_state(cfg: DictConfig) -> Deployment | None:
 
 def write_state(cfg: DictConfig, deployment: Deployment | None) -> None:
     path = state_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if deployment is None:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(deployment), indent=2))
-    tmp.replace(path)  # atomic: a reader never sees half a state
+    write_json(path, asdict(deployment))
     with (path.parent / "history.jsonl").open("a") as f:
         f.write(json.dumps({**asdict(deployment), "recorded_at": time.time()}) + "\n")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def pin_model_uri(cfg: DictConfig, champion: dict[str, Any] | None) -> str:
@@ -110,56 +107,13 @@ def pin_model_uri(cfg: DictConfig, champion: dict[str, Any] | None) -> str:
     return uri
 
 
-def _alive(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_ours(dep: Deployment) -> bool:
-    """Guard against pid reuse: the process must still be this deployment's launcher."""
-    try:
-        cmdline = Path(f"/proc/{dep.pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return _alive(dep.pid)
-    return dep.config_path in cmdline
-
-
 def is_serving(dep: Deployment) -> bool:
-    if not (_alive(dep.pid) and _is_ours(dep)):
+    if not (alive(dep.pid) and is_ours(dep)):
         return False
     try:
         return httpx.get(f"{dep.base}/ready", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def stop_server(dep: Deployment, timeout_s: float = 20.0) -> None:
-    """SIGTERM the server's process group (uvicorn drains), SIGKILL after `timeout_s`."""
-    if not _alive(dep.pid) or not _is_ours(dep):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(dep.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if not _alive(dep.pid):
-                log.info("stopped server pid %d (%s)", dep.pid, dep.url)
-                return
-            time.sleep(0.1)
-    log.warning("server pid %d did not stop", dep.pid)
 
 
 def _log_tail(path: str, chars: int = 3000) -> str:
@@ -201,62 +155,97 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     return {"models": models, "models_from": None, "aliases": aliases}
 
 
+def server_config(
+    cfg: DictConfig, model_uri: str, host: str, port: int, keys: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The deployed server's config file (redacted) and environment (the secrets it needs).
+
+    The keys reach it under `KEYS_ENV`, which its config names as `serve.api_keys_env`, so a key
+    configured anywhere (`serve.api_keys` or the parent's `$<serve.api_keys_env>`) is enforced.
+    Other `serve.*`/`tracking.*` values that redaction hides (a password in the arena's database
+    URL or the tracking URI) travel as JSON in `SECRETS_ENV` and `launch` puts them back.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container["serve"].update(
+        {
+            "model_uri": model_uri,
+            "host": host,
+            "port": port,
+            "api_keys": [],
+            "api_keys_env": KEYS_ENV,
+        }
+    )
+    container["serve"].update(served_set(cfg, model_uri))
+    safe = redact(container)
+    env = child_env(keys)
+    hidden = {
+        path: value
+        for section in ("serve", "tracking")
+        for path, value in _redacted_leaves(container[section], safe[section], section).items()
+    }
+    if hidden:
+        env[SECRETS_ENV] = json.dumps(hidden)
+    return safe, env
+
+
+def _redacted_leaves(real: Any, safe: Any, path: str) -> dict[str, Any]:
+    """Dotted paths (and real values) of what redaction changed; a changed list counts whole."""
+    if isinstance(real, dict) and isinstance(safe, dict):
+        out: dict[str, Any] = {}
+        for k, v in real.items():
+            out.update(_redacted_leaves(v, safe.get(k), f"{path}.{k}"))
+        return out
+    return {} if real == safe else {path: real}
+
+
 def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
-    """Launch `python -m arenaflow.serve.launch <config>` detached and wait until it is ready."""
+    """Launch the server detached and wait until it is ready; a free port someone else binds
+    first (the gap between `free_port` and the server's bind) is retried on a fresh one."""
+    d = cfg.serve.deploy
+    host = str(d.host)
+    attempts = 1 if d.port else _BIND_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        port = int(d.port) if d.port else free_port(host)
+        try:
+            return _start_on(cfg, model_uri, host, port)
+        except _PortTaken as e:
+            if attempt == attempts:
+                raise
+            log.warning("%s; retrying on another port (%d/%d)", e, attempt, attempts)
+    raise AssertionError("unreachable")
+
+
+def _start_on(cfg: DictConfig, model_uri: str, host: str, port: int) -> Deployment:
     from arenaflow.serve.app import api_keys_from_cfg
 
     d = cfg.serve.deploy
-    host = str(d.host)
-    port = int(d.port) if d.port else free_port(host)
-    run_dir = (
-        Path(cfg.paths.home) / "serve" / "deployments" / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}"
-    )
+    run_dir = serve_dir(cfg) / "deployments" / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container["serve"].update({"model_uri": model_uri, "host": host, "port": port, "api_keys": []})
-    container["serve"].update(served_set(cfg, model_uri))
+    config, env = server_config(cfg, model_uri, host, port, api_keys_from_cfg(cfg))
     config_path = run_dir / "config.yaml"
-    # secrets stay out of the file: keys reach the server through its environment
-    config_path.write_text(
-        OmegaConf.to_yaml(OmegaConf.create(config_container(OmegaConf.create(container))))
-    )
-    env = dict(os.environ)
-    keys = api_keys_from_cfg(cfg)
-    if keys:
-        env[str(cfg.serve.api_keys_env or "ARENAFLOW_API_KEYS")] = ",".join(keys)
-    log_path = run_dir / "server.log"
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "arenaflow.serve.launch", str(config_path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # detached: outlives the Dagster run that started it
-        )
-    dep = Deployment(
-        url=f"http://{host}:{port}/v1",
-        pid=proc.pid,
-        port=port,
-        model_uri=model_uri,
-        version=None,
-        started_at=time.time(),
-        config_path=str(config_path),
-        log_path=str(log_path),
+    config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    proc, dep = spawn(
+        config_path, run_dir / "server.log", env, host=host, port=port, model_uri=model_uri
     )
     log.info("started server pid %d on %s for %s; waiting for /ready", proc.pid, dep.url, model_uri)
     deadline = time.time() + float(d.ready_timeout_s)
     while True:
         if proc.poll() is not None:
+            dep.record_path.unlink(missing_ok=True)
+            tail = _log_tail(dep.log_path)
+            if "address already in use" in tail.lower():
+                fix = "" if not d.port else f"; free it or change serve.deploy.port={d.port}"
+                raise _PortTaken(f"port {port} was taken before the new server bound it{fix}")
             raise DeploymentError(
                 f"the new server for {model_uri} exited with code {proc.returncode} before it was "
-                f"ready; its log ({log_path}) ends with:\n{_log_tail(str(log_path))}"
+                f"ready; its log ({dep.log_path}) ends with:\n{tail}"
             )
         try:
-            resp = httpx.get(f"{dep.base}/ready", timeout=2)
-            if resp.status_code == 200:
+            resp = httpx.get(f"{dep.base}/ready", timeout=2, headers=_auth(cfg))
+            if resp.status_code == 200 and _listens(proc.pid, port):
                 dep.version = resp.json().get("version")
+                write_json(dep.record_path, asdict(dep))
                 return dep
         except httpx.HTTPError:
             pass
@@ -264,9 +253,18 @@ def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
             stop_server(dep, float(d.stop_timeout_s))
             raise DeploymentError(
                 f"the new server for {model_uri} was not ready after {d.ready_timeout_s} s "
-                f"(serve.deploy.ready_timeout_s); log: {log_path}"
+                f"(serve.deploy.ready_timeout_s); log: {dep.log_path}"
             )
         time.sleep(0.25)
+
+
+def _listens(pid: int, port: int) -> bool:
+    """The answer on `port` is this server's (not a process that took the port in the race)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
 def smoke_questions(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -278,77 +276,105 @@ def smoke_questions(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def smoke_test(cfg: DictConfig, dep: Deployment) -> list[dict[str, Any]]:
-    """Greedy answers over HTTP vs. the engine's own greedy answers for the same checkpoint."""
-    from arenaflow.engine import SamplingParams
-    from arenaflow.serve.loading import load_engine, resolve_served_model
+    """The server's greedy chat answers vs. its greedy completions of the same chats rendered
+    here with the checkpoint's own tokenizer (the `apply_chat_template` call training made).
 
-    served_cfg = OmegaConf.load(dep.config_path)
-    assert isinstance(served_cfg, DictConfig)
-    engine = load_engine(served_cfg, resolve_served_model(served_cfg))
+    Both answers come from the new server over HTTP, so no third copy of the model loads while
+    the old and new servers are both up (only the tokenizer does). This catches a served chat
+    template that is not the checkpoint's (the card's `chat_template_hash` is compared too) and
+    a chat path that renders, encodes or decodes a conversation differently from training;
+    which checkpoint answers is what /ready's version and the card's root say.
+    """
+    from arenaflow.models import chat_template_hash, load_tokenizer
+    from arenaflow.serve.loading import ModelSpec, resolve_served_model
+
+    name = str(cfg.serve.served_model_name)
+    served = resolve_served_model(cfg, ModelSpec(name, dep.model_uri, "serve.model_uri"))
+    tokenizer = load_tokenizer(served.path)  # what the server downloaded: cached, no second copy
     max_tokens = int(cfg.serve.deploy.smoke_max_tokens)
-    rows = []
+    greedy = {"model": name, "temperature": 0, "max_tokens": max_tokens}
     with httpx.Client(timeout=120, headers=_auth(cfg)) as client:
+        card = _ok(client.get(f"{dep.url}/models/{name}"), "the model card").json()
+        if card.get("chat_template_hash") != chat_template_hash(tokenizer):
+            raise DeploymentError(
+                f"the server's chat template (hash {card.get('chat_template_hash')}) is not the "
+                f"checkpoint's ({chat_template_hash(tokenizer)}) for {dep.model_uri}"
+            )
+        rows = []
         for q in smoke_questions(cfg):
             messages = [{"role": "user", "content": q["turns"][0]}]
-            resp = client.post(
-                f"{dep.url}/chat/completions",
-                json={
-                    "model": str(cfg.serve.served_model_name),
-                    "messages": messages,
-                    "temperature": 0,
-                    "max_tokens": max_tokens,
-                },
+            what = f"smoke test question {q['question_id']}"
+            chat = _ok(
+                client.post(f"{dep.url}/chat/completions", json={**greedy, "messages": messages}),
+                what,
             )
-            if resp.status_code != 200:
-                raise DeploymentError(
-                    f"smoke test question {q['question_id']}: HTTP {resp.status_code} {resp.text[:500]}"
-                )
-            http_text = resp.json()["choices"][0]["message"]["content"]
-            engine_text = engine.chat([messages], SamplingParams(max_new_tokens=max_tokens))[0]
-            expected = engine_text.choices[0].text
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            plain = _ok(
+                client.post(f"{dep.url}/completions", json={**greedy, "prompt": prompt}), what
+            )
+            http_text = chat.json()["choices"][0]["message"]["content"]
+            rendered = plain.json()["choices"][0]["text"]
             rows.append(
                 {
                     "question_id": q["question_id"],
                     "category": q["category"],
                     "http": http_text,
-                    "engine": expected,
-                    "match": http_text == expected,
+                    "rendered": rendered,
+                    "match": http_text == rendered,
                 }
             )
     return rows
 
 
+def _ok(resp: httpx.Response, what: str) -> httpx.Response:
+    if resp.status_code != 200:
+        raise DeploymentError(f"{what}: HTTP {resp.status_code} {resp.text[:500]}")
+    return resp
+
+
 def deploy(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     """Roll to `model_uri`: start + smoke-test the new server, switch the state, stop the old one."""
-    old = read_state(cfg)
-    if old is not None and not is_serving(old):
-        log.warning("recorded server pid %d (%s) is not serving; replacing it", old.pid, old.url)
-        stop_server(old, float(cfg.serve.deploy.stop_timeout_s))
-        old = None
-    new = start_server(cfg, model_uri)
-    try:
-        smoke = smoke_test(cfg, new)
-        bad = [r for r in smoke if not r["match"]]
-        if bad:
-            raise DeploymentError(
-                f"smoke test failed on {len(bad)}/{len(smoke)} questions: the server's greedy "
-                f"answers differ from the engine's (train/serve template drift?); first: "
-                f"question {bad[0]['question_id']}: http={bad[0]['http']!r} engine={bad[0]['engine']!r}"
+    stop_s = float(cfg.serve.deploy.stop_timeout_s)
+    with deploy_lock(serve_dir(cfg)):
+        old = read_state(cfg)
+        if old is not None and not is_serving(old):
+            log.warning(
+                "recorded server pid %d (%s) is not serving; replacing it", old.pid, old.url
             )
-        if not smoke:
-            raise DeploymentError("smoke test ran no questions; check serve.deploy.smoke_questions")
-    except BaseException:
-        stop_server(new, float(cfg.serve.deploy.stop_timeout_s))
-        raise
-    write_state(cfg, new)
-    if old is not None:
-        stop_server(old, float(cfg.serve.deploy.stop_timeout_s))
+            stop_server(old, stop_s)
+            old = None
+        strays = stop_strays(serve_dir(cfg) / "deployments", old, stop_s)
+        new = start_server(cfg, model_uri)
+        try:
+            smoke = smoke_test(cfg, new)
+            bad = [r for r in smoke if not r["match"]]
+            if bad:
+                raise DeploymentError(
+                    f"smoke test failed on {len(bad)}/{len(smoke)} questions: the server's greedy "
+                    "chat answers differ from its completions of the chat rendered with the "
+                    f"checkpoint's tokenizer (train/serve template drift?); first: question "
+                    f"{bad[0]['question_id']}: chat={bad[0]['http']!r} "
+                    f"rendered={bad[0]['rendered']!r}"
+                )
+            if not smoke:
+                raise DeploymentError(
+                    "smoke test ran no questions; check serve.deploy.smoke_questions"
+                )
+        except BaseException:
+            stop_server(new, stop_s)
+            raise
+        write_state(cfg, new)
+        if old is not None:
+            stop_server(old, stop_s)
     cards = httpx.get(f"{new.url}/models", timeout=10, headers=_auth(cfg)).json()["data"]
     name = str(cfg.serve.served_model_name)
     card = next((c for c in cards if c["id"] == name), cards[0])
     return {
         **asdict(new),
         "previous": asdict(old) if old else None,
+        "strays": [asdict(s) for s in strays],
         "smoke": smoke,
         "card": card,
         "models": [
@@ -365,11 +391,14 @@ def _auth(cfg: DictConfig) -> dict[str, str]:
 
 
 def undeploy(cfg: DictConfig) -> Deployment | None:
-    """Stop the recorded server and forget it."""
-    dep = read_state(cfg)
-    if dep is not None:
-        stop_server(dep, float(cfg.serve.deploy.stop_timeout_s))
-        write_state(cfg, None)
+    """Stop the recorded server (and any stray a killed deployment left) and forget it."""
+    stop_s = float(cfg.serve.deploy.stop_timeout_s)
+    with deploy_lock(serve_dir(cfg)):
+        dep = read_state(cfg)
+        if dep is not None:
+            stop_server(dep, stop_s)
+            write_state(cfg, None)
+        stop_strays(serve_dir(cfg) / "deployments", None, stop_s)
     return dep
 
 
