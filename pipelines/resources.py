@@ -7,26 +7,17 @@ import shlex
 from collections.abc import Sequence
 
 import dagster as dg
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 from pydantic import Field
 
-from arenaflow.config import compose_config, to_yaml
-from arenaflow.tracking import redact
+from arenaflow.config import compose_config
+from arenaflow.tracking import redact, redact_overrides, redacted_yaml
 
 
 def default_overrides() -> list[str]:
     """`$ARENAFLOW_OVERRIDES` (shell-quoted), else the demo experiment (what `make run` uses)."""
     return shlex.split(os.environ.get("ARENAFLOW_OVERRIDES", "experiment=demo"))
-
-
-def redact_overrides(overrides: Sequence[str]) -> list[str]:
-    """`serve.api_keys=[sk-..]` -> `serve.api_keys=***`: overrides are shown, secrets are not."""
-    out = []
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        leaf = key.lstrip("+~").rsplit(".", 1)[-1]
-        out.append(f"{key}={redact({leaf: value})[leaf]}" if sep else o)
-    return out
 
 
 class HydraConfigResource(dg.ConfigurableResource):
@@ -54,14 +45,14 @@ def stage_config(
 ) -> tuple[DictConfig, dict[str, dg.MetadataValue]]:
     """Compose the asset's config and the metadata that records it (resolved YAML + overrides)."""
     overrides = [*hydra.overrides, *config.overrides]
-    context.log.info("Hydra overrides: %s", overrides)
-    cfg = compose_config(overrides)
-    from omegaconf import OmegaConf
-
-    from arenaflow.tracking import config_container
-
-    yaml_text = to_yaml(OmegaConf.create(config_container(cfg)))
+    shown = redact_overrides(overrides)
+    context.log.info(f"Hydra overrides: {shown}")
+    try:
+        cfg = compose_config(overrides)
+    except HydraException as e:  # Hydra quotes the override it rejects, secret and all
+        raise ValueError(f"cannot compose the config from {shown}: {redact(str(e))}") from None
+    yaml_text = redacted_yaml(cfg)
     return cfg, {
-        "hydra_overrides": dg.MetadataValue.json(redact_overrides(overrides)),
+        "hydra_overrides": dg.MetadataValue.json(shown),
         "resolved_config": dg.MetadataValue.md(f"```yaml\n{yaml_text}```"),
     }

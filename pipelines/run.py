@@ -20,8 +20,9 @@ from typing import Any
 import dagster as dg
 
 from arenaflow.config import compose_config, config_hash
+from arenaflow.tracking import redact_overrides
 from pipelines.definitions import build_definitions
-from pipelines.resources import HydraConfigResource, redact_overrides
+from pipelines.resources import HydraConfigResource
 
 FINGERPRINT_TAG = "arenaflow/fingerprint"
 CALIBRATION_FIGURES = (

@@ -8,37 +8,88 @@ that hold credentials are redacted before they are logged.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from arenaflow.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"(api_keys?|secret|password|token|authorization)$", re.IGNORECASE)
+_SECRET_WORDS = r"api_?keys?|secret|password|passwd|token|authorization|credentials?|private_key"
+# a config key or override whose value is a secret (not `api_key_env`: that holds a variable's name)
+_SECRET_KEY = re.compile(rf"({_SECRET_WORDS})$", re.IGNORECASE)
+# the password of `scheme://user:password@host` ('/' allowed: hiding too much beats leaking)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^\s:/?#@]*:)[^\s@]+(?=@)", re.IGNORECASE)
+# `name=value` with a secret-like name: query strings (?token=, &api_key=, X-Amz-Signature=) and
+# overrides quoted in messages (serve.api_keys=[...])
+_SECRET_ASSIGNMENT = re.compile(
+    rf"((?<![\w.\-])[\w.\-]*(?:{_SECRET_WORDS}|key|sig|signature)=)"
+    r"(\[[^\]]*\]|\{[^}]*\}|[^\s&#,;'\"\])}]+)",
+    re.IGNORECASE,
+)
 _MAX_PARAM_LEN = 6000
 
 
 def redact(obj: Any, key: str = "") -> Any:
-    """Replace values of credential-like keys (api_key, api_keys, token, ...) with '***'."""
+    """The one redaction for everything logged or written (MLflow, metadata, logs, config files).
+
+    Values of credential-like keys (api_key, api_keys, token, password, ...) become '***'; in any
+    string, a URL's password (`user:***@host`) and secret query parameters (`?token=***`) do too.
+    Only copies are redacted: the live config keeps the secrets the process needs.
+    """
+    if isinstance(obj, DictConfig | ListConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
         return {k: redact(v, str(k)) for k, v in obj.items()}
     if key and _SECRET_KEY.search(key) and obj not in (None, [], ""):
         return REDACTED
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _SECRET_ASSIGNMENT.sub(rf"\1{REDACTED}", _URL_PASSWORD.sub(rf"\1{REDACTED}", obj))
     return obj
+
+
+def redact_overrides(overrides: Sequence[str]) -> list[str]:
+    """Hydra overrides as `redact` shows them: `serve.api_keys=[sk-..]` -> `serve.api_keys=***`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    out = []
+    for o in overrides:
+        key, sep, text = o.partition("=")
+        leaf = key.lstrip("+~").rsplit(".", 1)[-1].split("@")[0]
+        if not sep:
+            out.append(redact(o))
+        elif _SECRET_KEY.search(leaf) and text.strip() not in ("", "null", "[]"):
+            out.append(f"{key}={REDACTED}")
+        else:
+            try:  # a dict value (`serve={api_keys:[..]}`) hides its secrets under its own keys
+                value = parser.parse_overrides([o])[0].value()
+            except OverrideParseException:
+                value = text
+            shown = redact(value)
+            structured = isinstance(value, dict | list) and shown != value
+            out.append(f"{key}={json.dumps(shown) if structured else redact(text)}")
+    return out
+
+
+def redacted_yaml(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """A config as YAML for a log line or a file a person reads, secrets redacted."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(cfg)))
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,7 +104,8 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_container(cfg: DictConfig) -> dict[str, Any]:
-    return redact(OmegaConf.to_container(cfg, resolve=True))
+    """The resolved config as plain data, redacted: what MLflow params and artifacts record."""
+    return redact(cfg)
 
 
 def git_commit() -> str | None:
@@ -120,10 +172,10 @@ class MlflowRun(Run):
             self.client.set_tag(self.run_id, k, str(v))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        self.client.log_dict(self.run_id, redact(obj), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -213,7 +265,7 @@ class MlflowTracker(Tracker):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._mlflow = mlflow
-        self.ui_url = ui_url.rstrip("/") if ui_url else None
+        self.ui_url = redact(ui_url.rstrip("/")) if ui_url else None  # run links land in metadata
         exp = self.client.get_experiment_by_name(experiment_name)
         if exp is None:
             location = artifact_location
@@ -260,7 +312,7 @@ class MlflowTracker(Tracker):
             if cfg is not None:
                 container = config_container(cfg)
                 run.log_params(container)
-                run.log_text(OmegaConf.to_yaml(OmegaConf.create(container)), "config.yaml")
+                run.log_text(redacted_yaml(container), "config.yaml")
             yield run
         except BaseException:
             status = "FAILED"
@@ -339,7 +391,7 @@ class MlflowTracker(Tracker):
         if info is None:
             what = f"alias @{alias}" if alias else f"version {version}"
             raise ValueError(
-                f"MLflow registry has no {what} of model {name!r} ({self.tracking_uri})"
+                f"MLflow registry has no {what} of model {name!r} ({redact(self.tracking_uri)})"
             )
         dest = Path(dest or tempfile.mkdtemp(prefix="arenaflow-model-"))
         dest.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,10 @@ def database_exists(url: str) -> bool:
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password hidden, for logs and metadata."""
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
+    """The URL with its password hidden, for logs and metadata (the one redaction, `tracking.redact`)."""
+    from arenaflow.tracking import redact
+
+    return redact(url)
 
 
 def count_turns(conversation: list[dict]) -> int:

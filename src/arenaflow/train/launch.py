@@ -1,7 +1,8 @@
 """Start the ranks of a multi-device run on this node with torchrun, streaming their output.
 
-The resolved config is written next to the run so every rank trains on exactly what the
-launcher planned; rank 0 writes result.json, which the launcher reads back.
+Every rank trains on exactly the config the launcher planned: the live copy (secrets and all) travels
+in the ranks' environment, never on disk; `launch_config.yaml` next to the run is the redacted copy a
+person reads. Rank 0 writes result.json, which the launcher reads back.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from arenaflow.tracking import redacted_yaml
 from arenaflow.train.recipe import TrainPlan
 from arenaflow.train.reporting import REPORTER_ENV
 
 log = logging.getLogger(__name__)
+
+CONFIG_ENV = "ARENAFLOW_RANK_CONFIG"
 
 
 def externally_launched() -> bool:
@@ -35,6 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stage_rank_config(cfg: DictConfig, out: Path) -> tuple[Path, dict[str, str]]:
+    """Write the redacted `launch_config.yaml` into `out`; return it and the env carrying the live copy."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "launch_config.yaml"
+    path.write_text(redacted_yaml(cfg))
+    return path, {CONFIG_ENV: OmegaConf.to_yaml(cfg, resolve=True)}
+
+
 def launch_ranks(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None]) -> dict[str, Any]:
     if int(cfg.hardware.num_nodes) > 1:
         raise ValueError(
@@ -43,9 +55,7 @@ def launch_ranks(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None]) -> 
             "arenaflow.train ...) or srun; see README 'GPUs and clusters'"
         )
     out = Path(p.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "launch_config.yaml"
-    cfg_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_path, cfg_env = stage_rank_config(cfg, out)
     result_path = out / "result.json"
     result_path.unlink(missing_ok=True)
     cmd = [
@@ -61,6 +71,7 @@ def launch_ranks(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None]) -> 
         str(cfg_path),
     ]
     env = {k: v for k, v in os.environ.items() if k != REPORTER_ENV}  # this process reports
+    env.update(cfg_env)
     env.setdefault(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(cfg.hardware.devices)))
     )
@@ -79,3 +90,9 @@ def launch_ranks(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None]) -> 
             f"training ranks failed (exit code {rc}); see the log above ({cfg_path})"
         )
     return json.loads(result_path.read_text())
+
+
+def rank_config(path: str | Path) -> DictConfig:
+    """The config a rank trains on: the launcher's live copy, else the file (ranks started by hand)."""
+    text = os.environ.pop(CONFIG_ENV, None)  # popped: the rank's own children do not inherit it
+    return OmegaConf.create(text) if text else OmegaConf.load(path)

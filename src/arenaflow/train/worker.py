@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from omegaconf import OmegaConf
-
 from arenaflow.train import run
+from arenaflow.train.launch import rank_config
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="[rank %(process)d] %(name)s: %(message)s")
-    run(OmegaConf.load(sys.argv[1]))
+    run(rank_config(sys.argv[1]))

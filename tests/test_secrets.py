@@ -1,0 +1,151 @@
+"""Secrets never reach a log or a written file: planted keys and URL credentials are grepped for in
+every output (logs, the MLflow store and its artifacts, the Dagster event log, launch's config)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from arenaflow.tracking import redact, redact_overrides, tracker_from_cfg
+
+# one planted secret per way a secret travels: a key named like a secret, a URL's password, a
+# secret query parameter
+PLANTED = {
+    "serve.api_keys=[sk-planted-key]": "sk-planted-key",
+    "serve.arena.db_url=postgresql://arena:planted-db-pw@db.example/votes": "planted-db-pw",
+    "tracking.ui_url=https://ui:planted-ui-pw@mlflow.example": "planted-ui-pw",
+    "+judge.extra_url='https://judge.example/v1?api_key=planted-query-key'": "planted-query-key",
+}
+SECRETS = list(PLANTED.values())
+
+
+def leaks_in(root: Path, shown: str = "arena:***@db.example") -> list[str]:
+    """Every file under `root` that holds a planted secret (SQLite stores and artifacts included);
+    `shown`, the redacted form, must be found somewhere, so the grep is known to reach the records."""
+    found, seen = [], False
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        seen = seen or shown.encode() in data
+        found += [f"{path.relative_to(root)}: {s}" for s in SECRETS if s.encode() in data]
+    assert seen, f"{shown!r} is nowhere under {root}: the grep missed the records"
+    return found
+
+
+def leaks_in_text(text: str) -> list[str]:
+    return [s for s in SECRETS if s in text]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://user:pw@host/db", "postgresql://user:***@host/db"),
+        ("https://user:tok/en@mlflow.example/x", "https://user:***@mlflow.example/x"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("https://h/x.json?token=abc&limit=3", "https://h/x.json?token=***&limit=3"),
+        ("https://h/v1?api_key=abc#top", "https://h/v1?api_key=***#top"),
+        (
+            "s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=d",
+            "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***",
+        ),
+        ("use +serve.api_keys=[sk-a,sk-b] here", "use +serve.api_keys=*** here"),
+        # no credentials: left as they are
+        ("sqlite:///home/votes.db", "sqlite:///home/votes.db"),
+        ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),
+        ("models:/arenaflow-chat@champion", "models:/arenaflow-chat@champion"),
+        ("https://h/q?page=2&sort=name", "https://h/q?page=2&sort=name"),
+    ],
+)
+def test_redact_hides_url_credentials_and_secret_parameters(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_redact_walks_configs_and_overrides(make_cfg) -> None:
+    cfg = make_cfg(*PLANTED)
+    shown = redact(cfg)
+    assert not leaks_in_text(str(shown))
+    assert shown["serve"]["api_keys"] == "***"
+    assert shown["serve"]["arena"]["db_url"] == "postgresql://arena:***@db.example/votes"
+    assert shown["serve"]["api_keys_env"] == cfg.serve.api_keys_env  # a variable's name
+    assert cfg.serve.api_keys == ["sk-planted-key"]  # the live config keeps what the process needs
+    assert redact_overrides(
+        [*PLANTED, "serve={api_keys:[sk-planted-key]}", "experiment=test", "serve.api_keys=[]"]
+    ) == [
+        "serve.api_keys=***",
+        "serve.arena.db_url=postgresql://arena:***@db.example/votes",
+        "tracking.ui_url=https://ui:***@mlflow.example",
+        "+judge.extra_url='https://judge.example/v1?api_key=***'",
+        'serve={"api_keys": "***"}',
+        "experiment=test",
+        "serve.api_keys=[]",
+    ]
+
+
+def test_mlflow_store_and_artifacts_hold_no_secret(make_cfg, af_home, caplog) -> None:
+    cfg = make_cfg(*PLANTED)
+    tracker = tracker_from_cfg(cfg)
+    caplog.set_level(logging.DEBUG)
+    with tracker.start_run("data", cfg, tags={"source": cfg.serve.arena.db_url}) as run:
+        run.log_dict({"db": cfg.serve.arena.db_url, "judge": cfg.judge.extra_url}, "result.json")
+        run.log_params({"vote_db": cfg.serve.arena.db_url})
+    assert run.url and run.url.startswith("https://ui:***@mlflow.example/")
+    assert (af_home / "mlflow.db").is_file() and any(af_home.rglob("result.json"))
+    assert leaks_in(af_home) == []
+    assert leaks_in_text(caplog.text) == []
+
+
+def test_launch_writes_a_redacted_config_and_hands_ranks_the_live_one(
+    make_cfg, tmp_path, monkeypatch
+) -> None:
+    from arenaflow.train.launch import CONFIG_ENV, rank_config, stage_rank_config
+
+    cfg = make_cfg(*PLANTED)
+    path, env = stage_rank_config(cfg, tmp_path / "run")
+    assert path.read_text().count("***") >= 4
+    assert leaks_in(tmp_path) == []
+    monkeypatch.setenv(CONFIG_ENV, env[CONFIG_ENV])
+    live = rank_config(path)
+    assert live.serve.api_keys == ["sk-planted-key"]
+    assert live.serve.arena.db_url == cfg.serve.arena.db_url
+    assert CONFIG_ENV not in __import__("os").environ  # a rank's own children do not inherit it
+    assert rank_config(path).serve.api_keys == "***"  # a rank started by hand reads the file
+
+
+def test_dagster_event_log_and_metadata_hold_no_secret(
+    tmp_path, af_home, model_cache, monkeypatch, caplog
+) -> None:
+    """A real materialization through the `make run` driver with secrets in its overrides."""
+    from pipelines import run as driver
+    from pipelines.assets.data import sharegpt_raw
+    from pipelines.resources import HydraConfigResource
+
+    monkeypatch.setattr(
+        driver,
+        "build_definitions",
+        lambda: dg.Definitions(assets=[sharegpt_raw], resources={"hydra": HydraConfigResource()}),
+    )
+    overrides = [
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "data.limit=5",
+        "tracking=none",  # the MLflow store is grepped above; this keeps the test to seconds
+        *PLANTED,
+    ]
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    caplog.set_level(logging.DEBUG)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        driver.materialize_all(overrides, instance)
+        (run,) = instance.get_runs()
+        events = instance.all_logs(run.run_id)
+        assert any(e.is_dagster_event and e.dagster_event.is_step_materialization for e in events)
+        meta = instance.get_latest_materialization_event(dg.AssetKey("sharegpt_raw"))
+        shown = meta.asset_materialization.metadata["hydra_overrides"].value
+        assert "serve.arena.db_url=postgresql://arena:***@db.example/votes" in shown
+        assert leaks_in_text(" ".join(str(e) for e in events)) == []
+        assert leaks_in_text(str(run.tags)) == []
+    assert leaks_in(dagster_home) == []  # event log, run storage, captured compute logs
+    assert leaks_in_text(caplog.text) == []
