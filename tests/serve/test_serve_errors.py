@@ -151,14 +151,14 @@ async def _fire(url: str, n: int, body: dict) -> list[httpx.Response]:
 
 
 def test_full_queue_is_429_with_retry_after(start_server) -> None:
-    with start_server("serve.max_batch_size=1", "serve.max_queue=1") as srv:
+    with start_server("serve.max_batch_size=1", "serve.max_queue=1", "serve.retry_after_s=7") as srv:
         body = {**CHAT, "max_tokens": 48, "temperature": 0}
         responses = asyncio.run(_fire(srv.url, 8, body))
         codes = sorted(r.status_code for r in responses)
         assert 200 in codes and 429 in codes, codes
         assert set(codes) <= {200, 429}
         limited = next(r for r in responses if r.status_code == 429)
-        assert limited.headers["retry-after"] == "1"
+        assert limited.headers["retry-after"] == "7"  # serve.retry_after_s
         assert_error(limited, 429, says="queue is full")
         assert limited.json()["error"]["type"] == "rate_limit_error"
         assert srv.metric("arenaflow_scheduler_rejected_total") >= 1

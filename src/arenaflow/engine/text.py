@@ -25,9 +25,9 @@ def stream_safe_end(text: str, stops: list[str]) -> int:
     while end > 0 and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
         end -= 1
     held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k : end] == s[:k]:
-                held = max(held, k)
+    for s in stops:  # the longest tail of the text that a stop string starts with
+        for k in range(min(len(s) - 1, end), held, -1):
+            if text.endswith(s[:k], 0, end):
+                held = k
                 break
     return end - held

@@ -3,7 +3,13 @@
 Endpoints: /v1/models, /v1/chat/completions, /v1/completions (both streamed as SSE on request),
 /health, /ready and /metrics. Every served model (`serve.models`, default the single
 `serve.model_uri`) has its own `Scheduler`: concurrent requests to a model share its decode steps
-(continuous batching); a full queue answers 429, a client that leaves a stream frees its rows.
+(continuous batching); a full queue answers 429, a client that leaves (streamed or not) frees its
+rows, and every request has a time limit (`serve.request_timeout_s`).
+
+What one request may cost is bounded before it reaches a queue (messages, characters, rows =
+prompts x n, stop strings), so no request can starve or crash the others; with API keys set, every
+route but /health (and the bare readiness status) needs one, and the `Host` header must be one of
+`serve.allowed_hosts` (DNS rebinding cannot reach a local server).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from arenaflow.engine import (
     Engine,
     GenerationResult,
     PromptTooLongError,
     QueueFullError,
+    RequestFailedError,
     SamplingParams,
     Scheduler,
     StreamEvent,
@@ -122,6 +130,29 @@ class ServeState:
         return next(iter(self.models.values())).scheduler if self.models else None
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(serve: DictConfig) -> list[str]:
+    """`Host` values the server answers: serve.allowed_hosts (default the local names) + serve.host."""
+    hosts = [str(h) for h in (serve.get("allowed_hosts") or LOCAL_HOSTS)]
+    bind = str(serve.get("host") or "")
+    if bind not in WILDCARD_BINDS and bind not in hosts:
+        hosts.append(bind)
+    return hosts
+
+
+def key_matches(header: str, keys: list[str]) -> bool:
+    """Whether an `Authorization` header carries one of `keys` (constant-time, any bytes)."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    # Starlette decodes headers as latin-1; compare bytes so non-ASCII input cannot raise
+    sent = token.strip().encode("latin-1", errors="replace")
+    return any(hmac.compare_digest(sent, k.encode("utf-8")) for k in keys)
+
+
 def api_keys_from_cfg(cfg: DictConfig) -> list[str]:
     """Keys from `serve.api_keys` plus the comma-separated `$<serve.api_keys_env>`."""
     keys = [str(k) for k in (cfg.serve.get("api_keys") or []) if str(k)]
@@ -209,30 +240,39 @@ def create_app(
     install_error_handlers(app)
     app.include_router(arena_router(state))  # GET /arena and its API (serve.arena)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.serve.max_body_bytes))
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outermost: counts 413s
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # counts 413s
+    app.add_middleware(  # outermost: a foreign Host is refused before anything runs
+        TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg.serve), www_redirect=False
+    )
+    public_status = bool(cfg.serve.get("public_metrics", False))
+
+    def has_key(request: Request) -> bool:
+        return not state.api_keys or key_matches(
+            request.headers.get("authorization", ""), state.api_keys
+        )
 
     async def require_key(request: Request) -> None:
-        if not state.api_keys:
+        if has_key(request):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise APIError(
                 401,
                 "missing API key: send 'Authorization: Bearer <key>' (serve.api_keys)",
                 code="invalid_api_key",
             )
-        if not any(hmac.compare_digest(token.strip(), k) for k in state.api_keys):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if not (public_status or has_key(request)):  # load balancers see only the status
+            return JSONResponse({"status": "ready"})
         first = next(iter(state.models.values())).served.card
         memory = state.memory.as_dict() if state.memory else {}
         models = [
@@ -255,7 +295,9 @@ def create_app(
         )
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if not public_status:
+            await require_key(request)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
@@ -271,7 +313,9 @@ def create_app(
         return alias_card(model) if model in explicit_aliases else card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_request(state.cfg.serve, body, rows=body.n)
+        limit_messages(state.cfg.serve, body)
         slot = state.slot(body.model)
         eng = slot.engine
         try:
@@ -296,14 +340,18 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await gen.stream([prompt], params, chat=True, include_usage=include_usage)
-        results = await gen.run([prompt], params)
+        results = await gen.run([prompt], params, request)
         return gen.chat_body(results[0])
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompts = body.prompt_list()
+        check_request(state.cfg.serve, body, rows=len(prompts) * body.n)
+        total = sum(len(p) for p in prompts)
+        if total > int(state.cfg.serve.max_input_chars):
+            raise _too_much("prompt", f"{total} characters", state.cfg.serve.max_input_chars)
         slot = state.slot(body.model)
         eng = slot.engine
-        prompts = body.prompt_list()
         plist = [
             sampling_params(state, eng, body, p, logprobs=body.logprobs is not None, param="prompt")
             for p in prompts
@@ -314,9 +362,61 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await gen.stream(prompts, plist, chat=False, include_usage=include_usage)
-        return gen.completion_body(await gen.run(prompts, plist), body.n)
+        return gen.completion_body(await gen.run(prompts, plist, request), body.n)
 
     return app
+
+
+def _too_much(param: str, got: str, limit: Any, setting: str = "") -> APIError:
+    where = f" (serve.{setting})" if setting else ""
+    return APIError(
+        400,
+        f"{param} is too large: {got}, this server accepts at most {limit}{where}",
+        param=param,
+        code="request_too_large",
+    )
+
+
+def check_request(
+    serve: DictConfig, body: ChatCompletionRequest | CompletionRequest, rows: int
+) -> None:
+    """Refuse what this server does not implement and requests bigger than one batch."""
+    field_name = body.unsupported()
+    if field_name is not None:
+        raise APIError(
+            400,
+            f"{field_name} is not supported by this server; leave it out (or send its default)",
+            param=field_name,
+            code="unsupported_parameter",
+        )
+    if body.n > int(serve.max_n):
+        raise APIError(
+            400,
+            f"n must be <= {serve.max_n} on this server (serve.max_n), got {body.n}",
+            param="n",
+            code="request_too_large",
+        )
+    if rows > int(serve.max_batch_size):  # the memory plan holds max_batch_size rows
+        raise _too_much(
+            "n" if rows == body.n else "prompt",
+            f"{rows} rows (prompts x n)",
+            f"{serve.max_batch_size} rows",
+            "max_batch_size",
+        )
+
+
+def limit_messages(serve: DictConfig, body: ChatCompletionRequest) -> None:
+    if len(body.messages) > int(serve.max_messages):
+        raise _too_much(
+            "messages", f"{len(body.messages)} messages", serve.max_messages, "max_messages"
+        )
+    total = sum(
+        len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content)
+        for m in body.messages
+        if m.content
+    )
+    if total > int(serve.max_input_chars):
+        raise _too_much("messages", f"{total} characters", serve.max_input_chars, "max_input_chars")
 
 
 def sampling_params(
@@ -330,9 +430,12 @@ def sampling_params(
 ) -> SamplingParams:
     """Request fields -> SamplingParams; the prompt must leave room for the completion."""
     serve = state.cfg.serve
-    if body.n > int(serve.max_n):
-        raise APIError(400, f"n must be <= {serve.max_n} on this server, got {body.n}", param="n")
-    prompt_tokens = len(engine.encode(prompt))
+    try:
+        prompt_tokens = len(engine.encode(prompt))
+    except Exception as e:  # text the tokenizer refuses is the client's, not a server fault
+        raise APIError(
+            400, f"the {param} cannot be tokenized: {e}", param=param, code="invalid_value"
+        ) from e
     room = engine.context_length - prompt_tokens
     requested = body.requested_max_tokens()
     if room < 1:
@@ -372,23 +475,52 @@ class _Generation:
         self.created = int(time.time())
         self.t0 = time.perf_counter()
         self.first_token_at: float | None = None
+        self.timeout_s = float(state.cfg.serve.request_timeout_s)
+        self.deadline = time.monotonic() + self.timeout_s
+        self.retry_after = str(int(state.cfg.serve.retry_after_s))
 
     @property
     def scheduler(self) -> Scheduler:
         return self.slot.scheduler
 
+    def _mapped(self, aw: Awaitable[Any]) -> Awaitable[Any]:
+        return _mapped(aw, self.retry_after)
+
+    def _timed_out(self) -> APIError:
+        return APIError(
+            504,
+            f"generation did not finish within {self.timeout_s:g} s (serve.request_timeout_s); "
+            "ask for fewer tokens or retry later",
+            code="timeout",
+        )
+
     async def run(
-        self, prompts: list[str], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams],
+        http: Request | None = None,
     ) -> list[GenerationResult]:
+        """Every prompt's result; cancelled when the client disconnects or the time limit passes."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         tasks = [
-            asyncio.ensure_future(_mapped(self.scheduler.submit(p, sp)))
+            asyncio.ensure_future(self._mapped(self.scheduler.submit(p, sp)))
             for p, sp in zip(prompts, plist, strict=True)
         ]
+        everything = asyncio.ensure_future(asyncio.gather(*tasks))
+        gone = asyncio.ensure_future(_disconnected(http)) if http is not None else None
         try:
-            results = await asyncio.gather(*tasks)
+            done, _ = await asyncio.wait(
+                {everything} | ({gone} if gone else set()),
+                timeout=max(0.0, self.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if everything not in done:
+                if gone is not None and gone in done:  # nobody will read the answer
+                    raise APIError(499, "the client closed the request", code="client_closed")
+                raise self._timed_out()
+            results = everything.result()
         finally:
-            for t in tasks:
+            for t in [*tasks, everything, *([gone] if gone else [])]:
                 t.cancel()
         # without streaming the first token reaches the client with the whole answer
         self.state.metrics.ttft.labels(self.endpoint, self.model).observe(
@@ -461,7 +593,7 @@ class _Generation:
             for p, sp in zip(prompts, plist, strict=True):
                 it = self.scheduler.stream(p, sp).__aiter__()
                 try:
-                    first = await _mapped(it.__anext__())
+                    first = await self._next(it)
                 except BaseException:
                     await it.aclose()  # type: ignore[attr-defined]
                     raise
@@ -484,7 +616,7 @@ class _Generation:
         chat: bool,
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        stream = merge_streams(opened)
+        stream = merge_streams(opened).__aiter__()
         prompt_tokens = completion_tokens = 0
         extra = {"usage": None} if include_usage else {}
         try:
@@ -503,7 +635,14 @@ class _Generation:
                             extra,
                         )
                     )
-            async for i, item in stream:
+            while True:
+                try:
+                    i, item = await self._next(stream)
+                except StopAsyncIteration:
+                    break
+                except APIError as e:  # the time limit passed mid-stream
+                    yield sse_event(error_body(e.status, e.message, code=e.code))
+                    return
                 if isinstance(item, Exception):
                     log.error("stream failed: %s", item)
                     yield sse_event(error_body(500, f"generation failed: {item}"))
@@ -528,6 +667,15 @@ class _Generation:
             yield "data: [DONE]\n\n"
         finally:
             await stream.aclose()
+
+    async def _next(self, it: AsyncIterator[Any]) -> Any:
+        """The iterator's next item within the request's time limit (APIError 504 after it)."""
+        try:
+            return await asyncio.wait_for(
+                self._mapped(it.__anext__()), max(0.0, self.deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise self._timed_out() from None
 
     def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -560,12 +708,20 @@ class _Generation:
         }
 
 
-async def _mapped(aw: Awaitable[Any]) -> Any:
+async def _disconnected(http: Request) -> None:
+    """Returns when the client has gone (the ASGI server sends `http.disconnect`)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _mapped(aw: Awaitable[Any], retry_after: str) -> Any:
     """Scheduler errors -> HTTP errors (429 with Retry-After, 400 for prompts, 503 when closing)."""
     try:
         return await aw
     except QueueFullError as e:
-        raise APIError(429, f"{e}", code="queue_full", headers={"Retry-After": "1"}) from e
+        raise APIError(429, f"{e}", code="queue_full", headers={"Retry-After": retry_after}) from e
+    except RequestFailedError as e:
+        raise APIError(500, str(e), code="generation_failed") from e
     except PromptTooLongError as e:
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
     except ValueError as e:

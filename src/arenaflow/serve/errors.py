@@ -23,8 +23,10 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    499: "invalid_request_error",
     500: "server_error",
     503: "server_error",
+    504: "server_error",
 }
 
 
@@ -80,8 +82,8 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[ContentPart]", "function-after[_stop_list()]"):
-            continue  # union branch names pydantic adds to the location
+        elif part == "str" or "[" in str(part):
+            continue  # union branch names pydantic adds (`list[str]`, `function-after[...]`)
         else:
             out += f".{part}" if out else str(part)
     return out or None

@@ -1,30 +1,81 @@
 """OpenAI-compatible request and response bodies (chat.completion, chat.completion.chunk, text_completion, model list).
 
-Requests are validated here, so every client mistake becomes a 400 that names the field; fields
-OpenAI defines but this server does not use (presence_penalty, user, ...) are accepted and ignored,
-so unmodified OpenAI clients work.
+Requests are validated here, so every client mistake becomes a 400 that names the field. Fields
+OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) are accepted, so unmodified
+OpenAI clients work; a field that would change the answer and that this server does not implement
+(`tools`, `response_format`, `logit_bias`, a non-zero penalty, ...) is refused by `unsupported()`
+instead of silently ignored (its null or default value is fine).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 ROLES = ("system", "developer", "user", "assistant")
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 128  # each stop string is matched against the tail of every row at every step
+
+
+def _encodable(v: str) -> str:
+    """Text the tokenizer can take: a lone surrogate (JSON "\\ud800") is refused here, as a 400."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text holds an unpaired surrogate at position {e.start}; send valid Unicode"
+        ) from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _is_default(*defaults: Any) -> Callable[[Any], bool]:
+    return lambda v: v is None or any(v == d for d in defaults)
+
+
+# field -> "this value asks for nothing the server would ignore"
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": _is_default([]),
+    "tool_choice": _is_default("none"),
+    "parallel_tool_calls": lambda v: True,  # only meaningful with tools
+    "functions": _is_default([]),
+    "function_call": _is_default("none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": _is_default({}),
+    "presence_penalty": _is_default(0, 0.0),
+    "frequency_penalty": _is_default(0, 0.0),
+    "repetition_penalty": _is_default(1, 1.0),
+    "best_of": _is_default(1),
+    "suffix": _is_default(""),
+    "audio": _is_default(),
+    "modalities": _is_default(["text"]),
+    "prediction": _is_default(),
+    "web_search_options": _is_default(),
+}
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     @field_validator("role")
     @classmethod
@@ -56,12 +107,12 @@ class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions, with OpenAI's ranges."""
 
     model_config = ConfigDict(extra="allow")
-    model: str
+    model: Text
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -69,14 +120,25 @@ class _SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError(f"at most 4 stop sequences, got {len(v)}")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must be non-empty strings")
-        elif v == "":
-            raise ValueError("stop sequence must be a non-empty string")
+        stops = v if isinstance(v, list) else [] if v is None else [v]
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop sequence may have at most {MAX_STOP_CHARS} characters, got {longest}"
+            )
         return v
+
+    def unsupported(self) -> str | None:
+        """The first field that asks for something this server does not implement, if any."""
+        extra = self.model_extra or {}
+        for name, is_default in _UNSUPPORTED.items():
+            if name in extra and not is_default(extra[name]):
+                return name
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -108,7 +170,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
