@@ -83,7 +83,8 @@ def test_logprob_recovery_reads_the_models_distribution(
     backend = LocalBackend(engine, model_name="tiny", max_tokens=4)
     request = ChatRequest("You are a judge.", "Rate this answer: Paris is the capital of France.")
     judgment = "The answer is correct and concise."
-    [top] = backend.verdict_logprobs([request], [judgment], output_format)
+    [recovery] = backend.verdict_logprobs([request], [judgment], output_format)
+    top = recovery.top
 
     expected_tokens = (
         {str(i) for i in range(1, 10)} if output_format == "[[rating]]" else {"A", "B", "C"}

@@ -3,21 +3,24 @@ the arenaflow engine in process.
 
 A backend turns (system, user) chats into replies and, where it can see token probabilities,
 reads the judge's distribution over verdict tokens after a forced `[[` prefix. Retries, backoff
-and concurrency live here; caching and budgets live in the runner, which is backend-agnostic.
+and concurrency live here; caching and budgets live in the runner, which is backend-agnostic: it
+hands a backend a `CallGate` that every request (retries included) must pass before it is sent,
+and an `on_result` callback that sees each reply the moment it returns.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from omegaconf import DictConfig
 
@@ -38,6 +41,40 @@ class JudgeConfigError(ValueError):
 
 class JudgeUnreachableError(RuntimeError):
     """The judge server cannot be reached at all; judging stops with the URL in the message."""
+
+
+class UnreadableReplyError(RuntimeError):
+    """A 200 whose body is not a chat completion (cut off mid-JSON, no choices): retried like a 5xx."""
+
+
+class BudgetRefusedError(RuntimeError):
+    """The run's budget refused the next request; `attempts` were already sent for this item."""
+
+    def __init__(self, reason: str, attempts: int) -> None:
+        super().__init__(reason)
+        self.reason, self.attempts = reason, attempts
+
+
+class CallGate(Protocol):
+    """What every judge request passes before it is sent: `reserve` holds one call and an upper
+    bound on its tokens (None when granted, else the reason it is refused); `settle` replaces the
+    held tokens with what the call really used."""
+
+    def reserve(self, tokens: int, *, wait: bool = True) -> str | None: ...
+
+    def settle(self, reserved: int, used: int) -> None: ...
+
+
+class _Unlimited:
+    def reserve(self, tokens: int, *, wait: bool = True) -> str | None:
+        return None
+
+    def settle(self, reserved: int, used: int) -> None: ...
+
+
+NO_BUDGET: CallGate = _Unlimited()
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,6 +98,20 @@ class Completion:
     tokens: list[TokenTop] | None = None  # per generated token: (text, alternatives' logprobs)
 
 
+@dataclass
+class Recovery:
+    """One verdict-only follow-up: the verdict token's top logprobs, or None (unseen or `error`)."""
+
+    top: dict[str, float] | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+    error: str | None = None  # the call failed or the budget refused it: worth another try later
+
+
+OnResult = Callable[[int, T], None]  # (index of the request, its reply) as each one returns
+
+
 class JudgeBackend:
     """The interface every judge implements."""
 
@@ -68,14 +119,30 @@ class JudgeBackend:
     supports_logprobs: bool = False
     batch_size: int = 1  # how many requests the runner hands over at once
 
-    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+    def complete(
+        self,
+        requests: list[ChatRequest],
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Completion] | None = None,
+    ) -> list[Completion]:
         raise NotImplementedError
 
     def verdict_logprobs(
-        self, requests: list[ChatRequest], judgments: list[str], output_format: str
-    ) -> list[dict[str, float] | None]:
+        self,
+        requests: list[ChatRequest],
+        judgments: list[str],
+        output_format: str,
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Recovery] | None = None,
+    ) -> list[Recovery]:
         """Top logprobs (token -> logprob) of the verdict token, per request; None where unseen."""
-        return [None] * len(requests)
+        out = [Recovery(None, attempts=0) for _ in requests]
+        for i, r in enumerate(out):
+            if on_result is not None:
+                on_result(i, r)
+        return out
 
     def close(self) -> None: ...
 
@@ -152,16 +219,43 @@ class OpenAIBackend(JudgeBackend):
         cap = min(self.backoff_max, self.backoff_base * 2**attempt)
         return cap / 2 + random.uniform(0, cap / 2)
 
-    def _call(self, **kwargs: Any) -> tuple[Any, int]:
-        """One chat completion with retries; returns (response, attempts) or raises the last error."""
+    def _call(self, gate: CallGate, **kwargs: Any) -> tuple[Any, int]:
+        """One chat completion with retries; returns (response, attempts) or raises the last error.
+
+        Every attempt first reserves one call and an upper bound on its tokens; the reservation is
+        settled with the reply's usage, with nothing for an error status (not billed), and with
+        the whole bound for a timeout or an unreadable body (the server may have billed them).
+        """
         import openai
 
+        bound = call_token_bound(kwargs["messages"], int(kwargs["max_tokens"]))
         attempt = 0
         while True:
+            refused = gate.reserve(bound)
+            if refused is not None:
+                raise BudgetRefusedError(refused, attempt)
+            used = 0
             try:
-                return self._client.chat.completions.create(model=self.model, **kwargs), attempt + 1
-            except openai.APITimeoutError as e:
+                response = self._client.chat.completions.create(model=self.model, **kwargs)
+                if not getattr(response, "choices", None):
+                    used = bound
+                    raise UnreadableReplyError("the reply holds no choices")
+                usage = response.usage
+                used = (
+                    (getattr(usage, "prompt_tokens", 0) or 0)
+                    + (getattr(usage, "completion_tokens", 0) or 0)
+                    if usage is not None
+                    else bound
+                )
+                return response, attempt + 1
+            except UnreadableReplyError as e:
                 retryable: Exception = e
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+                used = bound  # a body cut off in transit, or not a chat completion
+                retryable = UnreadableReplyError(f"the reply is not a chat completion ({e})")
+            except openai.APITimeoutError as e:
+                used = bound
+                retryable = e
             except openai.APIConnectionError as e:
                 if attempt >= self.retries:
                     raise JudgeUnreachableError(
@@ -184,6 +278,8 @@ class OpenAIBackend(JudgeBackend):
                     e.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
                     raise
                 retryable = e
+            finally:
+                gate.settle(bound, used)
             if attempt >= self.retries:
                 retryable.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
                 raise retryable
@@ -198,19 +294,22 @@ class OpenAIBackend(JudgeBackend):
             self._sleep(delay)
             attempt += 1
 
-    def _complete_one(self, request: ChatRequest) -> Completion:
+    def _complete_one(self, request: ChatRequest, gate: CallGate) -> Completion:
         import openai
 
         # With logprobs on, the reply carries the verdict token's alternatives at no extra cost.
         extra = {"logprobs": True, "top_logprobs": 20} if self.supports_logprobs else {}
         try:
             response, attempts = self._call(
+                gate,
                 messages=request.messages(),
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
                 **extra,
             )
-        except (openai.APIStatusError, openai.APITimeoutError) as e:
+        except BudgetRefusedError as e:
+            return Completion(text=None, error=f"budget: {e.reason}", attempts=e.attempts)
+        except (openai.APIStatusError, openai.APITimeoutError, UnreadableReplyError) as e:
             attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
             return Completion(text=None, error=_describe(e), attempts=attempts)
         usage = response.usage
@@ -223,16 +322,43 @@ class OpenAIBackend(JudgeBackend):
             tokens=[_alternatives(p) for p in content] if content else None,
         )
 
-    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
-        return list(self._pool.map(self._complete_one, requests))
+    def _map(
+        self, fn: Callable[..., T], args: list[tuple[Any, ...]], on_result: OnResult[T] | None
+    ) -> list[T]:
+        """Run `fn` over `args` in the pool, handing each result to `on_result` as it returns
+        (in this thread). An error in one call waits for the others, so no reply that was paid
+        for is lost, then is raised."""
+        futures = {self._pool.submit(fn, *a): i for i, a in enumerate(args)}
+        out: list[Any] = [None] * len(args)
+        error: BaseException | None = None
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as e:  # noqa: BLE001 - raised below, once every call has returned
+                error = error or e
+                continue
+            out[futures[future]] = result
+            if on_result is not None:
+                on_result(futures[future], result)
+        if error is not None:
+            raise error
+        return out
+
+    def complete(
+        self,
+        requests: list[ChatRequest],
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Completion] | None = None,
+    ) -> list[Completion]:
+        return self._map(self._complete_one, [(r, gate) for r in requests], on_result)
 
     def _logprobs_one(
-        self, args: tuple[ChatRequest, str, str]
-    ) -> tuple[dict[str, float] | None, int, int]:
+        self, request: ChatRequest, judgment: str, output_format: str, gate: CallGate
+    ) -> Recovery:
         """A follow-up call that asks for the verdict only, read from its top logprobs."""
         import openai
 
-        request, judgment, output_format = args
         wanted = set(RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS)
         messages = [
             *request.messages(),
@@ -240,28 +366,46 @@ class OpenAIBackend(JudgeBackend):
             {"role": "user", "content": VERDICT_FOLLOW_UP[output_format]},
         ]
         try:
-            response, _ = self._call(
-                messages=messages, temperature=0.0, max_tokens=5, logprobs=True, top_logprobs=20
+            response, attempts = self._call(
+                gate,
+                messages=messages,
+                temperature=0.0,
+                max_tokens=5,
+                logprobs=True,
+                top_logprobs=20,
             )
-        except (openai.APIStatusError, openai.APITimeoutError) as e:
+        except BudgetRefusedError as e:
+            return Recovery(None, attempts=e.attempts, error=f"budget: {e.reason}")
+        except (openai.APIStatusError, openai.APITimeoutError, UnreadableReplyError) as e:
             log.warning("logprob recovery call failed: %s", _describe(e))
-            return None, 0, 0
+            attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
+            return Recovery(None, attempts=attempts, error=_describe(e))
         usage = response.usage
-        tokens = (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0))
+        out = Recovery(
+            None,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            attempts=attempts,
+        )
         content = getattr(response.choices[0].logprobs, "content", None) or []
         for position in content:
             _, top = _alternatives(position)
             if any(t.strip() in wanted for t in top):
-                return top, *tokens
-        return None, *tokens
+                out.top = dict(top)
+                break
+        return out
 
     def verdict_logprobs(
-        self, requests: list[ChatRequest], judgments: list[str], output_format: str
-    ) -> list[dict[str, float] | None]:
-        args = [(r, j, output_format) for r, j in zip(requests, judgments, strict=True)]
-        results = list(self._pool.map(self._logprobs_one, args))
-        self.last_usage = (sum(r[1] for r in results), sum(r[2] or 0 for r in results))
-        return [r[0] for r in results]
+        self,
+        requests: list[ChatRequest],
+        judgments: list[str],
+        output_format: str,
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Recovery] | None = None,
+    ) -> list[Recovery]:
+        args = [(r, j, output_format, gate) for r, j in zip(requests, judgments, strict=True)]
+        return self._map(self._logprobs_one, args, on_result)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -273,6 +417,12 @@ def _alternatives(position: Any) -> TokenTop:
     top = {t.token: t.logprob for t in (position.top_logprobs or [])}
     top.setdefault(position.token, position.logprob)
     return position.token, top
+
+
+def call_token_bound(messages: list[dict[str, str]], max_tokens: int) -> int:
+    """The most one call can cost: a token is at least one UTF-8 byte of the prompt, plus the
+    chat format's few tokens per message, plus the most the reply may use."""
+    return sum(len(m["content"].encode()) + 4 for m in messages) + 3 + max_tokens
 
 
 def _describe(exc: Exception) -> str:
@@ -299,45 +449,84 @@ class LocalBackend(JudgeBackend):
         self.model_name = model_name
         self.temperature, self.max_tokens = temperature, max_tokens
         self.batch_size = max(1, batch_size)
-        self.last_usage = (0, 0)
 
     def _fits(self, prompt: str, new_tokens: int) -> int | None:
         n = len(self.engine.encode(prompt))
         return n if n + new_tokens <= self.engine.context_length else None
 
-    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+    def _admit(self, costs: dict[int, int], gate: CallGate) -> tuple[list[int], str | None]:
+        """The requests (in order) the budget lets into the next batch, and the reason it
+        refused the rest; requests that only wait for this batch's tokens go in a later one."""
+        granted: list[int] = []
+        for i, cost in costs.items():
+            reason = gate.reserve(cost, wait=False)
+            if reason is None:
+                granted.append(i)
+            elif granted:
+                return granted, None  # no room beside this batch: the rest go in the next one
+            else:
+                return granted, reason  # nothing is in flight and it still does not fit
+        return granted, None
+
+    def complete(
+        self,
+        requests: list[ChatRequest],
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Completion] | None = None,
+    ) -> list[Completion]:
         from arenaflow.engine import SamplingParams
 
         prompts = [self.engine.render_chat(r.messages()) for r in requests]
         out: list[Completion | None] = [None] * len(requests)
-        runnable: list[int] = []
+        costs: dict[int, int] = {}
         for i, prompt in enumerate(prompts):
-            if self._fits(prompt, self.max_tokens) is None:
+            n = self._fits(prompt, self.max_tokens)
+            if n is None:
                 out[i] = Completion(
                     text=None,
                     error=f"prompt too long for the judge's {self.engine.context_length}-token "
                     f"context with judge.max_tokens={self.max_tokens}",
+                    attempts=0,
                 )
+                if on_result is not None:
+                    on_result(i, out[i])
             else:
-                runnable.append(i)
+                costs[i] = n + self.max_tokens
         params = SamplingParams(
             max_new_tokens=self.max_tokens,
             temperature=self.temperature,
             logprobs=True,
             top_logprobs=20,  # the verdict token's alternatives: its probabilities, at no extra pass
         )
-        results = self.engine.generate([prompts[i] for i in runnable], params) if runnable else []
-        for i, result in zip(runnable, results, strict=True):
-            choice = result.choices[0]
-            out[i] = Completion(
-                text=choice.text,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                tokens=[
-                    (lp.token, {t.token: t.logprob for t in lp.top} | {lp.token: lp.logprob})
-                    for lp in choice.logprobs or []
-                ],
-            )
+        while costs:
+            batch, refused = self._admit(costs, gate)
+            results: list[Any] = []
+            try:
+                results = self.engine.generate([prompts[i] for i in batch], params) if batch else []
+            finally:
+                for n, i in enumerate(batch):
+                    r = results[n] if n < len(results) else None
+                    gate.settle(costs.pop(i), r.prompt_tokens + r.completion_tokens if r else 0)
+            for i, result in zip(batch, results, strict=True):
+                choice = result.choices[0]
+                out[i] = Completion(
+                    text=choice.text,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    tokens=[
+                        (lp.token, {t.token: t.logprob for t in lp.top} | {lp.token: lp.logprob})
+                        for lp in choice.logprobs or []
+                    ],
+                )
+                if on_result is not None:
+                    on_result(i, out[i])
+            if refused is not None:
+                for i in costs:
+                    out[i] = Completion(text=None, error=f"budget: {refused}", attempts=0)
+                    if on_result is not None:
+                        on_result(i, out[i])
+                costs = {}
         return [c for c in out if c is not None]
 
     def _candidate_ids(self, output_format: str) -> dict[str, int]:
@@ -350,37 +539,53 @@ class LocalBackend(JudgeBackend):
         return out
 
     def verdict_logprobs(
-        self, requests: list[ChatRequest], judgments: list[str], output_format: str
-    ) -> list[dict[str, float] | None]:
+        self,
+        requests: list[ChatRequest],
+        judgments: list[str],
+        output_format: str,
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Recovery] | None = None,
+    ) -> list[Recovery]:
         """Logprobs of every verdict token (over the full vocabulary) after the forced prefix.
 
         One forward pass per prompt reads the exact next-token distribution, so a verdict is
         recovered even when no verdict token is among the top 20 alternatives.
         """
+        out = []
+        for i, (request, judgment) in enumerate(zip(requests, judgments, strict=True)):
+            out.append(self._logprobs_one(request, judgment, output_format, gate))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
+
+    def _logprobs_one(
+        self, request: ChatRequest, judgment: str, output_format: str, gate: CallGate
+    ) -> Recovery:
         import torch
 
         prefix = VERDICT_PREFIX[output_format]
         candidates = self._candidate_ids(output_format)
-        out: list[dict[str, float] | None] = []
-        prompt_tokens = 0
-        for request, judgment in zip(requests, judgments, strict=True):
-            head = self.engine.render_chat(request.messages())
-            prompt = head + judgment.rstrip() + prefix
-            if self._fits(prompt, 1) is None:
-                prompt = head + prefix.lstrip()  # the reply does not fit: ask for the verdict only
-            if self._fits(prompt, 1) is None or not candidates:
-                out.append(None)
-                continue
-            ids = self.engine.encode(prompt)
-            prompt_tokens += len(ids)
+        head = self.engine.render_chat(request.messages())
+        prompt = head + judgment.rstrip() + prefix
+        if self._fits(prompt, 1) is None:
+            prompt = head + prefix.lstrip()  # the reply does not fit: ask for the verdict only
+        if self._fits(prompt, 1) is None or not candidates:
+            return Recovery(None, attempts=0)
+        ids = self.engine.encode(prompt)
+        refused = gate.reserve(len(ids) + 1)
+        if refused is not None:
+            return Recovery(None, attempts=0, error=f"budget: {refused}")
+        try:
             device = next(self.engine.model.parameters()).device
             with self.engine.lock, torch.no_grad():
                 ids_t = torch.tensor([ids], device=device)
                 logits = self.engine.model(ids_t, logits_to_keep=1).logits[0, -1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            out.append({tok: float(logprobs[i]) for tok, i in candidates.items()})
-        self.last_usage = (prompt_tokens, len([o for o in out if o is not None]))
-        return out
+        finally:
+            gate.settle(len(ids) + 1, len(ids) + 1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = {tok: float(logprobs[i]) for tok, i in candidates.items()}
+        return Recovery(top, prompt_tokens=len(ids), completion_tokens=1)
 
 
 def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None = None) -> str:

@@ -171,6 +171,7 @@ def build_plan(
 
 def _provenance(result: ItemResult) -> dict[str, Any]:
     out: dict[str, Any] = {"verdict_source": result.verdict.source, "cached": result.cached}
+    out["attempts"] = result.attempts  # requests sent for it in this run (0: cached or not made)
     if result.error:
         out["error"] = result.error
     return out

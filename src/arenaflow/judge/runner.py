@@ -3,11 +3,18 @@
 The runner knows nothing of MT-bench: it takes `JudgeItem`s (one judge call each) and returns one
 `ItemResult` per item, so single grading and both orders of a pairwise comparison share one
 path for caching, budgets, retries and parse-failure accounting.
+
+Every reply is cached the moment it returns, its raw text included, whether or not a verdict
+could be read from it: a crash, a kill or a failing neighbour in the same batch never loses a
+paid reply, and a rerun (or a better parser) re-reads the text instead of paying again. Every
+request, retries and logprob recoveries included, reserves its share of the budget before it is
+sent, so concurrent calls cannot overrun `judge.max_calls` or `judge.max_tokens_budget`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from arenaflow.judge.backends import ChatRequest, JudgeBackend
+from arenaflow.judge.backends import ChatRequest, Completion, JudgeBackend, Recovery
 from arenaflow.judge.cache import JudgmentCache
 from arenaflow.judge.verdicts import (
     Verdict,
@@ -43,6 +50,8 @@ class ItemResult:
     verdict: Verdict
     cached: bool = False
     error: str | None = None  # the call failed for good, or was not made (budget)
+    attempts: int = 0  # requests sent for it in this run, retries and recovery included
+    recovered: bool = False  # a logprob recovery call answered (whatever it found)
 
     def as_cache_value(self) -> dict[str, Any]:
         v = self.verdict
@@ -53,43 +62,100 @@ class ItemResult:
             "source": v.source,
             "expected_score": v.expected_score,
             "probs": v.probs,
+            "recovered": self.recovered,
         }
 
     @classmethod
-    def from_cache(cls, value: dict[str, Any]) -> ItemResult:
-        verdict = Verdict(
+    def from_cache(cls, value: dict[str, Any], output_format: str) -> ItemResult:
+        """The stored reply, re-read: the text is parsed again (a verdict the parser of the time
+        missed is found now), and the stored verdict is kept where the text still agrees."""
+        stored = Verdict(
             score=value.get("score"),
             winner=value.get("winner"),
             source=value.get("source", "text"),
             expected_score=value.get("expected_score"),
             probs=value.get("probs"),
         )
-        return cls(judgment=value["judgment"], verdict=verdict, cached=True)
+        reparsed = parse_verdict(value["judgment"], output_format)
+        agrees = (reparsed.score, reparsed.winner) == (stored.score, stored.winner)
+        if (
+            stored.source == "text"
+            and agrees
+            or stored.source == "logprobs"
+            and not reparsed.parsed
+        ):
+            verdict = stored
+        else:
+            verdict = reparsed
+        recovered = bool(value.get("recovered", stored.source == "logprobs"))
+        return cls(value["judgment"], verdict, cached=True, recovered=recovered)
 
 
-@dataclass
 class Budget:
-    """A per-run cap on judge calls and tokens; None means unlimited."""
+    """A per-run cap on judge requests and tokens (None: unlimited), shared by concurrent calls.
 
-    max_calls: int | None = None
-    max_tokens: int | None = None
-    calls: int = 0
-    tokens: int = 0
+    `reserve` holds one request and an upper bound on its tokens before it is sent; `settle`
+    swaps the bound for the tokens used. Spent plus held never passes the cap: a request that
+    does not fit waits while others are in flight (their unused bounds come back), and is
+    refused only when nothing in flight could make room.
+    """
+
+    def __init__(self, max_calls: int | None = None, max_tokens: int | None = None) -> None:
+        self.max_calls, self.max_tokens = max_calls, max_tokens
+        self.calls = 0  # requests sent or being sent
+        self.tokens = 0  # tokens spent by requests that returned
+        self.held = 0  # token bounds of requests in flight
+        self.in_flight = 0
+        self.refused: str | None = None  # why the budget first said no
+        self._cond = threading.Condition()
 
     def calls_left(self) -> int | None:
         return None if self.max_calls is None else max(0, self.max_calls - self.calls)
 
+    def reserve(self, tokens: int, *, wait: bool = True) -> str | None:
+        with self._cond:
+            while True:
+                if self.max_calls is not None and self.calls >= self.max_calls:
+                    reason = f"judge.max_calls={self.max_calls} reached"
+                elif self.max_tokens is not None and (
+                    self.tokens + self.held + tokens > self.max_tokens
+                ):
+                    if self.in_flight and wait:
+                        self._cond.wait()
+                        continue
+                    reason = (
+                        f"judge.max_tokens_budget={self.max_tokens} reached "
+                        f"({self.tokens} tokens used; the next call may need up to {tokens})"
+                    )
+                    if self.in_flight:  # not waiting: the caller retries once its calls return
+                        return reason
+                else:
+                    self.calls += 1
+                    self.held += tokens
+                    self.in_flight += 1
+                    return None
+                self.refused = self.refused or reason
+                return reason
+
+    def settle(self, reserved: int, used: int) -> None:
+        with self._cond:
+            self.held -= reserved
+            self.tokens += used
+            self.in_flight -= 1
+            self._cond.notify_all()
+
     def exhausted(self) -> str | None:
+        if self.refused:
+            return self.refused
         if self.max_calls is not None and self.calls >= self.max_calls:
             return f"judge.max_calls={self.max_calls} reached"
-        if self.max_tokens is not None and self.tokens >= self.max_tokens:
-            return f"judge.max_tokens_budget={self.max_tokens} reached ({self.tokens} tokens used)"
         return None
 
 
 @dataclass
 class RunStats:
-    calls: int = 0
+    calls: int = 0  # judge calls that reached the judge (recovery calls included)
+    requests: int = 0  # requests sent: calls plus their retries
     cached: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -98,6 +164,13 @@ class RunStats:
         default_factory=Counter
     )  # text | logprobs | parse_error | error | budget
     budget_message: str | None = None
+
+    def count(self, attempts: int, prompt_tokens: int, completion_tokens: int) -> None:
+        self.calls += attempts > 0
+        self.requests += attempts
+        self.retries += max(0, attempts - 1)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
 
 
 def run_items(
@@ -109,24 +182,31 @@ def run_items(
     logprob_recovery: bool,
     desc: str = "judging",
 ) -> tuple[dict[str, ItemResult], RunStats]:
-    """Judge every item once: cached verdicts are reused, the rest are called in backend-sized
+    """Judge every item once: cached replies are re-read, the rest are called in backend-sized
     chunks. The backend is only built (a model loaded, a client opened) when a call is needed."""
     stats = RunStats()
     results: dict[str, ItemResult] = {}
-    todo: list[JudgeItem] = []
+    pending: dict[str, JudgeItem] = {}
+    unrecovered: list[tuple[JudgeItem, ItemResult]] = []
     for item in items:
-        if item.key in results:
+        if item.key in results or item.key in pending:
             continue
         hit = cache.get(item.key)
-        if hit is not None:
-            results[item.key] = ItemResult.from_cache(hit)
-            stats.cached += 1
-        else:
-            todo.append(item)
-    pending = list({item.key: item for item in todo}.values())
-    backend = make_backend() if pending else None
+        if hit is None:
+            pending[item.key] = item
+            continue
+        result = ItemResult.from_cache(hit, item.output_format)
+        results[item.key] = result
+        stats.cached += 1
+        if logprob_recovery and not result.verdict.parsed and not result.recovered:
+            unrecovered.append((item, result))  # its recovery failed or was not asked for
+    backend = make_backend() if pending or unrecovered else None
     try:
-        _run_pending(pending, backend, cache, budget, stats, results, logprob_recovery, desc)
+        if backend is not None and unrecovered and backend.supports_logprobs:
+            _recover(unrecovered, backend, cache, budget, stats)
+        _run_pending(
+            list(pending.values()), backend, cache, budget, stats, results, logprob_recovery, desc
+        )
     finally:
         if backend is not None:
             backend.close()
@@ -140,6 +220,13 @@ def run_items(
             stats.outcomes["logprobs"] += 1
         else:
             stats.outcomes["parse_error"] += 1
+    if stats.outcomes["budget"]:
+        stats.budget_message = (
+            f"judge budget exhausted ({budget.exhausted()}); {stats.outcomes['budget']} "
+            "judgments not made. Raise the budget and re-run: finished judgments come from "
+            "the cache."
+        )
+        log.warning(stats.budget_message)
     return results, stats
 
 
@@ -157,11 +244,6 @@ def _run_pending(
         while pending and backend is not None:
             reason = budget.exhausted()
             if reason:
-                stats.budget_message = (
-                    f"judge budget exhausted ({reason}); {len(pending)} judgments not made. "
-                    "Raise the budget and re-run: finished judgments come from the cache."
-                )
-                log.warning(stats.budget_message)
                 for item in pending:
                     results[item.key] = ItemResult("", Verdict(), error=f"budget: {reason}")
                 break
@@ -183,43 +265,57 @@ def _judge_chunk(
     results: dict[str, ItemResult],
     logprob_recovery: bool,
 ) -> None:
-    completions = backend.complete([item.request for item in chunk])
     unparsed: list[tuple[JudgeItem, ItemResult]] = []
-    for item, completion in zip(chunk, completions, strict=True):
-        stats.calls += 1
-        stats.retries += max(0, completion.attempts - 1)
-        stats.prompt_tokens += completion.prompt_tokens
-        stats.completion_tokens += completion.completion_tokens
-        budget.calls += 1
-        budget.tokens += completion.prompt_tokens + completion.completion_tokens
+
+    def returned(i: int, completion: Completion) -> None:
+        item = chunk[i]
+        stats.count(completion.attempts, completion.prompt_tokens, completion.completion_tokens)
         if completion.text is None:
-            results[item.key] = ItemResult("", Verdict(), error=completion.error or "no reply")
-            continue
+            error = completion.error or "no reply"
+            results[item.key] = ItemResult("", Verdict(), error=error, attempts=completion.attempts)
+            return
         verdict = parse_verdict(completion.text, item.output_format)
         verdict = with_token_probabilities(verdict, completion.tokens, item.output_format)
-        result = ItemResult(completion.text, verdict)
+        result = ItemResult(completion.text, verdict, attempts=completion.attempts)
         results[item.key] = result
-        if result.verdict.parsed:
-            cache.put(item.key, backend.model_name, result.as_cache_value())
-        else:
+        cache.put(item.key, backend.model_name, result.as_cache_value())  # paid: never lost
+        if not verdict.parsed:
             unparsed.append((item, result))
-    if not (logprob_recovery and backend.supports_logprobs and unparsed):
-        return
+
+    backend.complete([item.request for item in chunk], gate=budget, on_result=returned)
+    if logprob_recovery and backend.supports_logprobs and unparsed:
+        _recover(unparsed, backend, cache, budget, stats)
+
+
+def _recover(
+    unparsed: list[tuple[JudgeItem, ItemResult]],
+    backend: JudgeBackend,
+    cache: JudgmentCache,
+    budget: Budget,
+    stats: RunStats,
+) -> None:
+    """Ask for the verdict alone and read it from token probabilities; each answer is cached as
+    it returns. A failed or refused recovery leaves the reply unrecovered, for the next run."""
     for output_format in sorted({item.output_format for item, _ in unparsed}):
         group = [(i, r) for i, r in unparsed if i.output_format == output_format]
-        tops = backend.verdict_logprobs(
-            [i.request for i, _ in group], [r.judgment for _, r in group], output_format
+
+        def returned(n: int, rec: Recovery, group: list = group, fmt: str = output_format) -> None:
+            item, result = group[n]
+            stats.count(rec.attempts, rec.prompt_tokens, rec.completion_tokens)
+            result.attempts += rec.attempts
+            if rec.error is not None:
+                return
+            result.recovered = True
+            if rec.top is not None:
+                verdict = verdict_from_logprobs(rec.top, fmt)
+                if verdict.parsed:
+                    result.verdict = verdict
+            cache.put(item.key, backend.model_name, result.as_cache_value())
+
+        backend.verdict_logprobs(
+            [i.request for i, _ in group],
+            [r.judgment for _, r in group],
+            output_format,
+            gate=budget,
+            on_result=returned,
         )
-        prompt_tokens, completion_tokens = getattr(backend, "last_usage", (0, 0))
-        stats.calls += len(group)
-        stats.prompt_tokens += prompt_tokens
-        stats.completion_tokens += completion_tokens
-        budget.calls += len(group)
-        budget.tokens += prompt_tokens + completion_tokens
-        for (item, result), top in zip(group, tops, strict=True):
-            if top is None:
-                continue
-            verdict = verdict_from_logprobs(top, output_format)
-            if verdict.parsed:
-                result.verdict = verdict
-                cache.put(item.key, backend.model_name, result.as_cache_value())

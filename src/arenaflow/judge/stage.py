@@ -208,6 +208,7 @@ def judge(
         "pair": len(pairs),
         "calls_made": stats.calls,
         "calls_cached": stats.cached,
+        "requests": stats.requests,
         "retries": stats.retries,
         "calibration_calls": len(calibration_plan.items),
         "prompt_tokens": stats.prompt_tokens,
