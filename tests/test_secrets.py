@@ -3,7 +3,12 @@ every output (logs, the MLflow store and its artifacts, the Dagster event log, l
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -19,7 +24,8 @@ PLANTED = {
     "tracking.ui_url=https://ui:planted-ui-pw@mlflow.example": "planted-ui-pw",
     "+judge.extra_url='https://judge.example/v1?api_key=planted-query-key'": "planted-query-key",
 }
-SECRETS = list(PLANTED.values())
+SOURCE_USER, SOURCE_PW, SOURCE_TOKEN = "reader", "planted-source-pw", "planted-source-token"
+SECRETS = [*PLANTED.values(), SOURCE_PW, SOURCE_TOKEN]
 
 
 def leaks_in(root: Path, shown: str = "arena:***@db.example") -> list[str]:
@@ -70,9 +76,17 @@ def test_redact_walks_configs_and_overrides(make_cfg) -> None:
     assert shown["serve"]["arena"]["db_url"] == "postgresql://arena:***@db.example/votes"
     assert shown["serve"]["api_keys_env"] == cfg.serve.api_keys_env  # a variable's name
     assert cfg.serve.api_keys == ["sk-planted-key"]  # the live config keeps what the process needs
+    # a command line too (finetuned_model logs `python -m arenaflow.train <overrides>`)
     assert redact_overrides(
-        [*PLANTED, "serve={api_keys:[sk-planted-key]}", "experiment=test", "serve.api_keys=[]"]
+        [
+            "-m",
+            *PLANTED,
+            "serve={api_keys:[sk-planted-key]}",
+            "experiment=test",
+            "serve.api_keys=[]",
+        ]
     ) == [
+        "-m",
         "serve.api_keys=***",
         "serve.arena.db_url=postgresql://arena:***@db.example/votes",
         "tracking.ui_url=https://ui:***@mlflow.example",
@@ -113,8 +127,46 @@ def test_launch_writes_a_redacted_config_and_hands_ranks_the_live_one(
     assert rank_config(path).serve.api_keys == "***"  # a rank started by hand reads the file
 
 
+@pytest.fixture
+def private_source() -> Iterator[str]:
+    """ShareGPT records behind basic auth and a token, on a loopback HTTP server: a data.source
+    whose secrets the run must use (it reads the records) and must not show."""
+    records = [
+        {
+            "id": f"r{i}",
+            "conversations": [
+                {"from": "human", "value": f"question {i} " * 4},
+                {"from": "gpt", "value": f"answer {i} " * 4},
+            ],
+        }
+        for i in range(5)
+    ]
+    body = json.dumps(records).encode()
+    auth = "Basic " + base64.b64encode(f"{SOURCE_USER}:{SOURCE_PW}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            ok = self.headers.get("Authorization") == auth and f"token={SOURCE_TOKEN}" in self.path
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body) if ok else 0))
+            self.end_headers()
+            if ok and self.command == "GET":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield f"http://{SOURCE_USER}:{SOURCE_PW}@{host}:{port}/raw.json?token={SOURCE_TOKEN}"
+    server.shutdown()
+
+
 def test_dagster_event_log_and_metadata_hold_no_secret(
-    tmp_path, af_home, model_cache, monkeypatch, caplog
+    tmp_path, af_home, model_cache, monkeypatch, caplog, private_source
 ) -> None:
     """A real materialization through the `make run` driver with secrets in its overrides."""
     from pipelines import run as driver
@@ -132,16 +184,19 @@ def test_dagster_event_log_and_metadata_hold_no_secret(
         f"paths.cache_dir={model_cache}",
         "data.limit=5",
         "tracking=none",  # the MLflow store is grepped above; this keeps the test to seconds
+        f"data.source='{private_source}'",
         *PLANTED,
     ]
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO)  # what a run logs; fsspec's DEBUG lines name the URL as given
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         driver.materialize_all(overrides, instance)
         (run,) = instance.get_runs()
         events = instance.all_logs(run.run_id)
         assert any(e.is_dagster_event and e.dagster_event.is_step_materialization for e in events)
+        value = driver.build_definitions().load_asset_value("sharegpt_raw", instance=instance)
+        assert value["count"] == 5  # the live config kept the source's credentials
         meta = instance.get_latest_materialization_event(dg.AssetKey("sharegpt_raw"))
         shown = meta.asset_materialization.metadata["hydra_overrides"].value
         assert "serve.arena.db_url=postgresql://arena:***@db.example/votes" in shown

@@ -11,6 +11,7 @@ import fsspec
 
 from arenaflow import io
 from arenaflow.data import run_clean, run_raw, run_sft
+from arenaflow.tracking import redact
 from pipelines.metadata import counts_md, md_table, mlflow_link, png_md
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 from pipelines.versions import source_version
@@ -55,7 +56,7 @@ def sharegpt_raw(
         metadata={
             **meta,
             **_counts_meta(counts),
-            "source": str(cfg.data.source),
+            "source": redact(str(cfg.data.source)),
             "truncated": counts["truncated"],
             "truncated_tail_chars": counts["truncated_tail_chars"],
             "uri": dg.MetadataValue.path(result["uri"]),

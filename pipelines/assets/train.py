@@ -14,6 +14,7 @@ import dagster as dg
 from arenaflow import io
 from arenaflow.config import REPO_ROOT
 from arenaflow.plots import line, to_png
+from arenaflow.tracking import redact_overrides
 from arenaflow.train import plan, register_base, resolve_base
 from arenaflow.train.reporting import REPORTER_ENV
 from pipelines.metadata import md_table, mlflow_link, png_md
@@ -97,7 +98,7 @@ def finetuned_model(
         )
     p = plan(cfg)  # memory preflight and output folder, before any process starts
     command = [sys.executable, "-m", "arenaflow.train", *hydra.overrides, *stage.overrides]
-    context.log.info(f"launching: {' '.join(command)}")
+    context.log.info(f"launching: {' '.join(redact_overrides(command))}")
     invocation = dg.PipesSubprocessClient(cwd=str(REPO_ROOT)).run(
         command=command,
         context=context,
