@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from arenaflow.config import compose_config
 from arenaflow.engine import Engine
 from arenaflow.serve import create_app
-from arenaflow.serve.loading import resolve_served_model
+from arenaflow.serve.loading import model_specs, resolve_served_model
 
 
 def free_port() -> int:
@@ -114,7 +114,10 @@ def start_server(serve_engine: Engine, serve_cfg_factory):
     @contextmanager
     def _start(*overrides: str) -> Iterator[LiveServer]:
         cfg = serve_cfg_factory(*overrides)
-        app = create_app(cfg, engine=serve_engine, served=resolve_served_model(cfg))
+        name = model_specs(cfg)[0].name
+        app = create_app(
+            cfg, engines={name: serve_engine}, served_models={name: resolve_served_model(cfg)}
+        )
         with live_server(app, cfg) as srv:
             yield srv
 

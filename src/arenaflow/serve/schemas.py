@@ -1,4 +1,4 @@
-"""OpenAI-compatible request and response bodies (chat.completion, chat.completion.chunk, text_completion, model list).
+"""OpenAI-compatible request bodies (/v1/chat/completions, /v1/completions); responses are in responses.py.
 
 Requests are validated here, so every client mistake becomes a 400 that names the field. Fields
 OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) are accepted, so unmodified
@@ -10,7 +10,7 @@ instead of silently ignored (its null or default value is fine).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -193,40 +193,3 @@ class CompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
-
-
-# -- responses (plain dict builders keep the JSON exactly OpenAI's) -----------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ModelCard(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "arenaflow"
-    root: str | None = None
-    version: str | None = None
-    lineage: dict[str, Any] = Field(default_factory=dict)
-    results: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
