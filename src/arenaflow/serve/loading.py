@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from arenaflow.engine import Engine
+from arenaflow.models import publish_dir
 from arenaflow.serve.errors import ServeConfigError
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 
@@ -171,9 +172,16 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
         # keyed by the artifact source too: two registries can both have a "version 1"
         key = hashlib.sha256(info.source.encode()).hexdigest()[:10]
         dest = Path(cfg.paths.cache_dir) / "serve" / f"{reg_name}-v{info.version}-{key}"
-        path = _cached_download(dest) or tracker.download_model(
-            f"models:/{reg_name}/{info.version}", dest
+        path = _checkpoint_in(
+            publish_dir(
+                dest, lambda tmp: tracker.download_model(f"models:/{reg_name}/{info.version}", tmp)
+            )
         )
+        if path is None:
+            raise ServeConfigError(
+                f"{spec.origin}={uri}: version {info.version} of {reg_name!r} is not a checkpoint "
+                f"folder (no config.json in {info.source})"
+            )
         results = {k: _number(v) for k, v in info.tags.items() if _RESULT_TAG.match(k)}
         lineage = {k: v for k, v in info.tags.items() if not _RESULT_TAG.match(k)}
         lineage.update(
@@ -205,7 +213,7 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
 
 def _download_run_artifact(cfg: DictConfig, spec: ModelSpec) -> Path:
     """A `runs:/<run id>/<path>` checkpoint, downloaded once into the cache (run artifacts are
-    immutable)."""
+    immutable); a download killed half-way is started over, never taken for the checkpoint."""
     tracker = tracker_from_cfg(cfg)
     if not tracker.enabled:
         raise ServeConfigError(
@@ -214,23 +222,22 @@ def _download_run_artifact(cfg: DictConfig, spec: ModelSpec) -> Path:
         )
     key = hashlib.sha256(f"{cfg.tracking.get('tracking_uri')}|{spec.uri}".encode()).hexdigest()[:12]
     dest = Path(cfg.paths.cache_dir) / "serve" / f"run-{key}"
-    leaf = dest / spec.uri.rstrip("/").rsplit("/", 1)[-1]
-    if (leaf / "config.json").exists():
-        return leaf
     try:
-        path = tracker.download_model(spec.uri, dest)
+        folder = publish_dir(dest, lambda tmp: tracker.download_model(spec.uri, tmp))
     except Exception as e:
         raise ServeConfigError(f"{spec.origin}={spec.uri}: could not download it ({e})") from e
-    if not (path / "config.json").exists():
+    path = _checkpoint_in(folder)
+    if path is None:
         raise ServeConfigError(
             f"{spec.origin}={spec.uri} is not a checkpoint folder (no config.json in the artifact)"
         )
     return path
 
 
-def _cached_download(dest: Path) -> Path | None:
-    """A registry version is immutable, so an earlier download of it is reused."""
-    for candidate in (dest / "model", dest):
+def _checkpoint_in(folder: Path) -> Path | None:
+    """The checkpoint inside a downloaded artifact folder: the folder itself or the one subfolder
+    the artifact was downloaded as (`model`, or the last segment of a `runs:/` path)."""
+    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
         if (candidate / "config.json").exists():
             return candidate
     return None
