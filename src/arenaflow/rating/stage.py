@@ -52,7 +52,8 @@ def rating_uri(cfg: DictConfig, *parts: str) -> str:
 
 def read_human_votes(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The arena's votes (FastChat battle dicts) and where they came from; none when
-    `rating.human_votes` is off or the SQLite file does not exist yet (no vote was cast)."""
+    `rating.human_votes` is off or the SQLite file does not exist yet (no vote was cast).
+    Named-mode votes (`anony` false) count only with `rating.arena_named_votes`."""
     from arenaflow.arena import VoteStore, database_exists, safe_url, vote_db_url
 
     info: dict[str, Any] = {"enabled": bool(cfg.rating.human_votes), "db": None, "votes": 0}
@@ -74,8 +75,21 @@ def read_human_votes(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, A
         ) from e
     finally:
         store.dispose()
+    named = [v for v in votes if not v.get("anony", True)]
+    info["named_votes"] = len(named)
+    info["named_votes_used"] = bool(cfg.rating.get("arena_named_votes", False))
+    if named and not info["named_votes_used"]:
+        votes = [v for v in votes if v.get("anony", True)]
+        log.info(
+            "%d named-mode arena vote(s) left out of the ratings (rating.arena_named_votes=false)",
+            len(named),
+        )
     info["votes"] = len(votes)
-    info["note"] = f"{len(votes)} vote(s) from {info['db']}"
+    info["note"] = f"{len(votes)} vote(s) from {info['db']}" + (
+        f" ({len(named)} named-mode vote(s) left out: rating.arena_named_votes=false)"
+        if named and not info["named_votes_used"]
+        else ""
+    )
     return votes, info
 
 
