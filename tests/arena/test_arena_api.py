@@ -53,7 +53,8 @@ def test_two_turn_battle_streams_both_sides_and_stores_one_vote(arena, client) -
     page = client.get("/arena")
     assert page.status_code == 200 and "Chatbot Arena" in page.text
     cookie = client.cookies.get("arena_client")
-    assert cookie and len(cookie) == 32
+    client_id, _, signature = cookie.partition(".")  # the server's id, signed by the server
+    assert len(client_id) == 32 and len(signature) == 43
 
     created = client.post("/arena/api/battles").json()
     assert created["anony"] is True and created["models"] is None  # names stay hidden
@@ -74,7 +75,7 @@ def test_two_turn_battle_streams_both_sides_and_stores_one_vote(arena, client) -
     (row,) = arena.votes()
     assert row["battle_id"] == bid and row["winner"] == "model_b" and row["anony"] is True
     assert (row["model_a"], row["model_b"]) == (revealed["model_a"], revealed["model_b"])
-    assert row["client_id"] == cookie and row["turn"] == 2
+    assert row["client_id"] == client_id and row["turn"] == 2
     conv_a = row["conversation_a"]
     assert [m["role"] for m in conv_a] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in conv_a[::2]] == ["Name a colour.", "And another one?"]
@@ -271,7 +272,13 @@ def test_200_concurrent_votes_land_exactly_once(start_arena) -> None:
             )
         return ids, [r.status_code for r in votes], [r.status_code for r in same], dup
 
-    overrides = ("serve.arena.rate_limit.burst=100000", "serve.max_queue=512")
+    overrides = (
+        "serve.arena.rate_limit.burst=100000",
+        "serve.arena.rate_limit.address_burst=100000",
+        "serve.arena.max_battles_per_client=1000",
+        "serve.arena.max_battles_per_address=1000",
+        "serve.max_queue=512",
+    )
     with start_arena(*overrides) as arena:
         ids, statuses, dup_statuses, dup = asyncio.run(scenario(arena.url))
         rows = arena.votes()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from arenaflow.config import compose_config
 from arenaflow.engine import Engine
 from arenaflow.serve import create_app
+from arenaflow.serve.arena import uvicorn_proxy_options
 from arenaflow.serve.loading import model_specs, resolve_served_model
 
 
@@ -59,7 +60,14 @@ def live_server(app, cfg: DictConfig) -> Iterator[LiveServer]:
     """Run `app` under uvicorn on a free port until the block ends."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            **uvicorn_proxy_options(cfg),  # as `python -m arenaflow.serve` runs it
+        )
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -3,8 +3,17 @@
 A person chats with two served models side by side ("Model A" / "Model B", names hidden unless
 they picked them in named mode), then votes; the vote goes to `arenaflow.arena.VoteStore` as one
 FastChat battle row, which the rating stage reads as human battles. Battles live in memory
-(bounded, expiring); votes are durable. Guards: a per-client token bucket, the prompt length,
-the data config's blocked words, one vote per battle and only once both answers have finished.
+(bounded, expiring); votes are durable. Guards: a token bucket per client and one per network
+address, a bound on each client's and address's unfinished battles, the prompt length, the data
+config's blocked words, one vote per battle and only once both answers have finished.
+
+Who a client is comes from the server: the `arena_client` cookie holds an id the server issued,
+signed with HMAC-SHA256 under a server secret, so a browser can neither pick one (a fresh cookie
+per request resets nothing: the address bucket still counts) nor take over another's battles. The
+address is the TCP peer; `X-Forwarded-For` counts only from `serve.arena.trusted_proxies`, which
+the server hands to uvicorn's proxy-headers middleware (`uvicorn_proxy_options`). The page sends a
+Content-Security-Policy that allows only its own (hashed) script and style, and cannot be framed.
+With `serve.arena.require_key` the API wants the server's bearer keys (a private arena).
 
 `arena_router(state)` returns the routes; the app mounts it with `app.include_router`. The router's
 lifespan opens the vote store after the models are loaded and disposes of it at shutdown.
@@ -13,12 +22,19 @@ lifespan opens the vote store after the models are loaded and disposes of it at 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import os
 import random
 import re
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -28,7 +44,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -58,7 +74,9 @@ VOTES = {
     "tievote": "tie",
     "bothbad_vote": "tie (bothbad)",
 }
-_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+_STYLE = re.compile(r"<style>(.*?)</style>", re.S)
+_SIGNED_ID = re.compile(r"([0-9a-f]{32})\.([A-Za-z0-9_-]{43})")
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -74,9 +92,16 @@ class ArenaSettings:
     top_p: float = 1.0
     per_minute: float = 20.0
     burst: int = 10
+    address_per_minute: float = 120.0
+    address_burst: int = 60
     max_clients: int = 10_000
     max_battles: int = 1000
+    max_battles_per_client: int = 10
+    max_battles_per_address: int = 50
     battle_ttl_s: float = 3600.0
+    trusted_proxies: tuple[str, ...] = ()
+    client_secret_env: str | None = None
+    require_key: bool = False
     blocked_words: tuple[str, ...] = ()
 
     @classmethod
@@ -93,18 +118,144 @@ class ArenaSettings:
             top_p=float(arena.get("top_p", 1.0)),
             per_minute=float(rate.get("per_minute", 20)),
             burst=int(rate.get("burst", 10)),
+            address_per_minute=float(rate.get("address_per_minute", 120)),
+            address_burst=int(rate.get("address_burst", 60)),
             max_clients=int(rate.get("max_clients", 10_000)),
             max_battles=int(arena.get("max_battles", 1000)),
+            max_battles_per_client=int(arena.get("max_battles_per_client", 10)),
+            max_battles_per_address=int(arena.get("max_battles_per_address", 50)),
             battle_ttl_s=float(arena.get("battle_ttl_s", 3600)),
+            trusted_proxies=trusted_proxies(cfg),
+            client_secret_env=arena.get("client_secret_env") or None,
+            require_key=bool(arena.get("require_key", False)),
             blocked_words=tuple(words),
         )
-        for name in ("max_prompt_chars", "max_turns", "max_tokens", "burst", "max_battles"):
+        for name in (
+            "max_prompt_chars",
+            "max_turns",
+            "max_tokens",
+            "burst",
+            "address_burst",
+            "max_battles",
+            "max_battles_per_client",
+            "max_battles_per_address",
+        ):
             if getattr(out, name) < 1:
                 raise ValueError(f"serve.arena.{name} must be >= 1, got {getattr(out, name)}")
-        if out.per_minute <= 0:
-            raise ValueError(f"serve.arena.rate_limit.per_minute must be > 0, got {out.per_minute}")
+        for name in ("per_minute", "address_per_minute"):
+            if getattr(out, name) <= 0:
+                raise ValueError(
+                    f"serve.arena.rate_limit.{name} must be > 0, got {getattr(out, name)}"
+                )
         SamplingParams(temperature=out.temperature, top_p=out.top_p).validate()
         return out
+
+
+# -- who is calling -------------------------------------------------------------------------------
+def trusted_proxies(cfg: Any) -> tuple[str, ...]:
+    """`serve.arena.trusted_proxies`, each an IP address or CIDR network (checked: uvicorn would
+    take a typo for a literal host name and trust nothing, silently)."""
+    arena = cfg.serve.get("arena") or {}
+    entries = tuple(str(p).strip() for p in (arena.get("trusted_proxies") or []))
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as e:
+            raise ValueError(
+                f"serve.arena.trusted_proxies: {entry!r} is not an IP address or CIDR network "
+                "(e.g. 10.0.0.5 or 10.0.0.0/8)"
+            ) from e
+    return entries
+
+
+def uvicorn_proxy_options(cfg: Any) -> dict[str, Any]:
+    """uvicorn's proxy-header options for this server: `X-Forwarded-For` / `-Proto` are honoured
+    only when the TCP peer is one of `serve.arena.trusted_proxies` (uvicorn's own default trusts
+    127.0.0.1, so any local process could claim any address); none listed = never."""
+    proxies = list(trusted_proxies(cfg))
+    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies}
+
+
+def address_key(host: str | None) -> str:
+    """The rate-limit key of a client address: IPv4 as is, IPv6 by its /64 (one host usually
+    holds a whole /64, so a key per address would give it billions of buckets)."""
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class ClientIds:
+    """Client ids the server issues, as `<id>.<HMAC-SHA256(secret, id)>` cookie values."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @classmethod
+    def from_settings(cls, settings: ArenaSettings) -> ClientIds:
+        """The secret from `$<serve.arena.client_secret_env>`, else a random one per process."""
+        name = settings.client_secret_env
+        if name is None:
+            return cls(secrets.token_bytes(32))
+        value = os.environ.get(name, "")
+        if len(value) < 16:
+            raise ValueError(
+                f"serve.arena.client_secret_env names ${name}, which is "
+                + ("not set" if not value else "shorter than 16 characters")
+                + "; export a long random secret there (the same on every server behind one "
+                "address) or set serve.arena.client_secret_env=null for a per-process secret"
+            )
+        return cls(value.encode("utf-8"))
+
+    def _sign(self, client_id: str) -> str:
+        digest = hmac.new(self._secret, client_id.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def issue(self) -> tuple[str, str]:
+        """(a new client id, its cookie value)."""
+        client_id = uuid.uuid4().hex
+        return client_id, f"{client_id}.{self._sign(client_id)}"
+
+    def verify(self, cookie: str | None) -> str | None:
+        """The client id in a cookie this server signed; None for a missing, forged or foreign one."""
+        match = _SIGNED_ID.fullmatch(cookie or "")
+        if match is None:
+            return None
+        client_id, sig = match.groups()
+        return client_id if hmac.compare_digest(sig, self._sign(client_id)) else None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the signed client id, its address key, and the cookie to set when the
+    id was issued just now (no valid cookie came with the request)."""
+
+    client: str
+    address: str
+    new_cookie: str | None = None
+
+
+def check_key(api_keys: list[str], request: Request) -> None:
+    """The API's bearer-key check (`serve.api_keys`, as app.py's `require_key`), for a private
+    arena; fails closed when no key is configured. Bytes are compared, so a header with
+    non-ASCII characters is a wrong key (401), not a TypeError."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401,
+            "this arena is private (serve.arena.require_key): send the server's API key as "
+            "'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+    given = token.encode("latin-1", errors="replace")  # the bytes sent (Starlette's decoding)
+    if not any(hmac.compare_digest(given, k.encode("utf-8")) for k in api_keys):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
 
 # -- rate limit -----------------------------------------------------------------------------------
@@ -132,14 +283,15 @@ class RateLimiter:
             self._buckets.popitem(last=False)  # the least recently seen client starts afresh
         return wait
 
-    def check(self, client: str) -> None:
+    def check(self, client: str, who: str = "this client", knobs: str = "") -> None:
         wait = self.take(client)
         if wait > 0:
             retry = max(1, int(wait + 0.999))
+            knobs = knobs or f"{self.rate * 60:g} per minute, burst {self.burst:g}"
             raise APIError(
                 429,
-                f"too many arena requests from this client; wait {retry} s and try again "
-                f"(serve.arena.rate_limit: {self.rate * 60:g} per minute, burst {self.burst:g})",
+                f"too many arena requests from {who}; wait {retry} s and try again "
+                f"(serve.arena.rate_limit: {knobs})",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(retry)},
             )
@@ -152,6 +304,7 @@ class Battle:
     models: tuple[str, str]  # (model_a, model_b)
     anony: bool
     client_id: str
+    address: str = ""  # address_key of the client that started it
     conversations: tuple[list[dict[str, str]], list[dict[str, str]]] = field(
         default_factory=lambda: ([], [])
     )
@@ -162,17 +315,59 @@ class Battle:
 
 
 class Battles:
-    """Battles in memory: at most `max_battles`, each forgotten `ttl_s` after its last use."""
+    """Battles in memory: at most `max_battles`, each forgotten `ttl_s` after its last use.
 
-    def __init__(self, max_battles: int, ttl_s: float) -> None:
+    A client holds at most `per_client` unfinished (unvoted) battles and an address at most
+    `per_address`, so that no one can fill the table and push everyone else's battles out: only
+    a table full of many addresses' battles drops its oldest.
+    """
+
+    def __init__(
+        self,
+        max_battles: int,
+        ttl_s: float,
+        per_client: int | None = None,
+        per_address: int | None = None,
+    ) -> None:
         self.max_battles, self.ttl_s = max_battles, ttl_s
+        self.per_client = per_client or max_battles
+        self.per_address = per_address or max_battles
         self._items: OrderedDict[str, Battle] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, battle_id: str) -> bool:
+        return battle_id in self._items
+
     def add(self, battle: Battle) -> None:
         self._expire()
+        open_ = [b for b in self._items.values() if not b.voted]
+        for limit, knob, who, mine in (
+            (
+                self.per_client,
+                "max_battles_per_client",
+                "this browser has",
+                [b for b in open_ if b.client_id == battle.client_id],
+            ),
+            (
+                self.per_address,
+                "max_battles_per_address",
+                "your network address has",
+                [b for b in open_ if b.address == battle.address],
+            ),
+        ):
+            if len(mine) >= limit:
+                first_free = min(b.touched for b in mine) + self.ttl_s - time.monotonic()
+                retry = max(1, math.ceil(first_free))
+                raise APIError(
+                    429,
+                    f"{who} {len(mine)} unfinished arena battles, the most allowed "
+                    f"(serve.arena.{knob}); vote on one of them, or start a new one in "
+                    f"{retry} s when the oldest expires (serve.arena.battle_ttl_s)",
+                    code="too_many_battles",
+                    headers={"Retry-After": str(retry)},
+                )
         while len(self._items) >= self.max_battles:
             old_id, _ = self._items.popitem(last=False)
             log.info("arena battle %s dropped to make room (serve.arena.max_battles)", old_id)
@@ -224,11 +419,20 @@ class Arena:
     def __init__(self, state: ServeState) -> None:
         self.state = state
         self.settings = ArenaSettings.from_cfg(state.cfg)
-        self.limiter = RateLimiter(
-            self.settings.per_minute, self.settings.burst, self.settings.max_clients
+        s = self.settings
+        if s.require_key and not state.api_keys:
+            raise ValueError(
+                "serve.arena.require_key=true but the server has no API keys; set serve.api_keys "
+                "or serve.api_keys_env, or serve.arena.require_key=false for a public arena"
+            )
+        self.ids = ClientIds.from_settings(s)
+        self.limiter = RateLimiter(s.per_minute, s.burst, s.max_clients)
+        self.address_limiter = RateLimiter(s.address_per_minute, s.address_burst, s.max_clients)
+        self.battles = Battles(
+            s.max_battles, s.battle_ttl_s, s.max_battles_per_client, s.max_battles_per_address
         )
-        self.battles = Battles(self.settings.max_battles, self.settings.battle_ttl_s)
         self.store: VoteStore | None = None
+        self.retry_after = str(max(1, math.ceil(float(state.cfg.serve.get("retry_after_s", 1)))))
 
     # -- helpers -------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -245,12 +449,41 @@ class Arena:
             )
         return names
 
-    def client_id(self, request: Request) -> str:
-        cookie = request.cookies.get(COOKIE, "")
-        if _COOKIE_VALUE.match(cookie):
-            return cookie
-        host = request.client.host if request.client else "unknown"
-        return f"ip:{host}"
+    def caller(self, request: Request) -> Caller:
+        """Who sent the request; a request without a valid signed cookie is a new client."""
+        address = address_key(request.client.host if request.client else None)
+        client = self.ids.verify(request.cookies.get(COOKIE))
+        if client is not None:
+            return Caller(client, address)
+        client, cookie = self.ids.issue()
+        return Caller(client, address, new_cookie=cookie)
+
+    def admit(self, request: Request) -> Caller:
+        """The private arena's key, then the address's and the client's rate limits."""
+        if self.settings.require_key:
+            check_key(self.state.api_keys, request)
+        caller = self.caller(request)
+        s = self.settings
+        self.address_limiter.check(
+            caller.address,
+            "your network address",
+            f"address_per_minute {s.address_per_minute:g}, address_burst {s.address_burst}",
+        )
+        self.limiter.check(caller.client)
+        return caller
+
+    def set_cookie(self, response: Response, request: Request, caller: Caller) -> None:
+        if caller.new_cookie is None:
+            return
+        response.set_cookie(
+            COOKIE,
+            caller.new_cookie,
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+            path="/arena",
+        )
 
     def own_battle(self, battle_id: str, client: str) -> Battle:
         """The battle, if this client started it: only the person who chatted may go on or vote."""
@@ -319,9 +552,12 @@ class Arena:
     def page(self, request: Request) -> HTMLResponse:
         names = self.model_names()
         named = request.query_params.get("mode") == "named"
+        private = self.settings.require_key
         config = {
             "mode": "named" if named else "anony",
-            "models": names if named else [],
+            # a private arena names its models only to a caller with a key (GET /arena/api/models)
+            "models": names if named and not private else [],
+            "require_key": private,
             "n_models": len(names),
             "max_prompt_chars": self.settings.max_prompt_chars,
             "max_turns": self.settings.max_turns,
@@ -330,23 +566,22 @@ class Arena:
             else f"The arena needs at least two served models; this server has {len(names)}. "
             "List them under serve.models and restart it.",
         }
-        script = json.dumps(config).replace("<", "\\u003c")
-        html = _page_html().replace("/*ARENA_CONFIG*/null", script)
-        response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
-        if not _COOKIE_VALUE.match(request.cookies.get(COOKIE, "")):
-            response.set_cookie(
-                COOKIE,
-                uuid.uuid4().hex,
-                max_age=365 * 24 * 3600,
-                httponly=True,
-                samesite="lax",
-                path="/arena",
-            )
+        data = json.dumps(config).replace("<", "\\u003c")
+        html, csp = _page()
+        response = HTMLResponse(
+            html.replace("/*ARENA_CONFIG*/null", data),
+            headers={"Cache-Control": "no-store", **page_security_headers(csp)},
+        )
+        caller = self.caller(request)
+        self.set_cookie(response, request, caller)
         return response
 
-    def create(self, body: NewBattle, request: Request) -> dict[str, Any]:
-        client = self.client_id(request)
-        self.limiter.check(client)
+    def models(self, request: Request) -> dict[str, Any]:
+        self.admit(request)
+        return {"models": self.model_names()}
+
+    def create(self, body: NewBattle, request: Request, response: Response) -> dict[str, Any]:
+        caller = self.admit(request)
         names = self.require_models()
         if body.models is not None:
             if len(body.models) != 2:
@@ -368,8 +603,15 @@ class Arena:
         else:
             a, b = random.sample(names, 2)
             pair, anony = (a, b), True
-        battle = Battle(id=uuid.uuid4().hex, models=pair, anony=anony, client_id=client)
+        battle = Battle(
+            id=uuid.uuid4().hex,
+            models=pair,
+            anony=anony,
+            client_id=caller.client,
+            address=caller.address,
+        )
         self.battles.add(battle)
+        self.set_cookie(response, request, caller)
         log.debug("arena battle %s (%s)", battle.id, "anonymous" if anony else "named")
         return {
             "battle_id": battle.id,
@@ -379,10 +621,9 @@ class Arena:
         }
 
     async def turn(self, battle_id: str, body: Turn, request: Request) -> StreamingResponse:
-        client = self.client_id(request)
-        self.limiter.check(client)
+        caller = self.admit(request)
         self.require_models()
-        battle = self.own_battle(battle_id, client)
+        battle = self.own_battle(battle_id, caller.client)
         if battle.voted:
             raise APIError(
                 409, "this battle has been voted on; start a new round", code="battle_closed"
@@ -408,7 +649,8 @@ class Arena:
         try:
             iters = [sched.stream(p, sp).__aiter__() for sched, p, sp in sides]
             firsts = await asyncio.gather(
-                *(_mapped(it.__anext__()) for it in iters), return_exceptions=True
+                *(_mapped(it.__anext__(), self.retry_after) for it in iters),
+                return_exceptions=True,
             )
             for it, first in zip(iters, firsts, strict=True):
                 if isinstance(first, BaseException):
@@ -461,9 +703,8 @@ class Arena:
             await stream.aclose()
 
     async def vote(self, battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
-        client = self.client_id(request)
-        self.limiter.check(client)
-        battle = self.own_battle(battle_id, client)
+        caller = self.admit(request)
+        battle = self.own_battle(battle_id, caller.client)
         if battle.streaming or battle.turns == 0:
             raise APIError(
                 409,
@@ -487,7 +728,7 @@ class Arena:
                 anony=battle.anony,
                 conversation_a=list(battle.conversations[0]),
                 conversation_b=list(battle.conversations[1]),
-                client_id=client,
+                client_id=caller.client,
             )
         except Exception as e:
             battle.voted = False
@@ -529,9 +770,15 @@ def arena_router(state: ServeState) -> APIRouter:
     async def page(request: Request) -> HTMLResponse:
         return arena.page(request)
 
+    @router.get("/arena/api/models")
+    async def models(request: Request) -> dict[str, Any]:
+        return arena.models(request)
+
     @router.post("/arena/api/battles")
-    async def create_battle(request: Request, body: NewBattle | None = None) -> dict[str, Any]:
-        return arena.create(body or NewBattle(), request)
+    async def create_battle(
+        request: Request, response: Response, body: NewBattle | None = None
+    ) -> dict[str, Any]:
+        return arena.create(body or NewBattle(), request, response)
 
     @router.post("/arena/api/battles/{battle_id}/turn")
     async def turn(battle_id: str, body: Turn, request: Request) -> StreamingResponse:
@@ -544,7 +791,7 @@ def arena_router(state: ServeState) -> APIRouter:
     return router
 
 
-async def _mapped(aw: Any) -> Any:
+async def _mapped(aw: Any, retry_after: str) -> Any:
     """Scheduler errors -> arena HTTP errors."""
     try:
         return await aw
@@ -553,7 +800,7 @@ async def _mapped(aw: Any) -> Any:
             429,
             "the models are busy; send the prompt again in a moment",
             code="queue_full",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": retry_after},
         ) from e
     except PromptTooLongError as e:
         raise APIError(400, f"{e}; start a new round", code="context_length_exceeded") from e
@@ -563,6 +810,38 @@ async def _mapped(aw: Any) -> Any:
         raise APIError(503, f"the server could not answer: {e}") from e
 
 
+def page_security_headers(csp: str) -> dict[str, str]:
+    """The page may run only its own script and style, talk only to this server, and not be
+    framed (clickjacking a vote); `X-Frame-Options` for browsers without `frame-ancestors`."""
+    return {
+        "Content-Security-Policy": csp,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
 @functools.cache
-def _page_html() -> str:
-    return resources.files("arenaflow.serve").joinpath("static/arena.html").read_text("utf-8")
+def _page() -> tuple[str, str]:
+    """The page and its Content-Security-Policy: its one inline script and style are allowed by
+    their SHA-256 (the per-request config is a JSON data block, which browsers never run)."""
+    html = resources.files("arenaflow.serve").joinpath("static/arena.html").read_text("utf-8")
+    scripts, styles = _SCRIPT.findall(html), _STYLE.findall(html)
+    if len(scripts) != 1 or len(styles) != 1:
+        raise RuntimeError("arena.html must hold exactly one <script> and one <style> element")
+    policy = {
+        "default-src": "'none'",
+        "script-src": _csp_hash(scripts[0]),
+        "style-src": _csp_hash(styles[0]),
+        "connect-src": "'self'",
+        "img-src": "'self'",
+        "form-action": "'self'",
+        "base-uri": "'none'",
+        "frame-ancestors": "'none'",
+    }
+    return html, "; ".join(f"{k} {v}" for k, v in policy.items())
+
+
+def _csp_hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
