@@ -58,6 +58,7 @@ from arenaflow.engine import (
     StreamEvent,
 )
 from arenaflow.serve.errors import APIError, error_body
+from arenaflow.serve.security import key_matches
 from arenaflow.serve.streams import merge_streams, sse_event
 
 if TYPE_CHECKING:
@@ -241,21 +242,20 @@ class Caller:
 
 
 def check_key(api_keys: list[str], request: Request) -> None:
-    """The API's bearer-key check (`serve.api_keys`, as app.py's `require_key`), for a private
-    arena; fails closed when no key is configured. Bytes are compared, so a header with
-    non-ASCII characters is a wrong key (401), not a TypeError."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    """The API's bearer-key check (`security.key_matches`, as /v1 uses) for a private arena;
+    fails closed when no key is configured."""
+    header = request.headers.get("authorization", "")
+    if key_matches(header, api_keys):
+        return
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         raise APIError(
             401,
             "this arena is private (serve.arena.require_key): send the server's API key as "
             "'Authorization: Bearer <key>'",
             code="invalid_api_key",
         )
-    given = token.encode("latin-1", errors="replace")  # the bytes sent (Starlette's decoding)
-    if not any(hmac.compare_digest(given, k.encode("utf-8")) for k in api_keys):
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+    raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
 
 # -- rate limit -----------------------------------------------------------------------------------
