@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from arenaflow.tracking import redact, redact_overrides, tracker_from_cfg
+from arenaflow.tracking import MlflowTracker, redact, redact_overrides, tracker_from_cfg
 
 # one planted secret per way a secret travels: a key named like a secret, a URL's password, a
 # secret query parameter
@@ -25,7 +27,8 @@ PLANTED = {
     "+judge.extra_url='https://judge.example/v1?api_key=planted-query-key'": "planted-query-key",
 }
 SOURCE_USER, SOURCE_PW, SOURCE_TOKEN = "reader", "planted-source-pw", "planted-source-token"
-SECRETS = [*PLANTED.values(), SOURCE_PW, SOURCE_TOKEN]
+TRACKING_USER, TRACKING_PW = "tracker", "planted-tracking-pw"
+SECRETS = [*PLANTED.values(), SOURCE_PW, SOURCE_TOKEN, TRACKING_PW]
 
 
 def leaks_in(root: Path, shown: str = "arena:***@db.example") -> list[str]:
@@ -110,6 +113,85 @@ def test_mlflow_store_and_artifacts_hold_no_secret(make_cfg, af_home, caplog) ->
     assert leaks_in_text(caplog.text) == []
 
 
+MLFLOW_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch) -> Iterator[tuple[str, list[str | None]]]:
+    """A real MLflow tracking server (its Flask app) on a loopback port that wants basic auth."""
+    root = tmp_path / "server"
+    monkeypatch.setenv("_MLFLOW_SERVER_FILE_STORE", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
+    monkeypatch.setenv("_MLFLOW_SERVER_SERVE_ARTIFACTS", "true")
+    monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_DESTINATION", str(root / "artifacts"))
+    root.mkdir()
+    from mlflow.server import app, handlers
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    from werkzeug.serving import make_server
+
+    # the server's handlers cache their stores and set this process's default URIs: keep it local
+    for module, name in [
+        (handlers, "_tracking_store"),
+        (handlers, "_model_registry_store"),
+        (tracking_utils, "_tracking_uri"),
+        (registry_utils, "_registry_uri"),
+    ]:
+        monkeypatch.setattr(module, name, None, raising=False)
+    saved = {v: os.environ.get(v) for v in MLFLOW_ENV}
+    auth = "Basic " + base64.b64encode(f"{TRACKING_USER}:{TRACKING_PW}".encode()).decode()
+    seen: list[str | None] = []
+
+    def guarded(environ, start_response):
+        seen.append(environ.get("HTTP_AUTHORIZATION"))
+        if environ.get("HTTP_AUTHORIZATION") != auth:
+            start_response("401 Unauthorized", [("Content-Length", "0")])
+            return [b""]
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, guarded, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://{TRACKING_USER}:{TRACKING_PW}@127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
+def test_tracking_server_credentials_are_used_but_never_shown(
+    mlflow_server, tmp_path, monkeypatch, capfd, caplog
+) -> None:
+    """MLflow prints run links and raises with the URI it holds: that URI must carry no password."""
+    from mlflow.exceptions import MlflowException
+
+    uri, seen = mlflow_server
+    caplog.set_level(logging.INFO)
+    tracker = MlflowTracker(uri, "arenaflow")
+    with tracker.start_run("data", tags={"tracking": uri}) as run:
+        run.log_metrics({"loss": 1.0})
+        run.log_dict({"tracking": uri}, "result.json")
+    assert tracker.client.get_run(run.run_id).info.status == "FINISHED"
+    assert seen and all(seen)  # every request carried the credentials (else the server says 401)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException, match=f"127.0.0.1:{closed}") as err:
+        MlflowTracker(f"http://{TRACKING_USER}:{TRACKING_PW}@127.0.0.1:{closed}", "arenaflow")
+    assert TRACKING_PW not in str(err.value)
+    out = capfd.readouterr()
+    assert leaks_in_text(out.out + out.err + caplog.text) == []
+    assert leaks_in(tmp_path / "server", shown=f"{TRACKING_USER}:***@") == []
+
+
 def test_launch_writes_a_redacted_config_and_hands_ranks_the_live_one(
     make_cfg, tmp_path, monkeypatch
 ) -> None:
@@ -123,7 +205,7 @@ def test_launch_writes_a_redacted_config_and_hands_ranks_the_live_one(
     live = rank_config(path)
     assert live.serve.api_keys == ["sk-planted-key"]
     assert live.serve.arena.db_url == cfg.serve.arena.db_url
-    assert CONFIG_ENV not in __import__("os").environ  # a rank's own children do not inherit it
+    assert CONFIG_ENV not in os.environ  # a rank's own children do not inherit it
     assert rank_config(path).serve.api_keys == "***"  # a rank started by hand reads the file
 
 

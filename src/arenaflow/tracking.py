@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ class MlflowTracker(Tracker):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        tracking_uri = credentials_out_of_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -399,6 +401,18 @@ class MlflowTracker(Tracker):
             artifact_uri=info.source, dst_path=str(dest), tracking_uri=self.tracking_uri
         )
         return Path(local)
+
+
+def credentials_out_of_uri(uri: str) -> str:
+    """`https://user:pw@host` -> `https://host`, the pair handed to MLflow the way it reads basic auth
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD): MLflow prints run links and raises
+    errors with the URI it was given, so that URI must not hold the password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
