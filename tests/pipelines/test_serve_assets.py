@@ -276,14 +276,15 @@ def test_deployment_enforces_its_keys_sheds_secrets_strays_and_taken_ports(
     runs = serve_dir(cfg) / "deployments"
     stray_dir = runs / "killed-run"
     stray_dir.mkdir(parents=True)
-    stray_config, env = server_config(cfg, str(tiny_model_dir), "127.0.0.1", 1, [])
+    port = deploy_module.free_port("127.0.0.1")
+    stray_config, env = server_config(cfg, str(tiny_model_dir), "127.0.0.1", port, [])
     (stray_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(stray_config)))
     _, stray = spawn(
         stray_dir / "config.yaml",
         stray_dir / "server.log",
         env,
         host="127.0.0.1",
-        port=1,
+        port=port,
         model_uri=str(tiny_model_dir),
     )
     # a record whose pid now belongs to someone else
@@ -334,12 +335,25 @@ def test_deployment_enforces_its_keys_sheds_secrets_strays_and_taken_ports(
     assert not list(runs.glob("*/process.json")), "undeploy leaves no recorded process"
 
 
-def test_secrets_the_server_needs_travel_by_env_not_in_its_config(overrides: list[str]) -> None:
+def test_secrets_the_server_needs_travel_by_env_not_in_its_config(
+    overrides: list[str], monkeypatch
+) -> None:
     from arenaflow.serve.launch import restore_secrets
 
     url = "postgresql://arena:pw-8731@db.internal/arena"
-    cfg = compose_config([*overrides, f"serve.arena.db_url='{url}'", "tracking=none"])
+    monkeypatch.setenv("ARENA_COOKIE_SECRET", "s" * 32)
+    monkeypatch.setenv("OPENAI_API_KEY", "planted")
+    cfg = compose_config(
+        [
+            *overrides,
+            f"serve.arena.db_url='{url}'",
+            "serve.arena.client_secret_env=ARENA_COOKIE_SECRET",
+            "tracking=none",
+        ]
+    )
     config, env = server_config(cfg, "/ckpt", "127.0.0.1", 8123, [KEY])
+    assert env["ARENA_COOKIE_SECRET"] == "s" * 32, "a variable the server's config names"
+    assert "OPENAI_API_KEY" not in env
     text = OmegaConf.to_yaml(OmegaConf.create(config))
     assert "pw-8731" not in text and KEY not in text
     assert config["serve"]["api_keys_env"] == "ARENAFLOW_DEPLOY_API_KEYS"

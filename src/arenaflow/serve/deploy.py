@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -162,6 +163,7 @@ def server_config(
 
     The keys reach it under `KEYS_ENV`, which its config names as `serve.api_keys_env`, so a key
     configured anywhere (`serve.api_keys` or the parent's `$<serve.api_keys_env>`) is enforced.
+    Variables other `serve.*_env` keys name (`serve.arena.client_secret_env`) are passed on.
     Other `serve.*`/`tracking.*` values that redaction hides (a password in the arena's database
     URL or the tracking URI) travel as JSON in `SECRETS_ENV` and `launch` puts them back.
     """
@@ -179,6 +181,9 @@ def server_config(
     container["serve"].update(served_set(cfg, model_uri))
     safe = redact(container)
     env = child_env(keys)
+    for name in _env_names(container["serve"]):  # variables the server itself reads
+        if name in os.environ:
+            env[name] = os.environ[name]
     hidden = {
         path: value
         for section in ("serve", "tracking")
@@ -187,6 +192,16 @@ def server_config(
     if hidden:
         env[SECRETS_ENV] = json.dumps(hidden)
     return safe, env
+
+
+def _env_names(section: dict[str, Any]) -> list[str]:
+    names = []
+    for k, v in section.items():
+        if isinstance(v, dict):
+            names += _env_names(v)
+        elif str(k).endswith("_env") and v and k != "api_keys_env":
+            names.append(str(v))
+    return names
 
 
 def _redacted_leaves(real: Any, safe: Any, path: str) -> dict[str, Any]:
