@@ -1,8 +1,16 @@
-"""fsspec helpers: every artifact path is a URI under `paths.artifact_root`, local or remote."""
+"""fsspec helpers: every artifact path is a URI under `paths.artifact_root`, local or remote.
+
+Writes are atomic: a file is written under a temporary name beside its target and renamed over it
+when complete, so a reader (or a rerun after a kill) sees the previous version or the new one,
+never half a file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,12 +46,40 @@ def makedirs(uri: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def write_text(uri: str, text: str) -> None:
+@contextlib.contextmanager
+def open_atomic(uri: str, mode: str = "w") -> Iterator[Any]:
+    """Open `uri` for writing ("w" text as UTF-8, or "wb"); it appears only when the block ends.
+
+    The data goes to `<name>.tmp-<random>` and is renamed over the target on success (os.replace
+    on local disk, after an fsync; `fs.mv` elsewhere); on an exception the temporary file is
+    removed and the target is left as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"open_atomic mode={mode!r}: use 'w' or 'wb'")
     fs, path = fs_for(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    local = local_path(uri) is not None
+    try:
+        with fs.open(tmp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+            yield f
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    with open_atomic(uri) as f:
         f.write(text)
 
 
@@ -61,12 +97,8 @@ def read_json(uri: str) -> Any:
 
 
 def write_jsonl(uri: str, rows: Iterable[dict[str, Any]]) -> int:
-    fs, path = fs_for(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     n = 0
-    with fs.open(path, "w", encoding="utf-8") as f:
+    with open_atomic(uri) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
