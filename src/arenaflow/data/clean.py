@@ -5,7 +5,8 @@ language ID, MinHash signature) runs in worker processes over chunks of raw JSON
 order-dependent dedup (by id, by first exchange, MinHash/LSH near-duplicates) runs in the parent
 over the results in input order, so the output is deterministic whatever the worker count.
 Markdown input passes through unchanged; only values that are HTML pay for conversion.
-Every dropped record is counted under one reason; `kept + sum(dropped) == input`.
+Every dropped record is counted under one reason; `kept + sum(dropped) == input`, whatever the
+input file holds (a line that does not parse or is not UTF-8 is a record with its reason).
 
 System turns: ShareGPT has a few dozen, mostly pasted instructions. `data.system_turns=drop`
 (default) removes them and counts them in the notes, so the model learns its own template's
@@ -14,6 +15,7 @@ default system prompt; `keep` keeps a leading one (a system turn anywhere else i
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -24,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from arenaflow import io
+from arenaflow.data.load import validate_record
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +48,14 @@ ROLE_ALIASES = {
 _HTML_START = re.compile(
     r"\s*(?:\d+\s*/\s*\d+\s*)?<(?:div|p|span|pre|ol|ul|h[1-6]|table|blockquote|code)\b", re.I
 )
-_DIV_SPAN = re.compile(r"</?(?:div|span)\b[^>]*>", re.I)
-_CODE_LANG = re.compile(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", re.DOTALL)
+# Every pattern here runs in linear time on any text: `[^<>]*` stops at the next tag, so no two
+# attempts scan the same characters. FastChat's two copy-button regexes backtrack (cubic and
+# quadratic: 50 KB of backticks and "Copy code" hung a worker), so they are plain scans below.
+_DIV_SPAN = re.compile(r"</?(?:div|span)\b[^<>]*>", re.I)
 _REGENERATE = re.compile(r"\d+ / \d+")
 _COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
-_EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
+_FENCE, _COPY = "```", "Copy code"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _BLANK_LINES = re.compile(r"\n{3,}")
 # FastChat's filter_wrong_format: a "1." list that restarts at "1." before any "2".
 _WRONG_LIST = re.compile(r"\n1\. [^2]*\n1\. ")
@@ -113,8 +121,73 @@ def is_html(value: str) -> bool:
 
 
 def reformat_code(value: str) -> str:
-    """ShareGPT's "```pythonCopy code<code>```" -> a fenced block with its language."""
-    return _CODE_LANG.sub(r"```\g<1>\n\g<2>\n```", value)
+    r"""ShareGPT's "```pythonCopy code<code>```" -> a fenced block with its language.
+
+    FastChat's `re.sub(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", r"```\1\n\2\n```", value,
+    flags=re.DOTALL)`, as a scan: the language runs to the first "Copy code" after a fence, the
+    code from the last of the run of "Copy code" to the next fence, without trailing space.
+    """
+    out: list[str] = []
+    done = 0
+    while (start := value.find(_FENCE, done)) != -1:
+        copy = value.find(_COPY, start + 3)
+        if copy == -1:
+            break
+        code = copy + len(_COPY)
+        while value.startswith(_COPY, code):
+            code += len(_COPY)
+        fence = value.find(_FENCE, code + 1)
+        if fence == -1 and code - copy > len(_COPY) and value.startswith(_FENCE, code):
+            code, fence = code - len(_COPY), code  # the last "Copy code" becomes the code
+        if fence == -1:
+            break
+        end = fence
+        while end > code + 1 and value[end - 1].isspace():
+            end -= 1
+        lang = value[start + 3 : copy].lstrip()
+        out.append(f"{value[done:start]}```{lang}\n{value[code:end]}\n```")
+        done = fence + 3
+    out.append(value[done:])
+    return "".join(out)
+
+
+def remove_empty_copy_code(value: str) -> str:
+    r"""FastChat's `re.sub(r"```(.*?)Copy code\s*```", "", value)`, as a linear scan.
+
+    A match is a fence, then on the same line the first "Copy code" followed by only whitespace
+    and another fence.
+    """
+    if _COPY not in value:
+        return value
+    closes: list[int] = []  # each "Copy code" that whitespace and a fence follow, and that fence
+    ends: list[int] = []
+    at = value.find(_COPY)
+    while at != -1:
+        j = at + len(_COPY)
+        while j < len(value) and value[j].isspace():
+            j += 1
+        if value.startswith(_FENCE, j):
+            closes.append(at)
+            ends.append(j + 3)
+        at = value.find(_COPY, at + 1)
+    newlines = [m.start() for m in re.finditer("\n", value)]
+    out: list[str] = []
+    done = 0
+    start = value.find(_FENCE)
+    while start != -1:
+        k = bisect.bisect_left(closes, start + 3)
+        if k == len(closes):
+            break
+        n = bisect.bisect_left(newlines, start + 3)
+        line_end = newlines[n] if n < len(newlines) else len(value)
+        if closes[k] < line_end:
+            out.append(value[done:start])
+            done = ends[k]
+            start = value.find(_FENCE, done)
+        else:
+            start = value.find(_FENCE, start + 1)
+    out.append(value[done:])
+    return "".join(out)
 
 
 def html_to_markdown(value: str) -> str:
@@ -128,7 +201,7 @@ def html_to_markdown(value: str) -> str:
     if noise:
         value = value[noise.end() :]
     value = _COPY_CHARS.sub("", value)
-    value = _EMPTY_COPY_CODE.sub("", value)
+    value = remove_empty_copy_code(value)
     return _BLANK_LINES.sub("\n\n", value).strip()
 
 
@@ -139,7 +212,7 @@ def clean_value(value: str, notes: Counter) -> str:
         return html_to_markdown(value)
     if "Copy code" in value:
         notes["code_fence_fixed"] += 1
-        value = _EMPTY_COPY_CODE.sub("", reformat_code(value))
+        value = remove_empty_copy_code(reformat_code(value))
     if "chars / " in value:
         value = _COPY_CHARS.sub("", value)
     return value
@@ -351,7 +424,7 @@ def _signature_text(conv: Sequence[dict[str, str]], max_chars: int) -> str:
 
 
 # -- workers --------------------------------------------------------------------------------------
-Result = tuple[str | None, str | None, bytes | None, np.ndarray | None, str]
+Result = tuple[str | None, str | None, bytes | None, np.ndarray | None, str | None]
 
 
 def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result], Counter]:
@@ -359,7 +432,10 @@ def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result],
     notes: Counter = Counter()
     out: list[Result] = []
     for line in lines:
-        record = json.loads(line)
+        reason, record = _parse_line(line)
+        if reason is not None:
+            out.append((reason, None, None, None, None))
+            continue
         rid = record["id"]
         reason, cleaned = clean_record(record, opts, notes)
         if reason is not None:
@@ -373,8 +449,23 @@ def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result],
             if opts.minhash
             else None
         )
-        out.append((None, json.dumps(cleaned, ensure_ascii=False), dedup_key(conv), sig, rid))
+        text = json.dumps(cleaned, ensure_ascii=False)
+        if _SURROGATE.search(text):
+            out.append(("unpaired_surrogate", None, None, None, rid))
+            continue
+        out.append((None, text, dedup_key(conv), sig, rid))
     return out, notes
+
+
+def _parse_line(line: str) -> tuple[str | None, Any]:
+    """(reason or None, record): any JSONL file may come in, not only the loader's output."""
+    if _SURROGATE.search(line):  # read with surrogateescape: bytes that are not UTF-8
+        return "invalid_utf8", None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return "malformed_json", None
+    return validate_record(record), record
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -505,13 +596,9 @@ def clean_file(
     """Clean a raw FastChat JSONL file (any fsspec URI) into another."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(out_uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     with (
-        fsspec.open(in_uri, "r", encoding="utf-8") as fin,
-        fs.open(path, "w", encoding="utf-8") as fout,
+        fsspec.open(in_uri, "r", encoding="utf-8", errors="surrogateescape") as fin,
+        io.open_atomic(out_uri) as fout,
     ):
         return clean_lines_to_file(
             fin,
