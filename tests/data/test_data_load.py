@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from arenaflow.data.load import iter_source, load_raw
+from arenaflow.data.load import Unreadable, iter_source, load_raw
 
 GOOD = [
     {
@@ -22,10 +22,13 @@ def test_truncated_json_array_recovers_every_complete_record(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text(cut)
     values, report = iter_source(str(path))
-    ids = [v["id"] for v in values]
-    assert ids == ["r0", "r1", "r2", "r3"]
+    *records, tail = list(values)
+    assert [v["id"] for v in records] == ["r0", "r1", "r2", "r3"]
+    assert tail == Unreadable("truncated_record", cut.index('{\n    "id": "r4"'))
     assert report.truncated and report.truncated_tail_chars > 0
     assert report.truncated_at_char == cut.index('{\n    "id": "r4"')
+    stats = load_raw(str(path), str(tmp_path / "out.jsonl"))
+    assert stats.input == 5 and stats.kept == 4 and stats.dropped == {"truncated_record": 1}
 
 
 def test_jsonl_gzip_and_limit(tmp_path):
@@ -99,5 +102,11 @@ def test_malformed_record_in_pretty_array_resyncs_at_next_record(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(text)
     values, report = iter_source(str(path))
-    assert [v["id"] for v in values] == ["r0", "r2", "r3", "r4"]
+    assert [v["id"] if isinstance(v, dict) else v.reason for v in values] == [
+        "r0",
+        "malformed_json",
+        "r2",
+        "r3",
+        "r4",
+    ]
     assert report.malformed == 1 and not report.truncated

@@ -1,18 +1,26 @@
-"""Load ShareGPT-style conversations from anywhere, as a stream that survives truncated files.
+"""Load ShareGPT-style conversations from anywhere, as a stream in which every record is counted.
 
-The packaged ShareGPT dump is a ~125 MB JSON array cut off in the middle of its last record, so
-records are decoded one at a time with `json.JSONDecoder.raw_decode` over a sliding text buffer:
-every complete record is recovered and the cut-off tail is reported, never fatal. The same reader
-handles JSON arrays, JSONL and gzip files on any fsspec URI; `hf:<id>` streams a Hugging Face dataset.
-Records that do not fit the FastChat schema are counted by reason and left out.
+The packaged ShareGPT dump is a ~125 MB JSON array cut off in the middle of its last record, and
+exports in the wild hold worse: records that do not parse, bytes that are not UTF-8, nesting deep
+enough to exhaust the recursion limit, lone surrogate escapes, NUL characters. Records are decoded
+one at a time with `json.JSONDecoder.raw_decode` over a sliding text buffer; when one fails, a
+bracket- and string-aware scan finds where it ends and the reader goes on with the next record, in
+any layout (JSON array on one line or many, JSONL, gzip of either, on any fsspec URI). Every record
+of the file is either kept or counted under one reason, the cut-off tail included, so
+`input == kept + sum(dropped)` and `input` is the number of records in the file. `hf:<id>` streams
+a Hugging Face dataset.
 """
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import contextlib
+import gzip
 import json
 import logging
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,11 +28,29 @@ from typing import Any
 
 import fsspec
 
+from arenaflow import io
+
 log = logging.getLogger(__name__)
 
 _DECODER = json.JSONDecoder()
 _WS = re.compile(r"[\s,]*")
-CHUNK_CHARS = 4 << 20
+CHUNK_CHARS = 4 << 20  # bytes read at a time (characters, for ASCII)
+# Bytes that are not UTF-8 are decoded with `surrogateescape`, and valid UTF-8 never decodes to a
+# surrogate, so a surrogate in the raw text of a record marks an undecodable byte.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_STRUCTURE = re.compile(r'[\[\]{}"]')
+_STRING_BODY = re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*')  # unrolled: linear, stops at " \n or end
+_SCALAR_END = re.compile(r"[,\]}\n]")
+_CLOSES = {"}": "{", "]": "["}
+_READ_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A record of the file that yields no value: why, and where it starts (in characters)."""
+
+    reason: str
+    at_char: int
 
 
 @dataclass
@@ -32,11 +58,15 @@ class StreamReport:
     """What the streaming parser saw besides complete records."""
 
     parsed: int = 0
-    malformed: int = 0
+    dropped: Counter = field(default_factory=Counter)
     truncated: bool = False
     truncated_at_char: int | None = None
     truncated_tail_chars: int = 0
     limit_reached: bool = False
+
+    @property
+    def malformed(self) -> int:
+        return sum(self.dropped.values())
 
 
 @dataclass
@@ -70,70 +100,221 @@ def package_source_path() -> str:
         return str(p)
 
 
-def iter_json_stream(uri: str, report: StreamReport) -> Iterator[Any]:
-    """Yield JSON values from a JSON array or JSONL file (optionally gzip), tolerating a cut-off end.
+# -- finding where a record ends without decoding it ----------------------------------------------
+def scan_value(buf: str, pos: int) -> tuple[str, int]:
+    """Where the JSON value at `buf[pos]` ends, by its brackets and strings alone.
 
-    Raw newlines never occur inside JSON strings, so a decode error followed by a newline and more
-    text is a malformed record (skipped to the next record at the same indentation), while an
-    error that runs to the end of the text read so far means "read more" or, at EOF, truncation.
+    ("closed", end) when its brackets balance; ("broken", at) when they cannot (a closing bracket
+    that does not match, a raw newline inside a string); ("open", len(buf)) when the text runs out
+    first. Iterative, so nesting depth costs no recursion; every regex here is linear.
     """
-    with fsspec.open(uri, "rt", encoding="utf-8", compression="infer") as f:
-        buf, pos, consumed, eof = "", 0, 0, False
+    if buf[pos] not in '{["':
+        m = _SCALAR_END.search(buf, pos + 1)
+        return ("closed", m.start()) if m else ("open", len(buf))
+    stack: list[str] = []
+    i = pos
+    while True:
+        m = _STRUCTURE.search(buf, i)
+        if m is None:
+            return "open", len(buf)
+        c, i = m.group(), m.end()
+        if c == '"':
+            i = _STRING_BODY.match(buf, i).end()
+            if i >= len(buf) or (buf[i] == "\\" and i + 1 >= len(buf)):
+                return "open", len(buf)
+            if buf[i] != '"':
+                return "broken", i
+            i += 1
+            if not stack:
+                return "closed", i
+        elif c in "[{":
+            stack.append(c)
+        elif not stack or stack.pop() != _CLOSES[c]:
+            return "broken", m.start()
+        elif not stack:
+            return "closed", i
 
-        def refill() -> int:
-            nonlocal buf, pos, consumed, eof
-            more = f.read(CHUNK_CHARS)
-            eof = not more
-            shift = pos
-            consumed += shift
-            buf, pos = buf[shift:] + more, 0
-            return shift
 
-        refill()
-        pos = _WS.match(buf).end()
-        if buf[pos : pos + 1] == "[":
-            pos += 1
+def _next_line_record(buf: str, start: int, indent: int) -> int | None:
+    """The first line after `start` that can begin a record at column `indent` or less.
+
+    Raw newlines never occur inside JSON strings, and the lines inside a record are indented
+    deeper than it, so in JSONL and pretty-printed arrays this is where the next record starts
+    (or the array's closing bracket, at a shallower column).
+    """
+    value = rf"[ \t]{{0,{indent}}}[^\s\]}},]"
+    pattern = rf"\n(?:{value}|[ \t]{{0,{indent - 1}}}[\]}}])" if indent else rf"\n{value}"
+    m = re.compile(pattern).search(buf, start)
+    return None if m is None else m.start() + 1
+
+
+def _next_inline_record(buf: str, start: int, key: str) -> int | None:
+    """The next `{"<key>": ...}` after `start` that decodes and is followed by a separator.
+
+    For records that share a line with the next one (a JSON array on one line): quotes inside
+    strings are escaped, so `{"key":` in the raw text is always structure, never user text.
+    """
+    opener = re.compile(r'\{\s*"' + re.escape(json.dumps(key)[1:-1]) + r'"\s*:')
+    follow = re.compile(r"\s*(?:[,\]]|$)")
+    for m in opener.finditer(buf, start):
+        try:
+            _, end = _DECODER.raw_decode(buf, m.start())
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if follow.match(buf, end):
+            return m.start()
+    return None
+
+
+def _reason_for(text: str, error: BaseException) -> str:
+    if _SURROGATE.search(text):
+        return "invalid_utf8"
+    if "\x00" in text:
+        return "nul_byte"
+    if isinstance(error, RecursionError):
+        return "too_deep"
+    return "malformed_json"
+
+
+# -- the stream -----------------------------------------------------------------------------------
+class _Text:
+    """A sliding window of decoded text over a (possibly compressed) byte stream."""
+
+    def __init__(self, f: Any, uri: str) -> None:
+        self.read = getattr(f, "read1", f.read)  # read1: a gzip error loses no byte read before
+        self.uri = uri
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self.buf, self.pos, self.consumed = "", 0, 0
+        self.eof = self.broken = False
+        self.surrogates: list[int] = []
+
+    def _read_bytes(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        while not self.broken and n > 0:
+            try:
+                part = self.read(n)
+            except _READ_ERRORS as e:  # a cut-off or corrupt gzip stream ends the text here
+                log.warning("%s: the compressed stream ends early (%s)", self.uri, e)
+                self.broken = True
+                break
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+    def refill(self) -> None:
+        """Read on, at least as much as is buffered, so that a long record costs linear time."""
+        raw = self._read_bytes(max(CHUNK_CHARS, len(self.buf) - self.pos))
+        self.eof = not raw
+        more = self.decoder.decode(raw, final=self.eof)
+        # keep what precedes `pos` on its line (up to 1 KB): it tells the layouts apart
+        keep = max(self.buf.rfind("\n", 0, self.pos) + 1, self.pos - 1024, 0)
+        self.consumed += keep
+        self.buf, self.pos = self.buf[keep:] + more, self.pos - keep
+        try:  # encoding is ~20x faster than a regex scan, and fails exactly on surrogates
+            self.buf.encode("utf-8")
+            self.surrogates = []
+        except UnicodeEncodeError:
+            self.surrogates = [m.start() for m in _SURROGATE.finditer(self.buf)]
+
+    def has_surrogate(self, start: int, end: int) -> bool:
+        i = bisect.bisect_left(self.surrogates, start)
+        return i < len(self.surrogates) and self.surrogates[i] < end
+
+    @property
+    def at_char(self) -> int:
+        return self.consumed + self.pos
+
+
+def _bad_record_end(text: _Text, key: str) -> tuple[str, int | None] | None:
+    """(scan state, where the next record starts) for the record at `text.pos` that did not
+    decode; None when more text must be read first."""
+    buf, pos = text.buf, text.pos
+    line_start = buf.rfind("\n", 0, pos) + 1
+    state, stop = scan_value(buf, pos)
+    if state == "open" and not text.eof and len(buf) - pos <= CHUNK_CHARS:
+        return None  # most likely a long record cut by the buffer: read on before judging
+    if not buf[line_start:pos].strip():  # JSONL or a pretty-printed array
+        nxt = _next_line_record(buf, pos, pos - line_start)
+    else:  # a stray quote can make brackets balance in the wrong place: take the nearer
+        nxt = _next_inline_record(buf, pos + 1, key)
+        if state == "closed" and (nxt is None or stop < nxt):
+            nxt = stop
+    if nxt is None and not text.eof:
+        return None
+    return state, nxt
+
+
+def iter_json_stream(uri: str, report: StreamReport) -> Iterator[Any]:
+    """Yield every record of a JSON array or JSONL file (optionally gzip): its value or `Unreadable`.
+
+    A record that does not decode ends where its brackets balance; when they cannot, where the
+    next record begins: the next line at its indentation or less (JSONL, pretty-printed arrays),
+    or the next `{"id": ...}` that decodes (an array on one line; the key is the first key of the
+    first good record). Its reason names the first fault found: invalid_utf8, nul_byte, too_deep,
+    malformed_json. The incomplete tail of a cut-off file is a record with reason truncated_record.
+    """
+
+    def drop(reason: str) -> Unreadable:
+        report.dropped[reason] += 1
+        return Unreadable(reason, text.at_char)
+
+    with fsspec.open(uri, "rb", compression="infer") as f:
+        text = _Text(f, uri)
+        text.refill()
+        text.pos = _WS.match(text.buf, int(text.buf.startswith("\ufeff"))).end()  # past a BOM
+        in_array = text.buf[text.pos : text.pos + 1] == "["
+        text.pos += in_array
+        key, learned = "id", False
         while True:
-            pos = _WS.match(buf, pos).end()
-            if pos >= len(buf) - 1 and not eof:
-                refill()
+            text.pos = _WS.match(text.buf, text.pos).end()
+            buf, pos = text.buf, text.pos
+            if pos >= len(buf) - 1 and not text.eof:
+                text.refill()
                 continue
-            if pos >= len(buf) or buf[pos] == "]":
+            if pos >= len(buf):
                 return
+            if in_array and buf[pos] == "]":
+                in_array = False  # anything after the array is counted like any other record
+                text.pos += 1
+                continue
             try:
                 obj, end = _DECODER.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                err = e.pos
-                newline = buf.find("\n", err)
-                if newline == -1 or not buf[newline:].strip():
-                    if not eof:
-                        refill()
-                        continue
-                    report.truncated = True
-                    report.truncated_at_char = consumed + pos
-                    report.truncated_tail_chars = len(buf) - pos
-                    log.warning(
-                        "%s is cut off at char %d: the last %d chars are an incomplete record",
-                        uri,
-                        consumed + pos,
-                        len(buf) - pos,
-                    )
-                    return
-                indent = pos - (buf.rfind("\n", 0, pos) + 1)
-                start = re.compile("\n" + " " * indent + r"\{")
-                found = start.search(buf, err)
-                while found is None and not eof:
-                    err -= refill()
-                    found = start.search(buf, err)
-                report.malformed += 1
-                log.warning("%s: malformed record at char %d skipped", uri, consumed + pos)
-                if found is None:
-                    return
-                pos = found.start() + 1
+            except (json.JSONDecodeError, RecursionError) as e:
+                error: BaseException = e
+            else:
+                if text.has_surrogate(pos, end):
+                    yield drop("invalid_utf8")
+                else:
+                    if not learned and isinstance(obj, dict) and obj:
+                        key, learned = next(iter(obj)), True
+                    report.parsed += 1
+                    yield obj
+                text.pos = end
                 continue
-            report.parsed += 1
-            yield obj
-            pos = end
+            found = _bad_record_end(text, key)
+            if found is None:
+                text.refill()
+                continue
+            state, nxt = found
+            if nxt is None and state != "closed":
+                report.truncated = True
+                report.truncated_at_char = text.at_char
+                report.truncated_tail_chars = len(buf) - pos
+                log.warning(
+                    "%s is cut off at char %d: the last %d chars are an incomplete record",
+                    uri,
+                    text.at_char,
+                    len(buf) - pos,
+                )
+                yield drop("truncated_record")
+                return
+            end = len(buf) if nxt is None else nxt
+            reason = _reason_for(buf[pos:end], error)
+            log.warning("%s: record at char %d dropped (%s)", uri, text.at_char, reason)
+            yield drop(reason)
+            text.pos = end
 
 
 def iter_hf_records(dataset_id: str, split: str, report: StreamReport) -> Iterator[Any]:
@@ -160,13 +341,31 @@ def validate_record(obj: Any) -> str | None:
             return "turn_missing_from_or_value"
         if not isinstance(turn["from"], str) or not isinstance(turn["value"], str):
             return "non_string_turn"
+        if "\x00" in turn["value"] or "\x00" in turn["from"]:
+            return "nul_byte"
+    if "\x00" in rid:
+        return "nul_byte"
     return None
+
+
+def encode_record(obj: dict[str, Any]) -> tuple[str | None, bytes]:
+    """(drop reason or None, the record as one UTF-8 JSONL line)."""
+    try:
+        return None, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        return "unpaired_surrogate", b""
+    except RecursionError:
+        return "too_deep", b""
 
 
 def iter_source(
     source: str, *, hf_split: str = "train", limit: int | None = None
 ) -> tuple[Iterator[Any], StreamReport]:
-    """The raw values of `data.source` (package | fsspec URI | hf:<id>) and the report they fill."""
+    """The records of `data.source` (package | fsspec URI | hf:<id>) and the report they fill.
+
+    Each item is a decoded value or an `Unreadable`; `limit` counts both, so it means "the first
+    N records of the file".
+    """
     report = StreamReport()
     if source == "package":
         it = iter_json_stream(package_source_path(), report)
@@ -196,28 +395,27 @@ def load_raw(
 
     values, report = iter_source(source, hf_split=hf_split, limit=limit)
     stats = RawStats(stream=report)
-    fs, path = fsspec.core.url_to_fs(out_uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     try:
-        with fs.open(path, "w", encoding="utf-8") as out:
+        with io.open_atomic(out_uri, "wb") as out:
             for obj in tqdm(values, desc="sharegpt_raw", unit="rec", mininterval=2.0, total=limit):
                 stats.input += 1
+                if isinstance(obj, Unreadable):
+                    stats.dropped[obj.reason] += 1
+                    continue
                 reason = validate_record(obj)
+                line = b""
+                if reason is None:
+                    reason, line = encode_record(obj)
                 if reason is not None:
                     stats.dropped[reason] += 1
                     continue
                 stats.kept += 1
-                out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                out.write(line)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"data.source={source!r}: {e}; point data.source at a JSON/JSONL(.gz) URI, "
             "'package', or 'hf:<dataset id>'"
         ) from e
-    if report.malformed:
-        stats.input += report.malformed
-        stats.dropped["malformed_json"] += report.malformed
     log.info(
         "raw: %d records in, %d valid, dropped %s", stats.input, stats.kept, dict(stats.dropped)
     )
