@@ -4,6 +4,8 @@ Turn 2 sees the competitor's own turn-1 answer. Every answer carries `gen_hash` 
 settings + question), so a re-run keeps answers made with the same model/settings and produces only
 the missing or stale ones. A question that still fails after retries goes to
 `model_answer_failures/<name>.jsonl` with its error and is counted, never silently missing.
+Each answer also keeps `style`: the style counts of its first choice's turns (length, markdown;
+`arenaflow.rating.style`), which the ratings use for style control.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from arenaflow import io
 from arenaflow.engine import SamplingParams
 from arenaflow.evaluate.competitors import Backend, find_competitor, make_backend
 from arenaflow.evaluate.questions import bench_uri, load_questions
+from arenaflow.rating.style import answer_style
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ def generate_all(
                 "answer_id": uuid.uuid4().hex[:22],
                 "model_id": model_id,
                 "choices": [{"index": c, "turns": turns[(qid, c)]} for c in range(n_choices)],
+                "style": [answer_style(text) for text in turns[(qid, 0)]],
                 "tstamp": now,
             }
         )

@@ -8,7 +8,10 @@ position bias turns into a tie instead of a win. A game the judge failed ("error
 that is missing) leaves nothing to compare, so that judgment is counted as invalid, not scored.
 
 Every battle carries `source` (who voted: "judge" for an LLM judge, "human" for a person) and
-`origin` (where it was read: "mt_bench", "arena" for the vote store, or an external file's URI).
+`origin` (where it was read: "mt_bench", "arena" for the vote store, or an external file's URI),
+and, where both answers are known, FastChat's `conv_metadata` (the answers' style counts, for
+style control): an MT-bench battle of turn t counts the turns the judge saw (1..t), an arena vote
+its conversations' assistant turns, an external row keeps its own.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from arenaflow import io
 from arenaflow.rating.ratings import WINNERS
+from arenaflow.rating.style import answer_style, conv_metadata, has_style
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +81,58 @@ def soft_score(row: dict[str, Any]) -> float | None:
     return None if a is None or b is None else (a + b) / 2
 
 
+Styles = dict[tuple[str, Any], list[dict[str, Any]]]  # (model, question_id) -> per-turn style
+
+
+def answer_styles(answers: Iterable[Any], model: str) -> Styles:
+    """Per-turn style counts of one model's FastChat answer rows (its `style`, else counted now)."""
+    out: Styles = {}
+    for row in answers:
+        if not isinstance(row, dict) or "question_id" not in row:
+            continue
+        style = row.get("style")
+        if not isinstance(style, list):
+            try:
+                style = [answer_style(str(t)) for t in row["choices"][0]["turns"]]
+            except (KeyError, IndexError, TypeError):
+                continue
+        out[(model, row["question_id"])] = style
+    return out
+
+
+def _pair_metadata(styles: Styles, a: str, b: str, qid: Any, turn: Any) -> dict[str, Any] | None:
+    sa, sb = styles.get((a, qid)), styles.get((b, qid))
+    if sa is None or sb is None:
+        return None
+    t = int(turn) if isinstance(turn, int) and turn >= 1 else 1
+    return conv_metadata(sa[:t], sb[:t])
+
+
+def _conversation_metadata(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A battle row's own conv_metadata, else one counted from its two conversations."""
+    meta = row.get("conv_metadata")
+    if has_style(meta):
+        return meta
+    sides = []
+    for key in ("conversation_a", "conversation_b"):
+        conv = row.get(key)
+        if not isinstance(conv, list):
+            return None
+        sides.append(
+            [
+                answer_style(str(m.get("content") or ""))
+                for m in conv
+                if isinstance(m, dict) and m.get("role") == "assistant"
+            ]
+        )
+    return conv_metadata(sides[0], sides[1])
+
+
 def battles_from_pairwise(
-    judgments: Iterable[Any], counts: Counter[str] | None = None
+    judgments: Iterable[Any], counts: Counter[str] | None = None, styles: Styles | None = None
 ) -> Iterator[dict[str, Any]]:
-    """One battle per (question, turn, pair, judge); bad or repeated judgments are counted in `counts`."""
+    """One battle per (question, turn, pair, judge); bad or repeated judgments are counted in
+    `counts`; `styles` (see `answer_styles`) adds each battle's conv_metadata."""
     counts = counts if counts is not None else Counter()
     seen: set[tuple] = set()
     for row in judgments:
@@ -114,6 +166,9 @@ def battles_from_pairwise(
         score = soft_score(row)
         if score is not None:
             battle["score_a"] = score
+        meta = _pair_metadata(styles or {}, a, b, row["question_id"], row.get("turn", 1))
+        if meta is not None:
+            battle["conv_metadata"] = meta
         battle.update({"g1_winner": g1, "g2_winner": g2, "source": "judge", "origin": "mt_bench"})
         counts["valid"] += 1
         yield battle
@@ -165,6 +220,9 @@ def battles_from_records(
             continue
         battle = {"model_a": str(a), "model_b": str(b), "winner": winner}
         battle.update({f: row[f] for f in KEEP_FIELDS if f in row})
+        meta = _conversation_metadata(row)
+        if meta is not None:
+            battle["conv_metadata"] = meta
         battle["source"] = source or battle_source(row)
         battle["origin"] = origin
         counts["valid"] += 1

@@ -29,6 +29,7 @@ from arenaflow.rating.ratings import (
     predicted_win_rate,
     win_fraction_matrix,
 )
+from arenaflow.rating.style import compute_bootstrap_style_bt, compute_style_bt, has_style
 from arenaflow.tracking import tracker_from_cfg
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
                 "with judge.mode including pairwise (python -m arenaflow.judge)"
             )
         counts: Counter[str] = Counter()
-        records = bt_io.read_records(pair_uri, counts)
-        rows.extend(bt_io.battles_from_pairwise(records, counts))
+        records = list(bt_io.read_records(pair_uri, counts))
+        styles = answer_styles(cfg, records)
+        rows.extend(bt_io.battles_from_pairwise(records, counts, styles))
         by_origin["mt_bench"] = counts.pop("valid", 0)
         invalid["mt_bench"] = dict(counts)
     for uri in cfg.rating.external_battles or []:
@@ -187,6 +189,25 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
     return result
 
 
+def answer_styles(cfg: DictConfig, judgments: list[Any]) -> bt_io.Styles:
+    """The style counts of every judged model's MT-bench answers (where its answer file exists)."""
+    from arenaflow.evaluate.answers import answer_uri
+
+    models = {
+        str(r[k])
+        for r in judgments
+        if isinstance(r, dict)
+        for k in ("model_1", "model_2")
+        if r.get(k)
+    }
+    styles: bt_io.Styles = {}
+    for model in sorted(models):
+        uri = answer_uri(cfg, model)
+        if io.exists(uri):
+            styles.update(bt_io.answer_styles(io.read_jsonl(uri), model))
+    return styles
+
+
 def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any]:
     """What the rating needs of the judge's calibration: passed, the one-line summary, figures."""
     if not calibration:
@@ -207,12 +228,20 @@ def _anchor(cfg: DictConfig, models: list[str]) -> tuple[tuple[str, float] | Non
     return (str(a.model), float(a.rating)), f"anchored: {a.model} = {float(a.rating):g}"
 
 
-def rating_scale(cfg: DictConfig, anchor: tuple[str, float] | None, judge_model: str | None) -> str:
-    """Ratings of two runs compare only on the same scale: anchor, judge and benchmark."""
+def rating_scale(
+    cfg: DictConfig,
+    anchor: tuple[str, float] | None,
+    judge_model: str | None,
+    *,
+    style: bool = False,
+) -> str:
+    """Ratings of two runs compare only on the same scale: anchor, judge, benchmark, outcome kind
+    and style control."""
     if anchor is None:
         return "unanchored"
     scale = f"anchor={anchor[0]}@{anchor[1]:g};judge={judge_model};bench={cfg.eval.bench_name}"
-    return scale + (";outcomes=soft" if cfg.rating.soft_outcomes else "")
+    scale += ";outcomes=soft" if cfg.rating.soft_outcomes else ""
+    return scale + (";style=controlled" if style else "")
 
 
 def _voters(df: pd.DataFrame, judge_model: str | None) -> str:
@@ -239,6 +268,7 @@ def fit_ratings(
     boot = compute_bootstrap_bt(df, int(r.bootstrap_rounds), int(r.seed), l2=r.l2, **kw)
     ci = bootstrap_intervals(boot, float(r.ci_level))
     rank = ci_rank(ci["lower"], ci["upper"])
+    style = fit_style(cfg, df, kw)
     elo = compute_elo(df, k=r.k, scale=r.scale, base=r.base, init_rating=r.init_rating)
     rows = []
     for model in point.index:
@@ -249,13 +279,22 @@ def fit_ratings(
         )
         ties = int(((as_a | as_b) & df["winner"].isin(["tie", "tie (bothbad)"])).sum())
         mt = scores.get(model) or {}
+        row = {
+            "rank": int(rank[model]),
+            "model": model,
+            "rating": float(point[model]),
+            "ci_lower": float(ci.loc[model, "lower"]),
+            "ci_upper": float(ci.loc[model, "upper"]),
+        }
+        if style["on"]:  # the style-controlled rating leads; the raw one stays beside it
+            row = {
+                **{k: row[k] for k in ("model",)},
+                **{k: style["rows"][model][k] for k in ("rank", "rating", "ci_lower", "ci_upper")},
+                **{f"raw_{k}": row[k] for k in ("rank", "rating", "ci_lower", "ci_upper")},
+            }
         rows.append(
             {
-                "rank": int(rank[model]),
-                "model": model,
-                "rating": float(point[model]),
-                "ci_lower": float(ci.loc[model, "lower"]),
-                "ci_upper": float(ci.loc[model, "upper"]),
+                **row,
                 "elo": float(elo[model]),
                 "mt_bench": mt.get("average"),
                 "mt_bench_turn1": mt.get("turn1"),
@@ -268,13 +307,66 @@ def fit_ratings(
             }
         )
     rows.sort(key=lambda row: (row["rank"], -row["rating"]))
+    if style["on"]:
+        point, boot = style.pop("point"), style.pop("boot")
+    style.pop("rows", None)
     return {
         "rows": rows,
         "point": point,
         "paired": paired_differences(boot, point, float(r.ci_level)),
         "anchor": anchor_note,
-        "scale": rating_scale(cfg, anchor, _voters(df, judge_model)),
+        "scale": rating_scale(cfg, anchor, _voters(df, judge_model), style=style["on"]),
         "battles": int(len(df)),
+        "style": style,
+    }
+
+
+def fit_style(cfg: DictConfig, df: pd.DataFrame, kw: dict[str, Any]) -> dict[str, Any]:
+    """The style-controlled fit of a battle set (`rating.style_control`), or why there is none.
+
+    It needs the answers' style counts on every battle: a set where some battles lack them is
+    rated raw (mixing the two would rate different battles), with the count in the note."""
+    r = cfg.rating
+    if not r.style_control:
+        return {"on": False, "note": "off (rating.style_control=false)"}
+    with_style = df["conv_metadata"].map(has_style) if "conv_metadata" in df.columns else None
+    missing = len(df) if with_style is None else int((~with_style).sum())
+    if missing:
+        return {
+            "on": False,
+            "note": f"raw ratings: {missing} of {len(df)} battle(s) lack the answers' style counts",
+        }
+    fit = compute_style_bt(df, l2=r.l2, **kw)
+    boot, coefs = compute_bootstrap_style_bt(
+        df, int(r.bootstrap_rounds), int(r.seed), l2=r.l2, **kw
+    )
+    level = float(r.ci_level)
+    ci = bootstrap_intervals(boot, level)
+    rank = ci_rank(ci["lower"], ci["upper"])
+    coef_ci = bootstrap_intervals(coefs, level) if len(coefs.columns) else None
+    return {
+        "on": True,
+        "note": f"style-controlled ({', '.join(fit.coefficients) or 'no varying feature'})",
+        "battles": fit.battles,
+        "coefficients": {
+            f: {
+                "value": v,
+                "ci_lower": float(coef_ci.loc[f, "lower"]),
+                "ci_upper": float(coef_ci.loc[f, "upper"]),
+            }
+            for f, v in fit.coefficients.items()
+        },
+        "rows": {
+            m: {
+                "rank": int(rank[m]),
+                "rating": float(fit.ratings[m]),
+                "ci_lower": float(ci.loc[m, "lower"]),
+                "ci_upper": float(ci.loc[m, "upper"]),
+            }
+            for m in fit.ratings.index
+        },
+        "point": fit.ratings,
+        "boot": boot,
     }
 
 
@@ -349,7 +441,9 @@ def build_leaderboard(
         with fs.open(path, "wb") as f:
             f.write(png)
     ratings = {
-        v: None if fit is None else {k: fit[k] for k in ("rows", "scale", "anchor", "battles")}
+        v: None
+        if fit is None
+        else {k: fit[k] for k in ("rows", "scale", "anchor", "battles", "style")}
         for v, fit in fits.items()
     }
     uri = rating_uri(cfg, "leaderboard.json")
@@ -369,6 +463,7 @@ def build_leaderboard(
         "predicted_win_rate": _matrix_json(predicted),
         "ratings": ratings,
         "paired": main["paired"],
+        "style": main["style"],
         "judge_calibration": battles.get("judge_calibration") or calibration_summary(None),
         "agreement": agreement,
     }
@@ -385,6 +480,10 @@ def build_leaderboard(
             for row in fit["rows"] if fit else []:
                 for key in ("rating", "ci_lower", "ci_upper"):
                     metrics[metric_name(f"{v}_{key}.{row['model']}")] = float(row[key])
+        for feature, c in (main["style"].get("coefficients") or {}).items():
+            metrics[f"style_coef_{feature}"] = float(c["value"])
+        for row in rows if main["style"]["on"] else []:
+            metrics[metric_name(f"raw_rating.{row['model']}")] = float(row["raw_rating"])
         for key in ("with_tie", "without_tie"):
             if agreement[key] is not None:
                 metrics[f"agreement_{key}"] = float(agreement[key])
@@ -405,6 +504,7 @@ def build_leaderboard(
         "anchor": main["anchor"],
         "ratings": ratings,
         "paired": report["paired"],
+        "style": report["style"],
         "outcomes": report["outcomes"],
         "judge_calibration": report["judge_calibration"],
         "battles_by_source": report["battles_by_source"],
