@@ -13,31 +13,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from arenaflow.serve.process import (
-    KEYS_ENV,
-    SECRETS_ENV,
     Deployment,
     alive,
-    child_env,
+    child_config,
     deploy_lock,
     free_port,
     is_ours,
+    listens,
     spawn,
     stop_server,
     stop_strays,
     write_json,
 )
-from arenaflow.tracking import parse_models_uri, redact, tracker_from_cfg
+from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -159,59 +157,12 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
 def server_config(
     cfg: DictConfig, model_uri: str, host: str, port: int, keys: list[str]
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The deployed server's config file (redacted) and environment (the secrets it needs).
-
-    The keys reach it under `KEYS_ENV`, which its config names as `serve.api_keys_env`, so a key
-    configured anywhere (`serve.api_keys` or the parent's `$<serve.api_keys_env>`) is enforced.
-    Variables other `serve.*_env` keys name (`serve.arena.client_secret_env`) are passed on.
-    Other `serve.*`/`tracking.*` values that redaction hides (a password in the arena's database
-    URL or the tracking URI) travel as JSON in `SECRETS_ENV` and `launch` puts them back.
-    """
+    """The deployed server's config file (redacted) and environment (`child_config`)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    container["serve"].update(
-        {
-            "model_uri": model_uri,
-            "host": host,
-            "port": port,
-            "api_keys": [],
-            "api_keys_env": KEYS_ENV,
-        }
-    )
+    container["serve"].update({"model_uri": model_uri, "host": host, "port": port})
     container["serve"].update(served_set(cfg, model_uri))
-    safe = redact(container)
-    env = child_env(keys)
-    for name in _env_names(container["serve"]):  # variables the server itself reads
-        if name in os.environ:
-            env[name] = os.environ[name]
-    hidden = {
-        path: value
-        for section in ("serve", "tracking")
-        for path, value in _redacted_leaves(container[section], safe[section], section).items()
-    }
-    if hidden:
-        env[SECRETS_ENV] = json.dumps(hidden)
-    return safe, env
-
-
-def _env_names(section: dict[str, Any]) -> list[str]:
-    names = []
-    for k, v in section.items():
-        if isinstance(v, dict):
-            names += _env_names(v)
-        elif str(k).endswith("_env") and v and k != "api_keys_env":
-            names.append(str(v))
-    return names
-
-
-def _redacted_leaves(real: Any, safe: Any, path: str) -> dict[str, Any]:
-    """Dotted paths (and real values) of what redaction changed; a changed list counts whole."""
-    if isinstance(real, dict) and isinstance(safe, dict):
-        out: dict[str, Any] = {}
-        for k, v in real.items():
-            out.update(_redacted_leaves(v, safe.get(k), f"{path}.{k}"))
-        return out
-    return {} if real == safe else {path: real}
+    return child_config(container, keys)
 
 
 def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
@@ -244,42 +195,41 @@ def _start_on(cfg: DictConfig, model_uri: str, host: str, port: int) -> Deployme
         config_path, run_dir / "server.log", env, host=host, port=port, model_uri=model_uri
     )
     log.info("started server pid %d on %s for %s; waiting for /ready", proc.pid, dep.url, model_uri)
+    try:
+        _wait_ready(cfg, proc, dep)
+    except BaseException:  # not ready, or this run interrupted: the process goes with it
+        stop_server(dep, float(d.stop_timeout_s))
+        raise
+    return dep
+
+
+def _wait_ready(cfg: DictConfig, proc: subprocess.Popen, dep: Deployment) -> None:
+    d = cfg.serve.deploy
     deadline = time.time() + float(d.ready_timeout_s)
     while True:
         if proc.poll() is not None:
-            dep.record_path.unlink(missing_ok=True)
             tail = _log_tail(dep.log_path)
             if "address already in use" in tail.lower():
                 fix = "" if not d.port else f"; free it or change serve.deploy.port={d.port}"
-                raise _PortTaken(f"port {port} was taken before the new server bound it{fix}")
+                raise _PortTaken(f"port {dep.port} was taken before the new server bound it{fix}")
             raise DeploymentError(
-                f"the new server for {model_uri} exited with code {proc.returncode} before it was "
-                f"ready; its log ({dep.log_path}) ends with:\n{tail}"
+                f"the new server for {dep.model_uri} exited with code {proc.returncode} before "
+                f"it was ready; its log ({dep.log_path}) ends with:\n{tail}"
             )
         try:
             resp = httpx.get(f"{dep.base}/ready", timeout=2, headers=_auth(cfg))
-            if resp.status_code == 200 and _listens(proc.pid, port):
+            if resp.status_code == 200 and listens(proc.pid, dep.port):
                 dep.version = resp.json().get("version")
                 write_json(dep.record_path, asdict(dep))
-                return dep
+                return
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
-            stop_server(dep, float(d.stop_timeout_s))
             raise DeploymentError(
-                f"the new server for {model_uri} was not ready after {d.ready_timeout_s} s "
+                f"the new server for {dep.model_uri} was not ready after {d.ready_timeout_s} s "
                 f"(serve.deploy.ready_timeout_s); log: {dep.log_path}"
             )
         time.sleep(0.25)
-
-
-def _listens(pid: int, port: int) -> bool:
-    """The answer on `port` is this server's (not a process that took the port in the race)."""
-    try:
-        conns = psutil.Process(pid).net_connections(kind="inet")
-    except psutil.Error:
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
 def smoke_questions(cfg: DictConfig) -> list[dict[str, Any]]:

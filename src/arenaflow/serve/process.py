@@ -1,5 +1,6 @@
 """The server processes a deployment starts: recorded from the moment they exist, stopped only when
-they are provably ours, and started with no more environment than they need.
+they are provably ours, and started with a redacted config file and no more environment than they
+need (`child_config`).
 
 Each process gets a record (`<run dir>/process.json`) written right after `Popen`, before the
 deployment waits for it, so a Dagster run killed at any later moment leaves a stray that the next
@@ -25,8 +26,11 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from arenaflow.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,62 @@ def child_env(keys: list[str], parent: Mapping[str, str] | None = None) -> dict[
     if keys:
         env[KEYS_ENV] = ",".join(keys)
     return env
+
+
+def child_config(
+    container: dict[str, Any], keys: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A server's config file (redacted) and environment (the secrets it needs) from its resolved config.
+
+    The keys reach it under `KEYS_ENV`, which its config names as `serve.api_keys_env`, so a key
+    configured anywhere (`serve.api_keys` or the parent's `$<serve.api_keys_env>`) is enforced.
+    Variables other `serve.*_env` keys name (`serve.arena.client_secret_env`) are passed on.
+    Other `serve.*`/`tracking.*` values that redaction hides (a password in the arena's database
+    URL or the tracking URI) travel as JSON in `SECRETS_ENV` and `launch` puts them back.
+    """
+    container["serve"].update({"api_keys": [], "api_keys_env": KEYS_ENV})
+    safe = redact(container)
+    env = child_env(keys)
+    for name in _env_names(container["serve"]):  # variables the server itself reads
+        if name in os.environ:
+            env[name] = os.environ[name]
+    hidden = {
+        path: value
+        for section in ("serve", "tracking")
+        for path, value in _redacted_leaves(container[section], safe[section], section).items()
+    }
+    if hidden:
+        env[SECRETS_ENV] = json.dumps(hidden)
+    return safe, env
+
+
+def _env_names(section: dict[str, Any]) -> list[str]:
+    names = []
+    for k, v in section.items():
+        if isinstance(v, dict):
+            names += _env_names(v)
+        elif str(k).endswith("_env") and v and k != "api_keys_env":
+            names.append(str(v))
+    return names
+
+
+def _redacted_leaves(real: Any, safe: Any, path: str) -> dict[str, Any]:
+    """Dotted paths (and real values) of what redaction changed; a changed list counts whole."""
+    if isinstance(real, dict) and isinstance(safe, dict):
+        out: dict[str, Any] = {}
+        for k, v in real.items():
+            out.update(_redacted_leaves(v, safe.get(k), f"{path}.{k}"))
+        return out
+    return {} if real == safe else {path: real}
+
+
+def listens(pid: int, port: int) -> bool:
+    """The answer on `port` is this server's (not a process that took the port in the race)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
 def free_port(host: str) -> int:
