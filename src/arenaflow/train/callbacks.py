@@ -1,11 +1,18 @@
 """Lightning callbacks of the recipe: per-step metrics (loss, lr, grad norm, tokens/s, MFU) and
-periodic checkpoints with a `LATEST` pointer that resume reads."""
+periodic checkpoints with a `LATEST` pointer that resume reads.
+
+The checkpoint folder holds only complete `step-*.ckpt` entries: a save is written under a hidden
+`.step-*.partial` name and renamed once every rank has written, and only then does `LATEST` move.
+What a killed save leaves is removed when the next run starts, and rotation never removes what
+`LATEST` names, so a resume always finds it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +28,7 @@ from arenaflow.train.flops import ModelShape, train_flops
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+_STEP = re.compile(r"^step-(\d+)\.ckpt$")
 
 
 class StepMetrics(L.Callback):
@@ -121,6 +129,9 @@ class PeriodicCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.last_saved = trainer.global_step
+        if trainer.global_rank == 0:
+            prune_checkpoints(self.dirpath, self.keep)
+        trainer.strategy.barrier("checkpoints-pruned")  # no rank writes into a folder being removed
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -130,23 +141,74 @@ class PeriodicCheckpoint(L.Callback):
             return
         self.last_saved = step
         path = self.dirpath / f"step-{step:08d}.ckpt"
-        trainer.save_checkpoint(path)  # ends with a barrier: every rank has written its shard
+        partial = self.dirpath / f".{path.name}.partial"
+        trainer.save_checkpoint(partial)  # ends with a barrier: every rank has written its shard
         if trainer.global_rank == 0:
+            _replace(partial, path)
             tmp = self.dirpath / f".{LATEST}.tmp"
             tmp.write_text(path.name)
             os.replace(tmp, self.dirpath / LATEST)
-            for old in sorted(self.dirpath.glob("step-*.ckpt"))[: -self.keep]:
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+            prune_checkpoints(self.dirpath, self.keep)
             log.info("checkpoint saved: %s", path)
 
 
+def _replace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; a folder cannot replace another in one step, so an older `dst`
+    (the same step saved by an earlier run) is moved aside first."""
+    if dst.exists() and (dst.is_dir() or src.is_dir()):
+        aside = dst.with_name(f".{dst.name}.old")
+        _remove(aside)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        _remove(aside)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(dirpath: Path, keep: int) -> None:
+    """Keep what LATEST names and the `keep - 1` checkpoints before it; remove what a killed save
+    left (`.step-*`), older checkpoints, and any of a higher step than LATEST's (a run that was not
+    resumed from, or one killed before LATEST moved). Without LATEST, only leftovers go."""
+    dirpath = Path(dirpath)
+    for leftover in dirpath.glob(".step-*"):
+        log.info("removing %s, left by an interrupted save", leftover)
+        _remove(leftover)
+    pointer = dirpath / LATEST
+    if not pointer.exists():
+        return
+    target = _STEP.match(pointer.read_text().strip())
+    if target is None or not (dirpath / target.group(0)).exists():
+        return  # nothing sound to keep around; latest_checkpoint explains it
+    latest = int(target.group(1))
+    steps = {int(m.group(1)): p for p in dirpath.iterdir() if (m := _STEP.match(p.name))}
+    kept = sorted(s for s in steps if s <= latest)[-keep:]
+    for step, path in steps.items():
+        if step not in kept:
+            _remove(path)
+
+
 def latest_checkpoint(dirpath: Path) -> Path | None:
-    """The last completely written checkpoint, or None."""
+    """The checkpoint LATEST names, or None before the first save.
+
+    LATEST naming a missing checkpoint is an error, not a fresh start: a run that silently starts
+    over would throw away its training and overwrite the checkpoints."""
     pointer = Path(dirpath) / LATEST
     if not pointer.exists():
         return None
-    path = Path(dirpath) / pointer.read_text().strip()
-    return path if path.exists() else None
+    name = pointer.read_text().strip()
+    path = Path(dirpath) / name
+    if not path.exists():
+        present = sorted(p.name for p in Path(dirpath).glob("step-*.ckpt"))
+        raise FileNotFoundError(
+            f"{pointer} names {name!r}, which is missing (present: {present or 'none'}); "
+            "write one of them into LATEST to resume from it, or set train.resume=false to "
+            "start over"
+        )
+    return path
