@@ -1,8 +1,9 @@
 """The one place that talks to MLflow: runs per stage, params/metrics/artifacts, and the model registry.
 
 Stages call `tracker_from_cfg(cfg)` and use the returned tracker; `tracking=none` gives the
-`NullTracker`, so no stage needs `if tracker:` branches. Secrets never reach MLflow: config keys
-that hold credentials are redacted before they are logged.
+`NullTracker`, so no stage needs `if tracker:` branches. Secrets never reach MLflow or a log:
+`redact` is the one redaction for everything the project logs or writes (credential-like keys, URL
+passwords, secret query parameters), and a tracking URI's password goes to MLflow out of the URI.
 """
 
 from __future__ import annotations
