@@ -18,6 +18,8 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
 )
 expect = sync_api.expect
+# A vote's first langid call loads its model (over 10 s on a busy runner): wait like the actions do.
+expect.set_options(timeout=60_000)
 
 
 @pytest.fixture
@@ -33,6 +35,11 @@ def page(tmp_path: Path):
             page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            # the page's Content-Security-Policy must not block anything the page itself does
+            page.on(
+                "console",
+                lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None,
+            )
             yield page
             assert errors == [], f"JavaScript errors on the page: {errors}"
         finally:
@@ -85,7 +92,7 @@ def test_anonymous_battle_in_chromium(start_arena, page, tmp_path: Path) -> None
         assert (row["model_a"], row["model_b"]) == (name_a, name_b)
         assert row["winner"] == "model_a" and row["anony"] is True and row["turn"] == 2
         cookie = next(c for c in page.context.cookies() if c["name"] == "arena_client")
-        assert row["client_id"] == cookie["value"]
+        assert row["client_id"] == cookie["value"].partition(".")[0]  # the id the server signed
         prompts = [m["content"] for m in row["conversation_a"] if m["role"] == "user"]
         assert prompts == ["What is the capital of France?", "And of Italy?"]
         answers_a = [m["content"] for m in row["conversation_a"] if m["role"] == "assistant"]
@@ -131,3 +138,28 @@ def test_arena_page_with_one_model_says_so(start_arena, page) -> None:
         page.goto(f"{arena.url}/arena")
         expect(page.locator("#unavailable")).to_contain_text("at least two served models")
         expect(page.locator("#arena")).to_be_hidden()
+
+
+def test_private_arena_asks_for_the_key_in_chromium(start_arena, page) -> None:
+    key = "browser-test-key-0123456789"
+    with start_arena("serve.arena.require_key=true", f"serve.api_keys=[{key}]") as arena:
+        page.goto(f"{arena.url}/arena?mode=named")
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#arena")).to_be_hidden()
+        page.fill("#api-key", "not-the-key")
+        page.click("#key-form button")
+        expect(page.locator("#key-status")).to_contain_text("incorrect API key")
+        page.fill("#api-key", key)
+        page.click("#key-form button")
+        expect(page.locator("#arena")).to_be_visible()
+        expect(page.locator("#pick-b option")).to_have_count(2)  # the names came with the key
+        page.select_option("#pick-a", "tiny-b")
+        page.select_option("#pick-b", "tiny-a")
+        ask(page, "Is water wet?")
+        page.click("#vote-tievote")
+        expect(page.locator("#new-round")).to_be_visible()
+        page.reload()  # the key is kept for this tab
+        expect(page.locator("#arena")).to_be_visible()
+        expect(page.locator("#key-form")).to_be_hidden()
+        (row,) = arena.votes()
+        assert (row["model_a"], row["model_b"], row["winner"]) == ("tiny-b", "tiny-a", "tie")
