@@ -1,6 +1,7 @@
 """Dagster assets of the `serve` group: the deployed OpenAI-compatible endpoint and the sensor that rolls it."""
 
 import json
+import time
 from typing import Any
 
 import dagster as dg
@@ -88,28 +89,29 @@ def champion_alias_sensor(
     info = tracker_from_cfg(cfg).get_version(name, alias=alias)
     if info is None:
         return dg.SkipReason(f"the registry has no {name}@{alias} yet")
-    version, changes = _read_cursor(context.cursor)
+    version, epoch, changes = _read_cursor(context.cursor)
     if version == info.version:
         return dg.SkipReason(f"{name}@{alias} is still version {info.version}")
-    # the run key counts alias moves: a rollback to a version deployed before is a new run
-    # (a key seen before would make Dagster skip it)
+    # the run key counts alias moves, so a rollback to a version deployed before is a new run (a
+    # key seen before would make Dagster skip it); the epoch (when this cursor began) keeps keys
+    # new after a cursor reset, and a re-evaluated tick (same cursor) still repeats its key
     changes += 1
-    context.update_cursor(json.dumps({"version": info.version, "changes": changes}))
+    cursor = {"version": info.version, "epoch": epoch, "changes": changes}
+    context.update_cursor(json.dumps(cursor))
     return dg.RunRequest(
-        run_key=f"{name}@{alias}-v{info.version}-change{changes}",
+        run_key=f"{name}@{alias}-v{info.version}-{epoch}.{changes}",
         tags={"arenaflow/champion_version": info.version},
     )
 
 
-def _read_cursor(cursor: str | None) -> tuple[str | None, int]:
-    """(version last seen, alias moves seen); a cursor from before the count is the bare version."""
-    if not cursor:
-        return None, 0
+def _read_cursor(cursor: str | None) -> tuple[str | None, int, int]:
+    """(version last seen, cursor epoch in ms, alias moves seen); a cursor from before the count
+    is the bare version."""
     try:
-        state = json.loads(cursor)
-        return str(state["version"]), int(state["changes"])
+        state = json.loads(cursor or "")
+        return str(state["version"]), int(state["epoch"]), int(state["changes"])
     except (ValueError, TypeError, KeyError):
-        return cursor, 0
+        return cursor or None, time.time_ns() // 1_000_000, 0
 
 
 sensors = [champion_alias_sensor]

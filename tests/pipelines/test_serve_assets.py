@@ -204,8 +204,12 @@ def test_sensor_requests_a_roll_when_the_champion_alias_moves(
     tracker.set_alias("arenaflow-chat", "champion", v1)
     result, cursor = evaluate(cursor)
     assert isinstance(result, dg.RunRequest) and result.tags["arenaflow/champion_version"] == v1
-    assert len({first_key, second_key, result.run_key}) == 3
+    keys = {first_key, second_key, result.run_key}
+    assert len(keys) == 3
     assert isinstance(evaluate(cursor)[0], dg.SkipReason)
+    # a reset cursor starts a new epoch: its first key is new too
+    result, _ = evaluate(None)
+    assert isinstance(result, dg.RunRequest) and result.run_key not in keys
     # a cursor written before the count (the bare version) still reads
     assert isinstance(evaluate(v1)[0], dg.SkipReason)
 
