@@ -1,14 +1,21 @@
 """A scripted OpenAI-compatible stand-in judge (real HTTP on a loopback port) and small hand-made
-MT-bench questions and answers in FastChat's formats, for the judge tests."""
+MT-bench questions and answers in FastChat's formats, for the judge tests.
+
+Faults come from a script (one action per request) or, with `Faults`, are drawn for a share of
+requests from a seeded generator keyed by the prompt and how often it was asked, so a prompt meets
+the same faults whatever order concurrent requests arrive in. The stand-in counts requests and
+delivered completions per prompt: what a paid API would bill."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,22 +23,51 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from arenaflow import io
 
 GOOD, MEH = "GOOD", "meh"
+VERDICTLESS = "I cannot decide; both answers have merit."
+
+# What `Faults` draws from: 429 with and without Retry-After, 500, 503, a reply that never comes
+# (the client times out), a 200 whose JSON body is cut off, and a paid reply without a verdict.
+FAULTS = ("429", "429-bare", "500", "503", "timeout", "truncated", "verdictless")
+
+
+@dataclass
+class Faults:
+    """A seeded share of faulty replies: the n-th request of a prompt gets the same action in
+    every run, whatever the order concurrent requests arrive in."""
+
+    seed: int = 0
+    rate: float = 0.3
+    kinds: tuple[str, ...] = FAULTS
+
+    def action(self, prompt: tuple[str, bool], n: int) -> str:
+        rng = random.Random(f"{self.seed}|{prompt[1]}|{n}|{prompt[0]}")
+        return rng.choice(self.kinds) if rng.random() < self.rate else "ok"
 
 
 @dataclass
 class StandIn:
-    """The stand-in's state: `script` is consumed one action per request, then default replies."""
+    """The stand-in's state: `script` is consumed one action per request, then `faults` (when
+    set) or default replies. Per prompt (the user message, and whether it is the verdict-only
+    follow-up): `requests` sent, `completions` delivered (a well-formed 200: what is billed)."""
 
     url: str
     script: list[str] = field(default_factory=list)
     hits: list[dict[str, Any]] = field(default_factory=list)
     auth: set[str] = field(default_factory=set)
     policy: Callable[[dict[str, Any]], str] | None = None  # the reply text; None: default_reply
+    faults: Faults | None = None
+    requests: Counter = field(default_factory=Counter)
+    completions: Counter = field(default_factory=Counter)
+    verdictless: set[tuple[str, bool]] = field(default_factory=set)  # delivered without a verdict
+    tokens: int = 0  # prompt + completion tokens of delivered completions
+    hold_after: int | None = None  # once this many completions were delivered, hold new requests
+    active: int = 0  # requests being answered now
+    held: int = 0  # of which held until the client goes away
 
 
 def section(text: str, name: str) -> str | None:
@@ -131,16 +167,47 @@ def make_app(state: StandIn) -> FastAPI:
     app = FastAPI()
     lock = threading.Lock()
 
+    async def until_gone(request: Request, limit: float = 30.0) -> None:
+        """Hold a request, never answering it, until its client disconnects."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and not await request.is_disconnected():
+            await asyncio.sleep(0.02)
+
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Response:
         body = await request.json()
         state.auth.add(request.headers.get("authorization", ""))
+        followup = len(body["messages"]) > 2  # the verdict-only follow-up of recovery
+        prompt = (body["messages"][1]["content"], followup)
         with lock:
-            action = state.script.pop(0) if state.script else "ok"
-            followup = len(body["messages"]) > 2  # the verdict-only follow-up of recovery
+            n = state.requests[prompt]
+            state.requests[prompt] += 1
+            if state.script:
+                action = state.script.pop(0)
+            elif state.faults is not None:
+                action = state.faults.action(prompt, n)
+            else:
+                action = "ok"
+            hold = state.hold_after is not None and state.completions.total() >= state.hold_after
             state.hits.append(
                 {"action": action, "logprobs": bool(body.get("logprobs")), "followup": followup}
             )
+            state.active += 1
+            state.held += hold
+        try:
+            if hold:
+                await until_gone(request)
+                return Response(status_code=503)
+            return await answer(request, body, action, prompt)
+        finally:
+            with lock:
+                state.active -= 1
+                state.held -= hold
+
+    async def answer(
+        request: Request, body: dict[str, Any], action: str, prompt: tuple[str, bool]
+    ) -> Response:
+        followup = prompt[1]
         if action == "429":
             return JSONResponse(
                 {"error": {"message": "rate limited"}},
@@ -154,40 +221,58 @@ def make_app(state: StandIn) -> FastAPI:
                 status_code=429,
                 headers={"Retry-After": wait},
             )
-        if action == "400":
-            return JSONResponse({"error": {"message": "bad request"}}, status_code=400)
-        if action == "500":
-            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if action in ("400", "401"):
+            return JSONResponse({"error": {"message": "refused"}}, status_code=int(action))
+        if action == "429-bare":  # no Retry-After: the client's own backoff decides
+            return JSONResponse({"error": {"message": "rate limited"}}, status_code=429)
+        if action in ("500", "503"):
+            return JSONResponse({"error": {"message": "boom"}}, status_code=int(action))
+        if action == "timeout":
+            await until_gone(request)
+            return Response(status_code=504)
         if action in ("hang", "slow"):
             await asyncio.sleep(4.0 if action == "hang" else 0.2)
         logprobs = None
-        if followup and body.get("logprobs"):
+        if followup and body.get("logprobs") and action != "verdictless":
             reply = logprob_reply(body)
             text, logprobs = reply["content"], reply["logprobs"]
+        elif action in ("malformed", "verdictless"):
+            text = VERDICTLESS
         else:
-            if action == "malformed":
-                text = "I cannot decide; both answers have merit."
-            else:
-                text = (state.policy or default_reply)(body)
-            if body.get("logprobs"):
-                logprobs = {"content": token_logprobs(text)}
-        return JSONResponse(
-            {
-                "id": f"cmpl-{len(state.hits)}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
-                        "logprobs": logprobs,
-                    }
-                ],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
-            }
-        )
+            text = (state.policy or default_reply)(body)
+        if body.get("logprobs") and logprobs is None:
+            logprobs = {"content": token_logprobs(text)}
+        completion_tokens = min(10, int(body.get("max_tokens") or 10))
+        payload = {
+            "id": f"cmpl-{len(state.hits)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": logprobs,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 100,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 100 + completion_tokens,
+            },
+        }
+        if action == "truncated":  # a 200 cut off in transit: the client cannot read it
+            body_bytes = JSONResponse(payload).body
+            return Response(body_bytes[: len(body_bytes) // 2], media_type="application/json")
+        if await request.is_disconnected():
+            return Response(status_code=499)  # the client gave up first: nothing delivered
+        with lock:
+            state.completions[prompt] += 1
+            state.tokens += 100 + completion_tokens
+            if text == VERDICTLESS:
+                state.verdictless.add(prompt)
+        return JSONResponse(payload)
 
     return app
 
