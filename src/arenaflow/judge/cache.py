@@ -1,8 +1,10 @@
 """A persistent judgment cache: a re-run, or a resume after a crash, never pays twice for a verdict.
 
 Entries live in SQLite, keyed by a hash of everything that decides a judgment (judge model and
-sampling settings, prompt name and text, reference answer, question, turn, answers, order). Only
-judgments whose verdict was read are stored, so failed and unparsed items are retried next time.
+sampling settings, prompt name and text, reference answer, question, turn, answers, order). Every
+reply the judge returned is stored with its raw text the moment it returns, a reply without a
+readable verdict too: a rerun re-reads it instead of paying again. Failed calls are not stored,
+so they are retried next time.
 """
 
 from __future__ import annotations
