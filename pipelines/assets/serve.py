@@ -6,8 +6,8 @@ from typing import Any
 
 import dagster as dg
 
-from arenaflow.serve.app import api_keys_from_cfg
 from arenaflow.serve.deploy import deploy_champion
+from arenaflow.serve.security import api_keys_from_cfg
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 from pipelines.metadata import md_table, mlflow_link
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config

@@ -183,7 +183,7 @@ def start_server(cfg: DictConfig, model_uri: str) -> Deployment:
 
 
 def _start_on(cfg: DictConfig, model_uri: str, host: str, port: int) -> Deployment:
-    from arenaflow.serve.app import api_keys_from_cfg
+    from arenaflow.serve.security import api_keys_from_cfg
 
     d = cfg.serve.deploy
     run_dir = serve_dir(cfg) / "deployments" / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}"
@@ -349,7 +349,7 @@ def deploy(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
 
 
 def _auth(cfg: DictConfig) -> dict[str, str]:
-    from arenaflow.serve.app import api_keys_from_cfg
+    from arenaflow.serve.security import api_keys_from_cfg
 
     keys = api_keys_from_cfg(cfg)
     return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
