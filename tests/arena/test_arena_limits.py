@@ -7,8 +7,8 @@ import time
 import pytest
 
 from arenaflow.config import compose_config
-from arenaflow.serve.arena import (
-    ArenaSettings,
+from arenaflow.serve.arena import ArenaSettings
+from arenaflow.serve.arena_limits import (
     Battle,
     Battles,
     ClientIds,
@@ -112,12 +112,11 @@ def test_client_ids_are_signed_by_the_server(monkeypatch) -> None:
         assert ids.verify(forged) is None
     # a secret from the environment signs the same way in every process that shares it
     monkeypatch.setenv("ARENA_TEST_SECRET", "s" * 32)
-    settings = ArenaSettings(client_secret_env="ARENA_TEST_SECRET")
-    _, shared = ClientIds.from_settings(settings).issue()
-    assert ClientIds.from_settings(settings).verify(shared) is not None
+    _, shared = ClientIds.from_env("ARENA_TEST_SECRET").issue()
+    assert ClientIds.from_env("ARENA_TEST_SECRET").verify(shared) is not None
     monkeypatch.setenv("ARENA_TEST_SECRET", "short")
     with pytest.raises(ValueError, match=r"\$ARENA_TEST_SECRET.*shorter than 16"):
-        ClientIds.from_settings(settings)
+        ClientIds.from_env("ARENA_TEST_SECRET")
 
 
 def test_address_keys_and_trusted_proxies(tmp_path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow.serve.app import create_app
-from arenaflow.serve.arena import uvicorn_proxy_options
+from arenaflow.serve.arena_limits import uvicorn_proxy_options
 from arenaflow.serve.errors import ServeConfigError
 from arenaflow.serve.loading import ServedModel, model_specs, resolve_served_model
 from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
