@@ -184,11 +184,23 @@ def report(
         lines.append("  " + ", ".join(shown))
     if board:
         outcomes = str(lb.get("outcomes") or "hard").split(":")[0]
+        style = lb.get("style") or {}
+        kind = "style-controlled " if style.get("on") else ""
         lines += [
             "",
-            f"leaderboard (Bradley-Terry on {outcomes} outcomes, 95% bootstrap CI; W/T/L in "
+            f"leaderboard ({kind}Bradley-Terry on {outcomes} outcomes, 95% bootstrap CI; W/T/L in "
             "judged battles):",
         ]
+        if style.get("on"):
+            coefs = ", ".join(
+                f"{f} {c['value']:+.2f}" for f, c in (style.get("coefficients") or {}).items()
+            )
+            lines.append(
+                f"  (the champion is decided on this rating; raw = without style control; "
+                f"style coefficients: {coefs or 'none varied'})"
+            )
+        elif style.get("note"):
+            lines.append(f"  (style control: {style['note']})")
         if calibration and not calibration.get("passed"):
             lines.append("  (uncalibrated judge: these ratings cannot move the champion)")
         human = any(r.get("human_battles") for r in board)
@@ -202,10 +214,13 @@ def report(
                 _f(r.get("mt_bench")),
                 f"{r.get('wins', 0)}/{r.get('ties', 0)}/{r.get('losses', 0)}",
             ]
+            if style.get("on"):
+                row.insert(4, _f(r.get("raw_rating"), 1))
             if human:
                 row.append(_f(r.get("human_rating"), 1))
             rows.append(row)
-        head = ["rank", "model", "rating", "CI", "MT-bench", "W/T/L"]
+        head = ["rank", "model", "rating", "CI", *(["raw"] if style.get("on") else [])]
+        head += ["MT-bench", "W/T/L"]
         lines += _table(rows, head + (["human"] if human else []), left=2)
     champ = _value(defs, instance, "champion_model") or {}
     if champ:

@@ -31,6 +31,23 @@ LEADERBOARD_COLUMNS = [
     "win_rate",
 ]
 VIEWS = ("judge", "human", "combined")
+RAW_COLUMNS = ["raw_rating", "raw_ci_lower", "raw_ci_upper"]  # beside a style-controlled rating
+
+
+def style_table(style: dict[str, Any]) -> str:
+    """The style coefficients: how much the voters reward a feature (logit per standard deviation
+    of the style difference in a model's favour), with the bootstrap interval."""
+    if not style.get("on"):
+        return f"_{style.get('note', 'style control off')}_"
+    rows = [
+        {
+            "feature": f,
+            "coefficient": f"{c['value']:+.3f}",
+            "interval": f"[{c['ci_lower']:+.3f}, {c['ci_upper']:+.3f}]",
+        }
+        for f, c in style["coefficients"].items()
+    ]
+    return f"{style['note']}\n\n" + (md_table(rows) if rows else "_no feature varied_")
 
 
 def ratings_table(ratings: dict[str, dict[str, Any] | None]) -> str:
@@ -200,6 +217,7 @@ def leaderboard(
                 "judge_model",
                 "run_id",
                 "paired",
+                "style",
                 "outcomes",
                 "judge_calibration",
                 "battles_by_source",
@@ -210,8 +228,14 @@ def leaderboard(
             "uri": dg.MetadataValue.path(out["uri"]),
             "leaderboard": dg.MetadataValue.md(
                 _calibration_note(out["judge_calibration"])
-                + md_table(out["rows"], LEADERBOARD_COLUMNS)
+                + md_table(
+                    out["rows"],
+                    LEADERBOARD_COLUMNS[:5] + RAW_COLUMNS + LEADERBOARD_COLUMNS[5:]
+                    if out["style"]["on"]
+                    else LEADERBOARD_COLUMNS,
+                )
             ),
+            "style_control": dg.MetadataValue.md(style_table(out["style"])),
             "judge_calibrated": bool(out["judge_calibration"].get("passed")),
             "judge_calibration": dg.MetadataValue.text(str(out["judge_calibration"]["summary"])),
             "paired_differences": dg.MetadataValue.md(paired_table(out["paired"])),

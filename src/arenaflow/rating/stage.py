@@ -16,6 +16,7 @@ from arenaflow import io
 from arenaflow.plots import to_png
 from arenaflow.rating import battles as bt_io
 from arenaflow.rating.agreement import judge_human_agreement
+from arenaflow.rating.bias import judge_bias
 from arenaflow.rating.plots import heatmap_figure, rating_ci_figure
 from arenaflow.rating.promote import TAG_ROLE, promote_champion
 from arenaflow.rating.ratings import (
@@ -29,7 +30,12 @@ from arenaflow.rating.ratings import (
     predicted_win_rate,
     win_fraction_matrix,
 )
-from arenaflow.rating.style import compute_bootstrap_style_bt, compute_style_bt, has_style
+from arenaflow.rating.style import (
+    compute_bootstrap_style_bt,
+    compute_style_bt,
+    has_style,
+    length_controlled_win_rates,
+)
 from arenaflow.tracking import tracker_from_cfg
 
 log = logging.getLogger(__name__)
@@ -421,6 +427,17 @@ def build_leaderboard(
         rows.append(row)
     agreement = judge_human_agreement(df.to_dict("records"))
     view_df = subsets[primary]
+    baseline = str(r.get("lc_baseline") or "base")
+    lc = length_controlled_win_rates(view_df, baseline, l2=r.l2, soft=bool(r.soft_outcomes))
+    for row in rows:
+        row["lc_win_rate"] = (lc.get(row["model"]) or {}).get("lc_win_rate")
+    bias = judge_bias(
+        subsets["judge"],
+        fits["judge"]["style"] if fits["judge"] else None,
+        judge_model,
+        by_view["judge"],
+        by_view["human"],
+    )
     order = [row["model"] for row in rows]
     win_frac = win_fraction_matrix(view_df, order)
     counts = battle_count_matrix(view_df, order)
@@ -464,6 +481,8 @@ def build_leaderboard(
         "ratings": ratings,
         "paired": main["paired"],
         "style": main["style"],
+        "lc_win_rate": {"baseline": baseline, "models": lc},
+        "judge_bias": bias,
         "judge_calibration": battles.get("judge_calibration") or calibration_summary(None),
         "agreement": agreement,
     }
@@ -505,6 +524,8 @@ def build_leaderboard(
         "ratings": ratings,
         "paired": report["paired"],
         "style": report["style"],
+        "lc_win_rate": report["lc_win_rate"],
+        "judge_bias": bias,
         "outcomes": report["outcomes"],
         "judge_calibration": report["judge_calibration"],
         "battles_by_source": report["battles_by_source"],

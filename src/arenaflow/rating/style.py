@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,14 +181,18 @@ class _StyleModel:
         data = (w * (np.logaddexp(0.0, z) - self.d.y * z)).sum(axis=1)
         return data + 0.5 * self.l2 * (theta**2).sum(axis=1)
 
-    def newton_step(self, theta: np.ndarray, w: np.ndarray) -> np.ndarray:
-        m, f = self.m, self.f
+    def gradient(self, theta: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(R, M + F) gradient and the (R, N) win probabilities of model_a."""
         p = 1.0 / (1.0 + np.exp(-self.logits(theta)))
         r = w * (p - self.d.y)  # (R, N)
+        g = np.concatenate([(self.st.T @ r.T).T, r @ self.d.x], axis=1)
+        return g + self.l2 * theta, p
+
+    def hessian(self, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(R, M + F, M + F) Hessian from its blocks."""
+        m, f = self.m, self.f
         h = w * p * (1.0 - p)
-        g = np.concatenate([self.alpha * (self.s @ r.T).T, r @ self.d.x], axis=1)
-        g += self.l2 * theta
-        rounds = theta.shape[0]
+        rounds = p.shape[0]
         hess = np.zeros((rounds, m + f, m + f))
         hess[:, :m, :m] = (self.alpha**2 * (self.p.T @ h.T).T).reshape(rounds, m, m)
         for k in range(f):
@@ -198,7 +203,11 @@ class _StyleModel:
         hess += (self.l2 + 1e-9) * np.eye(m + f)
         if self.l2 <= 0:
             hess[:, :m, :m] += 1.0 / m  # the strengths' free shift
-        return -np.linalg.solve(hess, g[:, :, None])[:, :, 0]
+        return hess
+
+    def newton_step(self, theta: np.ndarray, w: np.ndarray) -> np.ndarray:
+        g, p = self.gradient(theta, w)
+        return -np.linalg.solve(self.hessian(p, w), g[:, :, None])[:, :, 0]
 
 
 def _fit(
@@ -224,6 +233,36 @@ def _fit(
         theta[active] += t[:, None] * step
         loss[active] = new
         active = active[np.abs(t[:, None] * step).max(axis=1) >= tol]
+    return theta
+
+
+def _chord(
+    sm: _StyleModel, w: np.ndarray, point: np.ndarray, tol: float = 1e-7, max_iter: int = 30
+) -> np.ndarray:
+    """Bootstrap rounds solved with the point fit's Hessian held fixed (chord iterations: a
+    resampled battle set's Hessian is close to the full set's, so a few gradient passes converge
+    and no Hessian is assembled per round); rounds that do not contract fall back to Newton."""
+    _, p0 = sm.gradient(point, np.ones((1, w.shape[1])))
+    h_inv = np.linalg.inv(sm.hessian(p0, np.ones((1, w.shape[1])))[0])
+    theta = np.repeat(point, w.shape[0], axis=0)
+    last = np.full(w.shape[0], np.inf)
+    active = np.arange(w.shape[0])
+    stuck = np.zeros(w.shape[0], dtype=bool)
+    for _ in range(max_iter):
+        if active.size == 0:
+            break
+        g, _p = sm.gradient(theta[active], w[active])
+        step = -(g @ h_inv)
+        size = np.abs(step).max(axis=1)
+        ok = np.isfinite(size) & (size < last[active])
+        theta[active[ok]] += step[ok]
+        stuck[active[~ok]] = True
+        last[active] = size
+        active = active[ok & (size >= tol)]
+    stuck[active] = True
+    if stuck.any():
+        idx = np.flatnonzero(stuck)
+        theta[idx] = _fit(sm, w[idx], np.repeat(point, idx.size, axis=0))
     return theta
 
 
@@ -280,14 +319,84 @@ def compute_bootstrap_style_bt(
     sm = _StyleModel(d, base, l2)
     n = d.y.size
     point = _fit(sm, np.ones((1, n)), np.zeros((1, sm.m + sm.f)))
-    chunk = chunk_rounds or max(1, min(num_round, 4_000_000 // max(n, 1)))
-    rng = np.random.default_rng(seed)
+    # at least two chunks, so both threads work (numpy releases the GIL in the large operations)
+    chunk = chunk_rounds or max(1, min(-(-num_round // 2), 2_000_000 // max(n, 1)))
+    starts = list(range(0, num_round, chunk))
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(starts))]
     thetas = np.empty((num_round, sm.m + sm.f))
-    for start in range(0, num_round, chunk):
-        size = min(chunk, num_round - start)
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
-        thetas[start : start + size] = _fit(sm, w, np.repeat(point, size, axis=0))
+
+    def solve(c: int) -> None:
+        start, size = starts[c], min(chunk, num_round - starts[c])
+        # row counts of n draws with replacement, per round (a multinomial over the battles)
+        picks = streams[c].integers(0, n, (size, n)) + (np.arange(size) * n)[:, None]
+        w = np.bincount(picks.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+        thetas[start : start + size] = _chord(sm, w, point)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(solve, range(len(starts))))
     ratings = _to_ratings(thetas[:, : sm.m], d.models, scale, init_rating, _anchor_tuple(anchor))
     boot = pd.DataFrame(ratings, columns=d.models)
     coefs = pd.DataFrame(thetas[:, sm.m :], columns=d.features)
     return boot[boot.median().sort_values(ascending=False).index], coefs
+
+
+def _logistic_2(y: np.ndarray, x: np.ndarray, l2: float) -> tuple[float, float]:
+    """(intercept, slope) of a logistic regression of scores y in [0, 1] on x, with an l2 prior."""
+    theta = np.zeros(2)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(design @ theta)))
+        g = design.T @ (p - y) + l2 * theta
+        h = design.T @ (design * (p * (1 - p))[:, None]) + l2 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def length_controlled_win_rates(
+    battles: pd.DataFrame, baseline: str, *, l2: float = DEFAULT_L2, soft: bool = False
+) -> dict[str, dict[str, float | int]]:
+    """AlpacaEval 2's length-controlled win rate against `baseline`, per model.
+
+    For each model's battles with the baseline: a logistic fit of its score on the normalised
+    length difference (model - baseline) / (sum + 1), standardised; the LC win rate is the fitted
+    win probability at equal length (the intercept), beside the raw win rate and the length slope.
+    Battles need conv_metadata (see `has_style`)."""
+    out: dict[str, dict[str, float | int]] = {}
+    if "conv_metadata" not in battles.columns:
+        return out
+    usable = battles[battles["conv_metadata"].map(has_style)]
+    for model in sorted(set(usable["model_a"]) | set(usable["model_b"]) - {baseline}):
+        as_a = (usable["model_a"] == model) & (usable["model_b"] == baseline)
+        as_b = (usable["model_b"] == model) & (usable["model_a"] == baseline)
+        sub = usable[as_a | as_b]
+        if sub.empty:
+            continue
+        score = sub["winner"].map(HARD_SCORE).fillna(0.5).to_numpy(dtype=float)
+        if soft and "score_a" in sub.columns:
+            soft_a = pd.to_numeric(sub["score_a"], errors="coerce").to_numpy(dtype=float)
+            score = np.where(np.isnan(soft_a), score, soft_a)
+        flip = (sub["model_b"] == model).to_numpy()
+        y = np.where(flip, 1.0 - score, score)
+        meta = sub["conv_metadata"].tolist()
+        own = np.array(
+            [_count(m[META_B[0] if f else META_A[0]]) for m, f in zip(meta, flip, strict=True)]
+        )
+        other = np.array(
+            [_count(m[META_A[0] if f else META_B[0]]) for m, f in zip(meta, flip, strict=True)]
+        )
+        diff = (own - other) / (own + other + 1.0)
+        std = diff.std()
+        x = (diff - diff.mean()) / std if std > 1e-12 else np.zeros_like(diff)
+        intercept, slope = _logistic_2(y, x, l2)
+        # at equal length the standardised difference is -mean / std, not 0
+        at_equal = intercept + slope * ((0.0 - diff.mean()) / std if std > 1e-12 else 0.0)
+        out[model] = {
+            "battles": int(len(sub)),
+            "win_rate": float(y.mean()),
+            "lc_win_rate": float(1 / (1 + math.exp(-at_equal))),
+            "length_slope": slope,
+        }
+    return out
