@@ -29,6 +29,7 @@ LEADERBOARD_COLUMNS = [
     "ties",
     "losses",
     "win_rate",
+    "lc_win_rate",
 ]
 VIEWS = ("judge", "human", "combined")
 RAW_COLUMNS = ["raw_rating", "raw_ci_lower", "raw_ci_upper"]  # beside a style-controlled rating
@@ -69,6 +70,41 @@ def ratings_table(ratings: dict[str, dict[str, Any] | None]) -> str:
         line["human battles"] = by_view.get("human", {}).get(model, {}).get("battles", 0)
         table.append(line)
     return md_table(table)
+
+
+def bias_table(bias: dict[str, Any]) -> str:
+    """The judge-health figures: length, position and self preference."""
+    length = bias.get("length_preference")
+    pos = bias.get("position_preference") or {}
+    own = bias.get("self_preference") or {}
+    rows = [
+        {
+            "bias": "length",
+            "figure": f"{length['value']:+.3f}" if length else "n/a",
+            "interval": f"[{length['ci_lower']:+.3f}, {length['ci_upper']:+.3f}]" if length else "",
+            "reads": "logit per SD of length difference; 0 = length ignored"
+            if length
+            else bias.get("length_note", ""),
+        },
+        {
+            "bias": "position",
+            "figure": f"{pos['first_share']:.3f}" if pos.get("first_share") is not None else "n/a",
+            "interval": f"[{pos['interval'][0]:.3f}, {pos['interval'][1]:.3f}]"
+            if pos.get("interval")
+            else "",
+            "reads": f"share of {pos.get('games', 0)} decisive games won by the first answer; 0.5 = none"
+            + (" (biased)" if pos.get("biased") else ""),
+        },
+        {
+            "bias": "self",
+            "figure": f"{own['judge_minus_human']:+.1f}" if "judge_minus_human" in own else "n/a",
+            "interval": "",
+            "reads": "judge's rating of itself minus the voters'"
+            if own.get("competitor")
+            else "the judge is not a competitor",
+        },
+    ]
+    return md_table(rows)
 
 
 def paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -236,6 +272,8 @@ def leaderboard(
                 )
             ),
             "style_control": dg.MetadataValue.md(style_table(out["style"])),
+            "judge_bias": dg.MetadataValue.md(bias_table(out["judge_bias"])),
+            "lc_baseline": dg.MetadataValue.text(out["lc_win_rate"]["baseline"]),
             "judge_calibrated": bool(out["judge_calibration"].get("passed")),
             "judge_calibration": dg.MetadataValue.text(str(out["judge_calibration"]["summary"])),
             "paired_differences": dg.MetadataValue.md(paired_table(out["paired"])),

@@ -158,6 +158,12 @@ def test_rating_group_promotes_then_guards_the_champion(af_home, model_cache, ck
     assert io.exists(lb["uri"])
     lmeta = result.asset_materializations_for_node("leaderboard")[0].metadata
     assert "| finetuned |" in lmeta["leaderboard"].value
+    # no answer files here: no style counts, so the board stays raw and says why
+    assert "lack the answers' style counts" in lmeta["style_control"].value
+    assert (
+        "| position |" in lmeta["judge_bias"].value
+        and "decisive games" in lmeta["judge_bias"].value
+    )
     for plot in ("rating_ci", "win_fraction", "battle_count"):
         assert lmeta[plot].value.startswith("![")
     assert "mlflow_run" in lmeta
