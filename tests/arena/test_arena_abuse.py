@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from arenaflow import io
+from arenaflow.arena.routes import COOKIE
 from arenaflow.config import compose_config
 from arenaflow.rating.stage import build_battles
-from arenaflow.serve.arena import COOKIE
 from tests.arena.test_arena_api import error_of, new_battle, play_turn
 
 KEY = "arena-test-key-0123456789"
@@ -90,7 +90,7 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(start_arena, trusted: 
         "serve.arena.rate_limit.address_per_minute=1",
     ]
     if trusted:
-        overrides.append("serve.arena.trusted_proxies=[127.0.0.1]")  # the test's own address
+        overrides.append("serve.trusted_proxies=[127.0.0.1]")  # the test's own address
     with start_arena(*LOOSE, *overrides) as arena:
         assert create(arena.url, **{"X-Forwarded-For": "198.51.100.1"}).status_code == 200
         other = create(arena.url, **{"X-Forwarded-For": "198.51.100.2"})

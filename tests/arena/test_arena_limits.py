@@ -6,9 +6,7 @@ import time
 
 import pytest
 
-from arenaflow.config import compose_config
-from arenaflow.serve.arena import ArenaSettings
-from arenaflow.serve.arena_limits import (
+from arenaflow.arena.limits import (
     Battle,
     Battles,
     ClientIds,
@@ -16,6 +14,8 @@ from arenaflow.serve.arena_limits import (
     address_key,
     uvicorn_proxy_options,
 )
+from arenaflow.arena.routes import ArenaSettings
+from arenaflow.config import compose_config
 from arenaflow.serve.errors import APIError
 
 
@@ -130,11 +130,11 @@ def test_address_keys_and_trusted_proxies(tmp_path) -> None:
         "proxy_headers": False,
         "forwarded_allow_ips": [],
     }
-    cfg = compose_config([*base, "serve.arena.trusted_proxies=[10.0.0.5,'10.1.0.0/16']"])
+    cfg = compose_config([*base, "serve.trusted_proxies=[10.0.0.5,'10.1.0.0/16']"])
     assert uvicorn_proxy_options(cfg) == {
         "proxy_headers": True,
         "forwarded_allow_ips": ["10.0.0.5", "10.1.0.0/16"],
     }
-    bad = compose_config([*base, "serve.arena.trusted_proxies=[my-proxy]"])
+    bad = compose_config([*base, "serve.trusted_proxies=[my-proxy]"])
     with pytest.raises(ValueError, match=r"trusted_proxies: 'my-proxy' is not an IP"):
         uvicorn_proxy_options(bad)

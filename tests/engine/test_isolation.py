@@ -19,9 +19,7 @@ def test_tiny_temperature_is_greedy_in_a_shared_batch(
     alone = tiny_engine.generate(chat_prompts[:2], [greedy, sampled])
     tiny = SamplingParams(max_new_tokens=8, temperature=1e-40)
     results = tiny_engine.generate(chat_prompts[:3], [greedy, sampled, tiny])
-    assert [r.choices[0].token_ids for r in results[:2]] == [
-        r.choices[0].token_ids for r in alone
-    ]
+    assert [r.choices[0].token_ids for r in results[:2]] == [r.choices[0].token_ids for r in alone]
     assert tiny.temperature == 0.0  # normalised to greedy
     alone_greedy = tiny_engine.generate([chat_prompts[2]], SamplingParams(max_new_tokens=8))
     assert results[2].choices[0].token_ids == alone_greedy[0].choices[0].token_ids

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from arenaflow.config import compose_config
 from arenaflow.engine import Engine
 from arenaflow.serve import create_app
-from arenaflow.serve.arena_limits import uvicorn_proxy_options
 from arenaflow.serve.loading import model_specs, resolve_served_model
+from arenaflow.serve.security import uvicorn_proxy_options
 
 
 def free_port() -> int:

@@ -1,4 +1,6 @@
-"""Chatbot Arena: the durable store of human votes that the arena page writes and the rating stage reads."""
+"""Chatbot Arena: the battle page and its API (`routes.py`, mounted by the server; its guards in
+`limits.py`, its page in `static/`) and the durable store of human votes (`store.py`) that the
+page writes and the rating stage reads. Importing the package loads the store only."""
 
 from arenaflow.arena.store import (
     WINNERS,

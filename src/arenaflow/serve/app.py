@@ -1,7 +1,7 @@
 """`create_app(cfg)`: the OpenAI-compatible FastAPI app around one or more models, each with its batcher.
 
 Endpoints: /v1/models, /v1/chat/completions, /v1/completions (both streamed as SSE on request;
-routes.py), /health, /ready and /metrics (here) and the arena (serve.arena). Every served model
+routes.py), /health, /ready and /metrics (here) and the arena (`arenaflow.arena.routes`, serve.arena). Every served model
 (`serve.models`, default the single `serve.model_uri`) has its own `Scheduler`: concurrent
 requests to a model share its decode steps (continuous batching); a full queue answers 429, a
 client that leaves (streamed or not) frees its rows, and every request has a time limit
@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from arenaflow.arena.routes import arena_router
 from arenaflow.engine import Engine, Scheduler
-from arenaflow.serve.arena import arena_router
 from arenaflow.serve.errors import ServeConfigError, install_error_handlers
 from arenaflow.serve.loading import (
     ServedModel,

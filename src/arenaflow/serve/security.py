@@ -3,13 +3,16 @@
 Keys are compared in constant time as bytes, so any header a client sends (non-ASCII, no scheme,
 empty) is a 401, never a 500. The `Host` header must be one of `allowed_hosts(serve)` (Starlette's
 TrustedHostMiddleware does the check), so a web page on another domain that resolves to 127.0.0.1
-(DNS rebinding) cannot reach a keyless local server.
+(DNS rebinding) cannot reach a keyless local server. Client addresses come from the TCP peer;
+`X-Forwarded-For` counts only from `serve.trusted_proxies` (`uvicorn_proxy_options`).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+from typing import Any
 
 from fastapi import Request
 from omegaconf import DictConfig
@@ -69,3 +72,26 @@ class KeyCheck:
                 code="invalid_api_key",
             )
         raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def trusted_proxies(cfg: Any) -> tuple[str, ...]:
+    """`serve.trusted_proxies`, each an IP address or CIDR network (checked: uvicorn would
+    take a typo for a literal host name and trust nothing, silently)."""
+    entries = tuple(str(p).strip() for p in (cfg.serve.get("trusted_proxies") or []))
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as e:
+            raise ValueError(
+                f"serve.trusted_proxies: {entry!r} is not an IP address or CIDR network "
+                "(e.g. 10.0.0.5 or 10.0.0.0/8)"
+            ) from e
+    return entries
+
+
+def uvicorn_proxy_options(cfg: Any) -> dict[str, Any]:
+    """uvicorn's proxy-header options for this server: `X-Forwarded-For` / `-Proto` are honoured
+    only when the TCP peer is one of `serve.trusted_proxies` (uvicorn's own default trusts
+    127.0.0.1, so any local process could claim any address); none listed = never."""
+    proxies = list(trusted_proxies(cfg))
+    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies}

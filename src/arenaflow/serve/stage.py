@@ -13,10 +13,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow.serve.app import create_app
-from arenaflow.serve.arena_limits import uvicorn_proxy_options
 from arenaflow.serve.errors import ServeConfigError
 from arenaflow.serve.loading import ServedModel, model_specs, resolve_served_model
 from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
+from arenaflow.serve.security import uvicorn_proxy_options
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     host, port = str(cfg.serve.host), int(cfg.serve.port)
     log.info("serving %s on http://%s:%d/v1", ", ".join(resolved), host, port)
     app = create_app(cfg, served_models=resolved)
-    proxy = uvicorn_proxy_options(cfg)  # X-Forwarded-For only from serve.arena.trusted_proxies
+    proxy = uvicorn_proxy_options(cfg)  # X-Forwarded-For only from serve.trusted_proxies
     uvicorn.run(app, host=host, port=port, log_level=str(cfg.serve.log_level), **proxy)
     return {
         "url": f"http://{host}:{port}/v1",

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
@@ -31,30 +30,6 @@ _SIGNED_ID = re.compile(r"([0-9a-f]{32})\.([A-Za-z0-9_-]{43})")
 
 
 # -- who is calling -------------------------------------------------------------------------------
-def trusted_proxies(cfg: Any) -> tuple[str, ...]:
-    """`serve.arena.trusted_proxies`, each an IP address or CIDR network (checked: uvicorn would
-    take a typo for a literal host name and trust nothing, silently)."""
-    arena = cfg.serve.get("arena") or {}
-    entries = tuple(str(p).strip() for p in (arena.get("trusted_proxies") or []))
-    for entry in entries:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError as e:
-            raise ValueError(
-                f"serve.arena.trusted_proxies: {entry!r} is not an IP address or CIDR network "
-                "(e.g. 10.0.0.5 or 10.0.0.0/8)"
-            ) from e
-    return entries
-
-
-def uvicorn_proxy_options(cfg: Any) -> dict[str, Any]:
-    """uvicorn's proxy-header options for this server: `X-Forwarded-For` / `-Proto` are honoured
-    only when the TCP peer is one of `serve.arena.trusted_proxies` (uvicorn's own default trusts
-    127.0.0.1, so any local process could claim any address); none listed = never."""
-    proxies = list(trusted_proxies(cfg))
-    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies}
-
-
 def address_key(host: str | None) -> str:
     """The rate-limit key of a client address: IPv4 as is, IPv6 by its /64 (one host usually
     holds a whole /64, so a key per address would give it billions of buckets)."""

@@ -10,7 +10,7 @@ config's blocked words, one vote per battle and only once both answers have fini
 Who a client is comes from the server: the `arena_client` cookie holds an id the server issued,
 signed with HMAC-SHA256 under a server secret, so a browser can neither pick one (a fresh cookie
 per request resets nothing: the address bucket still counts) nor take over another's battles. The
-address is the TCP peer; `X-Forwarded-For` counts only from `serve.arena.trusted_proxies`, which
+address is the TCP peer; `X-Forwarded-For` counts only from `serve.trusted_proxies`, which
 the server hands to uvicorn's proxy-headers middleware. Those guards live in `arena_limits`. The
 page sends a Content-Security-Policy that allows only its own (hashed) script and style, and
 cannot be framed.
@@ -44,15 +44,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from arenaflow.arena import VoteStore, safe_url, vote_db_url
-from arenaflow.data.clean import CleanOptions, contains_blocked_word
-from arenaflow.engine import (
-    PromptTooLongError,
-    QueueFullError,
-    SamplingParams,
-    Scheduler,
-    StreamEvent,
-)
-from arenaflow.serve.arena_limits import (
+from arenaflow.arena.limits import (
     Battle,
     Battles,
     Caller,
@@ -60,13 +52,20 @@ from arenaflow.serve.arena_limits import (
     RateLimiter,
     address_key,
     check_key,
-    trusted_proxies,
+)
+from arenaflow.data.clean import CleanOptions, contains_blocked_word
+from arenaflow.engine import (
+    SamplingParams,
+    Scheduler,
+    StreamEvent,
 )
 from arenaflow.serve.errors import APIError, error_body
+from arenaflow.serve.generation import map_engine_errors
+from arenaflow.serve.security import trusted_proxies
 from arenaflow.serve.streams import merge_streams, sse_event
 
 if TYPE_CHECKING:
-    from arenaflow.serve.app import ServeState
+    from arenaflow.serve.slots import ServeState
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +406,7 @@ class Arena:
         try:
             iters = [sched.stream(p, sp).__aiter__() for sched, p, sp in sides]
             firsts = await asyncio.gather(
-                *(_mapped(it.__anext__(), self.retry_after) for it in iters),
+                *(map_engine_errors(it.__anext__(), self.retry_after) for it in iters),
                 return_exceptions=True,
             )
             for it, first in zip(iters, firsts, strict=True):
@@ -549,25 +548,6 @@ def arena_router(state: ServeState) -> APIRouter:
     return router
 
 
-async def _mapped(aw: Any, retry_after: str) -> Any:
-    """Scheduler errors -> arena HTTP errors."""
-    try:
-        return await aw
-    except QueueFullError as e:
-        raise APIError(
-            429,
-            "the models are busy; send the prompt again in a moment",
-            code="queue_full",
-            headers={"Retry-After": retry_after},
-        ) from e
-    except PromptTooLongError as e:
-        raise APIError(400, f"{e}; start a new round", code="context_length_exceeded") from e
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from e
-    except RuntimeError as e:
-        raise APIError(503, f"the server could not answer: {e}") from e
-
-
 def page_security_headers(csp: str) -> dict[str, str]:
     """The page may run only its own script and style, talk only to this server, and not be
     framed (clickjacking a vote); `X-Frame-Options` for browsers without `frame-ancestors`."""
@@ -583,7 +563,7 @@ def page_security_headers(csp: str) -> dict[str, str]:
 def _page() -> tuple[str, str]:
     """The page and its Content-Security-Policy: its one inline script and style are allowed by
     their SHA-256 (the per-request config is a JSON data block, which browsers never run)."""
-    html = resources.files("arenaflow.serve").joinpath("static/arena.html").read_text("utf-8")
+    html = resources.files("arenaflow.arena").joinpath("static/arena.html").read_text("utf-8")
     scripts, styles = _SCRIPT.findall(html), _STYLE.findall(html)
     if len(scripts) != 1 or len(styles) != 1:
         raise RuntimeError("arena.html must hold exactly one <script> and one <style> element")
