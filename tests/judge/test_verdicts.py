@@ -47,3 +47,18 @@ def test_verdict_from_logprobs(case: dict) -> None:
     assert sum(verdict.probs.values()) == pytest.approx(1.0)
     if "expected_score" in case:
         assert verdict.expected_score == pytest.approx(case["expected_score"], abs=1e-6)
+
+
+def test_a_cached_reply_is_read_again() -> None:
+    """A stored reply is parsed again on the way out of the cache: a verdict the parser of the
+    time missed is read now, a logprob reading stays while the text holds none, and a reply that
+    still holds none stays a parse failure."""
+    from arenaflow.judge.runner import ItemResult
+
+    missed = {"judgment": "Good. Rating: [[7]]", "score": None, "source": "none"}
+    read = ItemResult.from_cache(missed, "[[rating]]")
+    assert (read.verdict.score, read.verdict.source, read.cached) == (7.0, "text", True)
+    by_logprobs = {"judgment": "Hard to say.", "winner": "B", "source": "logprobs"}
+    assert ItemResult.from_cache(by_logprobs, "[[A]]").verdict.winner == "B"
+    none = ItemResult.from_cache({"judgment": "Hard to say.", "source": "none"}, "[[A]]")
+    assert not none.verdict.parsed and none.verdict.source == "none" and not none.recovered

@@ -78,15 +78,9 @@ class ItemResult:
         )
         reparsed = parse_verdict(value["judgment"], output_format)
         agrees = (reparsed.score, reparsed.winner) == (stored.score, stored.winner)
-        if (
-            stored.source == "text"
-            and agrees
-            or stored.source == "logprobs"
-            and not reparsed.parsed
-        ):
-            verdict = stored
-        else:
-            verdict = reparsed
+        # the stored verdict while the text agrees, or holds none beside a logprob reading
+        keep = agrees if stored.source == "text" else not reparsed.parsed
+        verdict = stored if keep and stored.source != "none" else reparsed
         recovered = bool(value.get("recovered", stored.source == "logprobs"))
         return cls(value["judgment"], verdict, cached=True, recovered=recovered)
 
