@@ -108,3 +108,23 @@ def test_logprob_recovery_reads_the_models_distribution(
         assert verdict.score == float(best)
     else:
         assert verdict.winner == {"A": "A", "B": "B", "C": "tie"}[best]
+
+
+def test_local_batches_stay_within_the_token_budget(tiny_model_dir: Path) -> None:
+    """The engine judges a batch at once: requests whose token bound does not fit beside the
+    batch wait for the next one, and those that fit in no batch are refused with the reason."""
+    from arenaflow.judge.runner import Budget
+
+    backend = LocalBackend(Engine.load(tiny_model_dir), model_name="tiny", max_tokens=4)
+    requests = [ChatRequest("You are a judge.", f"Rate answer {i}: Paris.") for i in range(6)]
+    bound = len(backend.engine.encode(backend.engine.render_chat(requests[0].messages()))) + 4
+    budget = Budget(max_tokens=3 * bound)
+    seen: list[int] = []
+    out = backend.complete(requests, gate=budget, on_result=lambda i, c: seen.append(i))
+    judged = [c for c in out if c.text is not None]
+    refused = [c for c in out if c.text is None]
+    assert 3 <= len(judged) < 6 and sorted(seen) == list(range(6))
+    assert budget.tokens == sum(c.prompt_tokens + c.completion_tokens for c in judged)
+    assert budget.tokens <= 3 * bound and budget.held == budget.in_flight == 0
+    assert all(c.error.startswith("budget: judge.max_tokens_budget") for c in refused)
+    assert all(c.attempts == 0 for c in refused)
