@@ -12,11 +12,11 @@ from arenaflow.arena.limits import (
     ClientIds,
     RateLimiter,
     address_key,
-    uvicorn_proxy_options,
 )
 from arenaflow.arena.routes import ArenaSettings
 from arenaflow.config import compose_config
 from arenaflow.serve.errors import APIError
+from arenaflow.serve.security import uvicorn_proxy_options
 
 
 def test_token_bucket_allows_a_burst_then_refills_at_the_rate() -> None:
