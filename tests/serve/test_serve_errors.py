@@ -151,7 +151,9 @@ async def _fire(url: str, n: int, body: dict) -> list[httpx.Response]:
 
 
 def test_full_queue_is_429_with_retry_after(start_server) -> None:
-    with start_server("serve.max_batch_size=1", "serve.max_queue=1", "serve.retry_after_s=7") as srv:
+    with start_server(
+        "serve.max_batch_size=1", "serve.max_queue=1", "serve.retry_after_s=7"
+    ) as srv:
         body = {**CHAT, "max_tokens": 48, "temperature": 0}
         responses = asyncio.run(_fire(srv.url, 8, body))
         codes = sorted(r.status_code for r in responses)
