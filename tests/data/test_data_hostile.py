@@ -109,6 +109,16 @@ def test_cleaning_counts_lines_the_loader_would_have_refused(tmp_path):
     assert kept_ids(out) == ["g0", "g3"]
 
 
+def test_a_record_that_defeats_the_html_parser_is_dropped_as_timeout(tmp_path):
+    slow = good(1, '<div a="<' * 12_000)  # ~4 s in BeautifulSoup's html.parser, growing as n**2
+    rows = [good(0), slow, good(2, "A second answer, long enough to keep.")]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = CleanOptions(minhash=False, record_seconds=0.3)
+    stats = clean_file(str(raw), str(tmp_path / "clean.jsonl"), opts, num_workers=2, chunk_size=1)
+    assert stats.dropped == {"timeout": 1} and stats.kept == 2 and stats.input == 3
+
+
 OLD_CODE_LANG = re.compile(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", re.DOTALL)
 OLD_EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
 

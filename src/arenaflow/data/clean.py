@@ -16,10 +16,12 @@ default system prompt; `keep` keeps a leading one (a system turn anywhere else i
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +79,7 @@ class CleanOptions:
     num_perm: int = 128
     shingle: int = 5
     minhash_max_chars: int = 5_000
+    record_seconds: float | None = 30.0  # per-record limit in worker processes (see _time_limit)
 
     @classmethod
     def from_cfg(cls, data_cfg: Any) -> CleanOptions:
@@ -437,7 +440,12 @@ def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result],
             out.append((reason, None, None, None, None))
             continue
         rid = record["id"]
-        reason, cleaned = clean_record(record, opts, notes)
+        try:
+            with _time_limit(opts.record_seconds):
+                reason, cleaned = clean_record(record, opts, notes)
+        except _RecordTimeout:
+            log.warning("record %s: cleaning ran past %ss, dropped", rid, opts.record_seconds)
+            reason = "timeout"
         if reason is not None:
             out.append((reason, None, None, None, rid))
             continue
@@ -455,6 +463,36 @@ def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result],
             continue
         out.append((None, text, dedup_key(conv), sig, rid))
     return out, notes
+
+
+class _RecordTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so that the converters' `except Exception` let it by."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Stop one record's cleaning after `seconds`, in worker processes only.
+
+    Our own patterns are linear, but the HTML parser under markdownify is not (48 KB of
+    `<div a="<` takes ~4 s, and it grows with the square). A pool worker owns its main thread
+    and SIGALRM; the parent process (CLI, Dagster, pytest-timeout) may not, so it runs unbounded.
+    """
+    import multiprocessing as mp
+
+    if not seconds or mp.parent_process() is None or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _RecordTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _parse_line(line: str) -> tuple[str | None, Any]:
