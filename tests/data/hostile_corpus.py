@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-LAYOUTS = ("array_one_line", "array_pretty", "jsonl")
+LAYOUTS = ("array_one_line", "array_pretty", "array_pretty_joined", "jsonl")
 # The trap of the old `_CODE_LANG` regex: a fence, 50 KB of "Copy code", no closing fence (cubic
 # backtracking: 1 KB took 0.2 s, 4 KB 13 s).
 CODE_BOMB = "```" + "Copy code" * 5_500
@@ -157,6 +157,8 @@ def layout_bytes(fragments: list[tuple[bytes, bytes]], layout: str) -> bytes:
         return b"[" + b", ".join(c for c, _ in fragments) + b"]"
     if layout == "array_pretty":
         return b"[\n" + b",\n".join(_indent(p, 2) for _, p in fragments) + b"\n]\n"
+    if layout == "array_pretty_joined":  # "}, {" between records, as some exporters write
+        return b"[\n" + b", ".join(_indent(p, 2) for _, p in fragments) + b"\n]\n"
     if layout == "jsonl":
         return b"".join(c + b"\n" for c, _ in fragments)
     raise ValueError(layout)
@@ -178,7 +180,7 @@ def write_corpus(
         data = data[: data.rindex(b"What is the capital") + 10]  # inside the last record
         good_ids.pop()
         dropped["truncated_record"] += 1
-    name = f"{layout}{'_cut' if cut else ''}.{'json' if layout != 'jsonl' else 'jsonl'}"
+    name = f"{layout}{'_cut' if cut else ''}.{'jsonl' if layout == 'jsonl' else 'json'}"
     path = folder / (name + (".gz" if gz else ""))
     path.write_bytes(gzip.compress(data) if gz else data)
     return Corpus(path, len(cases), good_ids, dropped)

@@ -140,12 +140,15 @@ def _next_line_record(buf: str, start: int, indent: int) -> int | None:
 
     Raw newlines never occur inside JSON strings, and the lines inside a record are indented
     deeper than it, so in JSONL and pretty-printed arrays this is where the next record starts
-    (or the array's closing bracket, at a shallower column).
+    (after "}, " when the exporter joins records so), or the array's closing bracket, at a
+    shallower column.
     """
-    value = rf"[ \t]{{0,{indent}}}[^\s\]}},]"
+    value = rf"[ \t]{{0,{indent}}}(?:\}},[ \t]*)?(?P<at>[^\s\]}},])"
     pattern = rf"\n(?:{value}|[ \t]{{0,{indent - 1}}}[\]}}])" if indent else rf"\n{value}"
     m = re.compile(pattern).search(buf, start)
-    return None if m is None else m.start() + 1
+    if m is None:
+        return None
+    return m.start("at") if m.group("at") else m.start() + 1
 
 
 def _next_inline_record(buf: str, start: int, key: str) -> int | None:
@@ -237,10 +240,11 @@ def _bad_record_end(text: _Text, key: str) -> tuple[str, int | None] | None:
         return None  # most likely a long record cut by the buffer: read on before judging
     if not buf[line_start:pos].strip():  # JSONL or a pretty-printed array
         nxt = _next_line_record(buf, pos, pos - line_start)
-    else:  # a stray quote can make brackets balance in the wrong place: take the nearer
+    else:
         nxt = _next_inline_record(buf, pos + 1, key)
-        if state == "closed" and (nxt is None or stop < nxt):
-            nxt = stop
+    # a stray quote can make brackets balance in the wrong place: take the nearer end
+    if state == "closed" and (nxt is None or stop < nxt):
+        nxt = stop
     if nxt is None and not text.eof:
         return None
     return state, nxt
