@@ -75,12 +75,14 @@ def test_a_one_line_array_goes_on_after_a_bad_first_record(tmp_path):
     assert not stats.stream.truncated
 
 
+@pytest.mark.timeout(120)  # before: hours in the old regex, so fail rather than hang
 def test_cleaning_accounts_for_every_record_and_the_code_bomb_is_fast(tmp_path):
     _, raw = check_raw(write_corpus(tmp_path, "array_one_line"), tmp_path)
     start = time.perf_counter()
     stats = clean_file(str(raw), str(tmp_path / "clean.jsonl"), CleanOptions(minhash=False))
     assert time.perf_counter() - start < 30  # before: the first code bomb ran for hours
     assert stats.input == len(kept_ids(raw)) == stats.kept + sum(stats.dropped.values())
+    assert kept_ids(tmp_path / "clean.jsonl") == kept_ids(raw)  # the code bombs are kept too
 
 
 def test_cleaning_counts_lines_the_loader_would_have_refused(tmp_path):
@@ -137,6 +139,7 @@ def test_copy_code_scans_match_fastchats_regexes():
     [CODE_BOMB, "```" + "Copy code" * 6_000, "```" * 17_000, "``` Copy code" * 4_000 + "`"],
     ids=["mixed", "one_fence", "fences", "open"],
 )
+@pytest.mark.timeout(60)
 def test_copy_code_scans_take_linear_time_on_50kb(text):
     start = time.perf_counter()
     remove_empty_copy_code(reformat_code(text))
