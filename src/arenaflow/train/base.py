@@ -72,9 +72,7 @@ def register_base(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         if v.tags.get(TAG_ROLE) == "base" and v.tags.get(TAG_BASE_ID) == ident:
             return {"version": v.version, "model_uri": f"models:/{name}/{v.version}"}
     m = cfg.model
-    source = m.get("path") or (
-        f"{m.get('package')}:{m.get('gguf_file')}" if m.source == "gguf_package" else m.source
-    )
+    source = m.path or (f"{m.package}:{m.gguf_file}" if m.source == "gguf_package" else m.source)
     tags = {
         TAG_ROLE: "base",
         TAG_BASE_ID: ident,

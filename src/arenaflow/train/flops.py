@@ -172,7 +172,7 @@ def peak_flops(
 ) -> tuple[float, str]:
     """Per-device peak FLOP/s: `hardware.peak_tflops` when set; else on a GPU the datasheet peak
     for its name and precision; else the CPU probe (best seen)."""
-    if hardware.get("peak_tflops"):
+    if hardware.peak_tflops:
         return float(hardware.peak_tflops) * 1e12, "config"
     if hardware.accelerator == "cpu":
         return best_cpu_peak_flops(cache_dir), "cpu_fp32_matmul_probe"

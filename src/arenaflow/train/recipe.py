@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,8 +25,15 @@ from arenaflow.config import config_hash
 from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
 from arenaflow.train.allocator import retain_enabled, retained_heap
-from arenaflow.train.flops import ModelShape, best_cpu_peak_flops, model_shape, peak_flops
+from arenaflow.train.flops import ModelShape, model_shape, peak_flops
 from arenaflow.train.preflight import check_accelerator, check_memory
+from arenaflow.train.results import FitOutcome, finish
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from arenaflow.train.data import SFTDataModule
+    from arenaflow.train.module import ChatLM
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class TrainPlan:
 
 
 def data_dir(cfg: DictConfig) -> str:
-    return cfg.train.get("data_uri") or io.artifact_uri(cfg, "data", "sft_dataset")
+    return cfg.train.data_uri or io.artifact_uri(cfg, "data", "sft_dataset")
 
 
 def dataset_hash(path: str) -> str:
@@ -123,7 +130,7 @@ def run_key(cfg: DictConfig, data_hash: str) -> str:
 
 def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
     """Local folder of a run: checkpoints/, final/, metrics.jsonl, result.json."""
-    data_hash = data_hash or cfg.train.get("data_hash") or dataset_hash(data_dir(cfg))
+    data_hash = data_hash or cfg.train.data_hash or dataset_hash(data_dir(cfg))
     root = io.local_path(io.artifact_uri(cfg, "models", "finetuned"))
     if root is None:  # remote artifact store: train locally, upload the final model
         root = Path(cfg.paths.home) / "models" / "finetuned"
@@ -132,18 +139,18 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 def plan(cfg: DictConfig) -> TrainPlan:
     check_accelerator(cfg.hardware)
-    compiled = compile_enabled(cfg.train.get("compile", False), str(cfg.hardware.accelerator))
+    compiled = compile_enabled(cfg.train.compile, str(cfg.hardware.accelerator))
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
     ddir = data_dir(cfg)
     local = io.download_dir(ddir, Path(cfg.paths.cache_dir) / "sft_dataset")
-    dhash = cfg.train.get("data_hash") or dataset_hash(str(local))
+    dhash = cfg.train.data_hash or dataset_hash(str(local))
     from transformers import AutoConfig
 
     shape = model_shape(
         AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     )
     memory = {}
-    if cfg.train.get("preflight", True):
+    if cfg.train.preflight:
         memory = check_memory(
             shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name
         ).as_dict()
@@ -174,126 +181,144 @@ def _strategy(cfg: DictConfig) -> Any:
         data_parallel_size=world_size(cfg),
         tensor_parallel_size=1,
         save_distributed_checkpoint=True,
-        process_group_backend=hw.get("process_group_backend"),
+        process_group_backend=hw.process_group_backend,
     )
 
 
-def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train on this rank; rank 0 tracks, saves the gathered model, registers it, writes result.json."""
-    import hydra.utils
-    import lightning as L
-
-    from arenaflow.train.callbacks import PeriodicCheckpoint, StepMetrics, latest_checkpoint
-    from arenaflow.train.checkpoint import save_full_checkpoint
+def build_datamodule(
+    train: DictConfig, hardware: DictConfig, p: TrainPlan, pad_id: int, seed: int
+) -> SFTDataModule:
+    """The SFT data module of `train` (lengths, packing, grouping) at the plan's micro-batch."""
     from arenaflow.train.data import SFTDataModule
+
+    return SFTDataModule(
+        p.data_dir,
+        pad_id=pad_id,
+        micro_batch_size=p.micro_batch_size,
+        max_length=int(train.max_length),
+        packing=bool(train.packing),
+        group_by_length=bool(train.group_by_length),
+        pad_to_multiple_of=int(train.pad_to_multiple_of),
+        seed=seed,
+        num_workers=int(hardware.num_workers),
+    )
+
+
+def build_module(cfg: DictConfig, p: TrainPlan) -> ChatLM:
+    """The LightningModule: the base model, `train.optimizer` (a `_partial_` target) and schedule."""
+    import hydra.utils
+
     from arenaflow.train.module import ChatLM
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out = Path(p.out_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(p.model_path, cfg.model)
-    template_hash = chat_template_hash(tokenizer)
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    tracker = tracker_from_cfg(cfg) if rank == 0 else Tracker()
-    shape = ModelShape(**p.shape)
-    peak, peak_source = peak_flops(cfg.hardware, cfg.paths.cache_dir)
-    # ranks on one CPU share its cores; GPUs each bring their own peak
-    peak_total = peak if cfg.hardware.accelerator == "cpu" else peak * p.world_size
-
-    hw, tr = cfg.hardware, cfg.train
-    dm = SFTDataModule(
-        p.data_dir,
-        pad_id=tokenizer.pad_token_id,
-        micro_batch_size=p.micro_batch_size,
-        max_length=int(tr.max_length),
-        packing=bool(tr.packing),
-        group_by_length=bool(tr.get("group_by_length", True)),
-        pad_to_multiple_of=int(tr.get("pad_to_multiple_of", 1)),
-        seed=int(cfg.seed),
-        num_workers=int(hw.num_workers),
-    )
-    dm.setup("fit")
-    module = ChatLM(
+    tr, hw = cfg.train, cfg.hardware
+    return ChatLM(
         p.model_path,
         hydra.utils.instantiate(tr.optimizer),
         warmup_ratio=float(tr.warmup_ratio),
         lr_scheduler=str(tr.lr_scheduler),
-        grad_clip=tr.get("grad_clip"),
+        grad_clip=tr.grad_clip,
         strategy=str(hw.strategy),
         activation_checkpointing=bool(hw.activation_checkpointing),
         compile=p.compile,
         trust_remote_code=bool(cfg.model.trust_remote_code),
     )
-    resume = latest_checkpoint(ckpt_dir) if tr.get("resume", True) else None
+
+
+def build_trainer(cfg: DictConfig, p: TrainPlan, has_val: bool, callbacks: list[Any]) -> L.Trainer:
+    """Lightning's Trainer for the hardware target; validation only when the data has a split."""
+    import lightning as L
+
+    hw, tr = cfg.hardware, cfg.train
+    return L.Trainer(
+        accelerator=hw.accelerator,
+        devices=int(hw.devices),
+        num_nodes=int(hw.num_nodes),
+        strategy=_strategy(cfg),
+        precision=hw.precision,
+        max_steps=p.max_steps,
+        max_epochs=-1 if p.max_steps > 0 else int(tr.epochs),
+        accumulate_grad_batches=p.accumulate,
+        val_check_interval=int(tr.val_check_every_n_steps) * p.accumulate if has_val else None,
+        check_val_every_n_epoch=None if has_val else 1,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        default_root_dir=p.out_dir,
+    )
+
+
+def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train on this rank; rank 0 tracks, saves the gathered model, registers it, writes result.json."""
+    import lightning as L
+
+    from arenaflow.train.callbacks import PeriodicCheckpoint, StepMetrics, latest_checkpoint
+    from arenaflow.train.checkpoint import save_full_checkpoint
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    hw, tr = cfg.hardware, cfg.train
+    out = Path(p.out_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(p.model_path, cfg.model)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    tracker = tracker_from_cfg(cfg) if rank == 0 else Tracker()
+    peak, peak_source = peak_flops(hw, cfg.paths.cache_dir)
+    # ranks on one CPU share its cores; GPUs each bring their own peak
+    peak_total = peak if hw.accelerator == "cpu" else peak * p.world_size
+    dm = build_datamodule(tr, hw, p, tokenizer.pad_token_id, int(cfg.seed))
+    dm.setup("fit")
+    module = build_module(cfg, p)
+    resume = latest_checkpoint(ckpt_dir) if tr.resume else None
     if rank == 0 and resume is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     has_val = bool(dm.datasets.get("validation") and dm.datasets["validation"].rows)
     tags = {
         "base_model": cfg.model.name,
         "data_hash": p.data_hash,
-        "chat_template_hash": template_hash,
+        "chat_template_hash": chat_template_hash(tokenizer),
         "git_commit": git_commit() or "unknown",
     }
     # CPU: keep freed blocks in the heap, so steps stop re-faulting their large buffers
-    retain = retain_enabled(hw.get("retain_freed_memory", True), str(hw.accelerator))
+    retain = retain_enabled(hw.retain_freed_memory, str(hw.accelerator))
     with tracker.start_run("train", cfg, tags=tags) as run, retained_heap(retain) as retained:
-        metrics_cb = StepMetrics(
-            run, shape, peak_total, out / "metrics.jsonl", int(tr.log_every_n_steps), sink
+        metrics = StepMetrics(
+            run,
+            ModelShape(**p.shape),
+            peak_total,
+            out / "metrics.jsonl",
+            int(tr.log_every_n_steps),
+            sink,
         )
-        trainer = L.Trainer(
-            accelerator=hw.accelerator,
-            devices=int(hw.devices),
-            num_nodes=int(hw.num_nodes),
-            strategy=_strategy(cfg),
-            precision=hw.precision,
-            max_steps=p.max_steps,
-            max_epochs=-1 if p.max_steps > 0 else int(tr.epochs),
-            accumulate_grad_batches=p.accumulate,
-            val_check_interval=int(tr.val_check_every_n_steps) * p.accumulate if has_val else None,
-            check_val_every_n_epoch=None if has_val else 1,
-            limit_val_batches=1.0 if has_val else 0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=sys.stderr.isatty(),
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            callbacks=[
-                metrics_cb,
-                PeriodicCheckpoint(
-                    ckpt_dir, int(tr.checkpoint_every_n_steps), int(tr.get("keep_checkpoints", 2))
-                ),
-            ],
-            default_root_dir=str(out),
+        checkpoints = PeriodicCheckpoint(
+            ckpt_dir, int(tr.checkpoint_every_n_steps), int(tr.keep_checkpoints)
         )
+        trainer = build_trainer(cfg, p, has_val, [metrics, checkpoints])
         if resume is not None:
             log.info("resuming from %s", resume)
             if sink:
                 sink(f"resuming from checkpoint {resume.name}")
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-        train_time = time.perf_counter() - t0
-        final_dir = out / "final"
-        save_full_checkpoint(module.model, tokenizer, final_dir, trainer)
-        result: dict[str, Any] = {}
-        if trainer.global_rank == 0:
-            result = _finish(
-                cfg,
-                p,
-                run,
-                tracker,
-                metrics_cb,
-                trainer,
-                final_dir,
-                tags,
-                train_time,
-                peak,
-                peak_source,
-                dm.counts,
-                resume,
-                retained,
-            )
+        outcome = FitOutcome(
+            run=run,
+            metrics=metrics,
+            trainer=trainer,
+            final_dir=out / "final",
+            tags=tags,
+            train_time_s=time.perf_counter() - t0,
+            peak=peak,
+            peak_source=peak_source,
+            data_counts=dm.counts,
+            resumed_from=resume,
+            retained_heap=retained,
+        )
+        save_full_checkpoint(module.model, tokenizer, outcome.final_dir, trainer)
+        result = finish(cfg, p, tracker, outcome) if trainer.global_rank == 0 else {}
         result = trainer.strategy.broadcast(result, src=0)
     return result
 
@@ -314,111 +339,3 @@ def compile_enabled(setting: Any, accelerator: str) -> bool:
             log.warning("train.compile: no C++ compiler on PATH (inductor needs one on CPU); eager")
             return False
     return setting
-
-
-def _summary(history: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Throughput over the run; the first step (warm-up, data loading start) is left out when possible."""
-    rows = history[1:] if len(history) > 2 else history
-    if not rows:
-        return {"tokens_per_s": None, "trained_tokens_per_s": None, "mfu": None}
-    dt = sum(r["step_time_s"] for r in rows)
-    mfu = sum(r["mfu"] * r["step_time_s"] for r in rows) / dt
-    return {
-        "tokens_per_s": sum(r["input_tokens"] for r in rows) / dt,
-        "trained_tokens_per_s": sum(r["trained_tokens"] for r in rows) / dt,
-        "mfu": mfu,
-    }
-
-
-def read_history(out_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl across resumes; a step replayed after a kill keeps its latest record."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _finish(
-    cfg: DictConfig,
-    p: TrainPlan,
-    run: Any,
-    tracker: Tracker,
-    metrics_cb: Any,
-    trainer: Any,
-    final_dir: Path,
-    tags: dict[str, str],
-    train_time: float,
-    peak: float,
-    peak_source: str,
-    counts: dict[str, Any],
-    resume: Path | None,
-    retained_heap: bool,
-) -> dict[str, Any]:
-    history = read_history(Path(p.out_dir))
-    summary = _summary(metrics_cb.history)
-    if peak_source == "cpu_fp32_matmul_probe":
-        # A start probe taken while other work shared the cores reads low; probe again now and
-        # rate the run against the better of the two (the step logs keep the start peak).
-        end_peak = best_cpu_peak_flops(cfg.paths.cache_dir)
-        if end_peak > peak:
-            if summary["mfu"] is not None:
-                summary["mfu"] *= peak / end_peak
-            peak = end_peak
-    run.log_metrics({f"summary_{k}": v for k, v in summary.items() if v is not None})
-    run.log_dict({"plan": p.to_json(), "data_counts": counts}, "train_plan.json")
-    version = None
-    model_uri = None
-    name = cfg.tracking.registered_model_name
-    if cfg.train.get("register", True):
-        info = tracker.register_model(run, final_dir, name, tags=tags)
-        if info is not None:
-            version = info.version
-            model_uri = f"models:/{name}/{version}"
-    uploaded = io.upload_dir(
-        final_dir, io.artifact_uri(cfg, "models", "finetuned", Path(p.out_dir).name, "final")
-    )
-    val = metrics_cb.val_history[-1]["val_loss"] if metrics_cb.val_history else None
-    result = {
-        "path": str(final_dir),
-        "uri": uploaded,
-        "model_uri": model_uri,
-        "version": version,
-        "registered_name": name if version else None,
-        "run_id": run.run_id,
-        "run_url": run.url,
-        "final_loss": history[-1]["loss"] if history else None,
-        "val_loss": val,
-        "steps": int(trainer.global_step),
-        "resumed_from": resume.name if resume else None,
-        "chat_template_hash": tags["chat_template_hash"],
-        "data_hash": p.data_hash,
-        "base_model": cfg.model.name,
-        "train_time_s": train_time,
-        "peak_tflops": peak / 1e12,
-        "peak_source": peak_source,
-        "world_size": p.world_size,
-        "micro_batch_size": p.micro_batch_size,
-        "accumulate": p.accumulate,
-        "n_params": p.shape["n_params"],
-        "memory_estimate_gb": p.memory,
-        "data_counts": counts,
-        "sharding": trainer.lightning_module.sharding,
-        "compiled": trainer.lightning_module.compiled,
-        "retained_heap": retained_heap,
-        "history": history,
-        "val_history": metrics_cb.val_history,
-        **summary,
-    }
-    io.write_json(str(Path(p.out_dir) / "result.json"), result)
-    log.info(
-        "trained %d steps; final loss %s; model %s",
-        result["steps"],
-        result["final_loss"],
-        model_uri or final_dir,
-    )
-    return result
