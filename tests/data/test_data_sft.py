@@ -157,6 +157,7 @@ def test_sft_limit_samples_and_counts_the_rest(tiny_model_dir, tmp_path):
         max_length=128,
         val_ratio=0.0,
         seed=0,
+        num_workers=1,
         limit=4,
     )
     assert (stats["input"], stats["kept"], stats["dropped"]) == (10, 4, {"over_sft_limit": 6})

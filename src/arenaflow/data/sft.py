@@ -253,38 +253,17 @@ def _encode_chunk(args: tuple[list[str], int]) -> list[tuple[list[dict[str, Any]
     return [encode_record(_worker_tokenizer, json.loads(line), max_length) for line in lines]
 
 
-def build_sft_dataset(
-    clean_uri: str,
-    out_uri: str,
-    *,
+def _encode_all(
+    lines: list[str],
     tokenizer_dir: str,
     model_cfg: Any,
     max_length: int,
-    val_ratio: float,
-    seed: int,
-    num_workers: int = 1,
-    chunk_size: int = 64,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Tokenize cleaned conversations with the model's template into a train/validation DatasetDict.
-
-    The split is by conversation (pieces of one conversation stay together) with a seeded shuffle.
-    Returns the counts; `input == kept + sum(dropped)` at the conversation level.
-    """
-
-    import datasets
-    import fsspec
+    num_workers: int,
+    chunk_size: int,
+) -> list[tuple[list[dict[str, Any]], Counter]]:
+    """Every line's examples and drop counts, in file order (spawned workers when num_workers > 1)."""
     from tqdm import tqdm
 
-    from arenaflow.models import load_tokenizer
-
-    with fsspec.open(clean_uri, "r", encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    n_input = len(lines)
-    if limit is not None and 0 <= limit < n_input:
-        # A seeded sample (in file order) for small training budgets; the rest is counted, not lost.
-        keep = np.sort(np.random.default_rng(seed).choice(n_input, size=limit, replace=False))
-        lines = [lines[i] for i in keep]
     chunks = [(lines[i : i + chunk_size], max_length) for i in range(0, len(lines), chunk_size)]
     results: list[tuple[list[dict[str, Any]], Counter]] = []
     bar = tqdm(total=len(lines), desc="sft_dataset", unit="conv", mininterval=2.0)
@@ -302,13 +281,13 @@ def build_sft_dataset(
                 results.extend(part)
                 bar.update(len(part))
     bar.close()
+    return results
 
-    counts: Counter = Counter()
-    groups = []
-    for examples, c in results:
-        counts.update(c)
-        if examples:
-            groups.append(examples)
+
+def split_by_conversation(
+    groups: list[list[dict[str, Any]]], val_ratio: float, seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Train/validation rows with a seeded shuffle of conversations (their pieces stay together)."""
     order = np.random.default_rng(seed).permutation(len(groups))
     n_val = int(round(len(groups) * val_ratio)) if val_ratio > 0 else 0
     if val_ratio > 0 and len(groups) >= 2:
@@ -317,6 +296,11 @@ def build_sft_dataset(
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
     for i, examples in enumerate(groups):
         splits["validation" if i in val_idx else "train"].extend(examples)
+    return splits
+
+
+def _save_splits(splits: dict[str, list[dict[str, Any]]], out_uri: str) -> None:
+    import datasets
 
     features = datasets.Features(
         {
@@ -336,6 +320,46 @@ def build_sft_dataset(
         }
     )
     dd.save_to_disk(out_uri)
+
+
+def build_sft_dataset(
+    clean_uri: str,
+    out_uri: str,
+    *,
+    tokenizer_dir: str,
+    model_cfg: Any,
+    max_length: int,
+    val_ratio: float,
+    seed: int,
+    num_workers: int,
+    chunk_size: int = 64,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Tokenize cleaned conversations with the model's template into a train/validation DatasetDict.
+
+    The split is by conversation (pieces of one conversation stay together) with a seeded shuffle.
+    Returns the counts; `input == kept + sum(dropped)` at the conversation level.
+    """
+    import fsspec
+
+    from arenaflow.models import load_tokenizer
+
+    with fsspec.open(clean_uri, "r", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    n_input = len(lines)
+    if limit is not None and 0 <= limit < n_input:
+        # A seeded sample (in file order) for small training budgets; the rest is counted, not lost.
+        keep = np.sort(np.random.default_rng(seed).choice(n_input, size=limit, replace=False))
+        lines = [lines[i] for i in keep]
+    results = _encode_all(lines, tokenizer_dir, model_cfg, max_length, num_workers, chunk_size)
+    counts: Counter = Counter()
+    groups = []
+    for examples, c in results:
+        counts.update(c)
+        if examples:
+            groups.append(examples)
+    splits = split_by_conversation(groups, val_ratio, seed)
+    _save_splits(splits, out_uri)
 
     all_rows = splits["train"] + splits["validation"]
     lengths = [r["length"] for r in all_rows]
