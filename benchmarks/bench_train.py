@@ -37,7 +37,7 @@ from arenaflow.config import compose_config
 from arenaflow.data.sft import IGNORE_INDEX, encode_conversation, split_conversation
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.train.flops import measure_cpu_peak_flops, model_shape, train_flops
-from arenaflow.train.recipe import read_history
+from arenaflow.train.results import read_history
 
 MAX_LENGTH = 512
 
@@ -267,7 +267,8 @@ def bench_arenaflow(
     }
 
 
-def main() -> None:
+def _parse_args() -> tuple[argparse.Namespace, list[tuple[bool, list[str]]]]:
+    """The options and the variants as (packing, modes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -295,22 +296,16 @@ def main() -> None:
         if layout not in ("padding", "packing") or set(modes) - set(VARIANT_MODES):
             parser.error(f"unknown variant {variant!r}")
         variants.append((layout == "packing", modes))
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args, variants
 
-    home = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    cfg = compose_config(["model=smollm2_135m"])
-    cache = Path(cfg.paths.cache_dir)
-    model_dir = resolve_model(cfg.model, cache)
-    tokenizer = load_tokenizer(model_dir, cfg.model)
-    samples = sharegpt_samples(tokenizer, args.samples)
+
+def _describe(samples: list[dict], work: dict, args: argparse.Namespace) -> None:
+    """The samples, the work each recipe has to do on them, and the table's header."""
     lengths = [s["length"] for s in samples]
     print(
         f"{len(samples)} samples, mean length {sum(lengths) / len(lengths):.0f} tokens "
         f"(max {max(lengths)}), torch threads {torch.get_num_threads()}"
     )
-    shape = model_shape(AutoConfig.from_pretrained(model_dir))
-    work = work_per_trained_token(samples, shape)
     print(
         f"work per trained token (model FLOPs, forward+backward): FastChat {work['fastchat'] / 1e9:.2f}"
         f" GFLOP (rows padded to {MAX_LENGTH}, head on every position), arenaflow "
@@ -325,6 +320,31 @@ def main() -> None:
         f"\n{'recipe':<52} {'trained tok/s':>14} {'tok/s':>8} {'MFU':>6} {'speed-up':>9}"
         f" {'cold trained tok/s':>19} {'cold speed-up':>14}"
     )
+
+
+def _print_medians(results: list[dict], rounds: int) -> None:
+    print(f"\nmedian over {rounds} rounds (each against its own round's FastChat run):")
+    for recipe in dict.fromkeys(r["recipe"] for r in results[1:]):
+        ups = [r["speedup"] for r in results if r["recipe"] == recipe]
+        if recipe != results[0]["recipe"]:
+            each = ", ".join(f"{u:.2f}x" for u in ups)
+            print(f"{recipe:<52} {statistics.median(ups):>8.2f}x   (rounds: {each})")
+
+
+def main() -> None:
+    args, variants = _parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    home = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    cfg = compose_config(["model=smollm2_135m"])
+    cache = Path(cfg.paths.cache_dir)
+    model_dir = resolve_model(cfg.model, cache)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    samples = sharegpt_samples(tokenizer, args.samples)
+    shape = model_shape(AutoConfig.from_pretrained(model_dir))
+    work = work_per_trained_token(samples, shape)
+    _describe(samples, work, args)
     results: list[dict] = []
     for rnd in range(1, args.rounds + 1):
         # the machine may be shared: re-probe so each MFU is against the peak of its own time
@@ -337,25 +357,12 @@ def main() -> None:
         for packing, modes in variants:
             peak = measure_cpu_peak_flops(seconds=2.0)
             ours = bench_arenaflow(
-                samples,
-                home,
-                cache,
-                packing,
-                modes,
-                peak,
-                args.micro_batch,
-                args.epochs,
-                shape,
+                samples, home, cache, packing, modes, peak, args.micro_batch, args.epochs, shape
             )
             results.append({"round": rnd, **ours})
             _report(results, args.out, peak)
     if args.rounds > 1:
-        print(f"\nmedian over {args.rounds} rounds (each against its own round's FastChat run):")
-        for recipe in dict.fromkeys(r["recipe"] for r in results[1:]):
-            ups = [r["speedup"] for r in results if r["recipe"] == recipe]
-            if recipe != results[0]["recipe"]:
-                each = ", ".join(f"{u:.2f}x" for u in ups)
-                print(f"{recipe:<52} {statistics.median(ups):>8.2f}x   (rounds: {each})")
+        _print_medians(results, args.rounds)
 
 
 def _report(results: list[dict], out: str | None, peak: float) -> None:
