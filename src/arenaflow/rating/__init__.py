@@ -7,17 +7,15 @@ three steps, `build_battles`, `build_leaderboard` and `promote_champion`, one pe
 """
 
 from arenaflow.rating.agreement import judge_human_agreement
+from arenaflow.rating.counts import battle_count_matrix, pair_counts, win_fraction_matrix
 from arenaflow.rating.promote import decide, promote_champion
 from arenaflow.rating.ratings import (
-    battle_count_matrix,
     bootstrap_intervals,
     ci_rank,
     compute_bootstrap_bt,
     compute_bt,
     compute_elo,
-    pair_counts,
     predicted_win_rate,
-    win_fraction_matrix,
 )
 from arenaflow.rating.stage import build_battles, build_leaderboard, run
 

@@ -1,0 +1,257 @@
+"""The leaderboard step: three boards (judge-only, human-only, combined), the `rating.promote_on`
+board with every model's three ratings beside it, the length-controlled win rates, the judge's
+bias figures, the judge-human agreement, the plots, one JSON report and an MLflow run.
+
+`build_leaderboard(cfg, battles, scores)` resolves the config once; the helpers take plain values
+and the `rating` section.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from arenaflow import io
+from arenaflow.plots import to_png
+from arenaflow.rating.agreement import judge_human_agreement
+from arenaflow.rating.bias import judge_bias
+from arenaflow.rating.collect import calibration_summary, metric_name
+from arenaflow.rating.counts import battle_count_matrix, win_fraction_matrix
+from arenaflow.rating.fit import fit_ratings
+from arenaflow.rating.length_control import length_controlled_win_rates
+from arenaflow.rating.plots import heatmap_figure, rating_ci_figure
+from arenaflow.rating.ratings import predicted_win_rate
+from arenaflow.tracking import tracker_from_cfg
+
+PLOTS = ("rating_ci", "win_fraction", "battle_count")
+VIEWS = ("judge", "human", "combined")
+OUTCOMES = {
+    True: "soft: judged battles count as the judge's expected score where it gave probabilities",
+    False: "hard: winner by the swap rule, a tie counts half",
+}
+# what the step returns beside the report's own keys
+RESULT_KEYS = (
+    "rows",
+    "rating_on",
+    "scale",
+    "anchor",
+    "ratings",
+    "paired",
+    "style",
+    "lc_win_rate",
+    "judge_bias",
+    "outcomes",
+    "judge_calibration",
+    "battles_by_source",
+    "agreement",
+)
+
+
+def read_battles(uri: str) -> pd.DataFrame:
+    df = pd.DataFrame(list(io.read_jsonl(uri)))
+    if "source" not in df.columns:  # battles written before human votes were a source
+        df["source"] = "judge"
+    return df
+
+
+def fit_views(
+    r: Any,
+    bench: str,
+    subsets: dict[str, pd.DataFrame],
+    judge_model: str | None,
+    scores: dict[str, Any],
+) -> dict[str, dict[str, Any] | None]:
+    """Each view's fit (None without battles); a combined set equal to one source reuses its fit."""
+    fits: dict[str, dict[str, Any] | None] = {}
+    for view in VIEWS:
+        sub = subsets[view].reset_index(drop=True)
+        if sub.empty:
+            fits[view] = None
+        elif view == "combined" and fits["judge"] and len(sub) == fits["judge"]["battles"]:
+            fits[view] = fits["judge"]  # no human battles: the same fit
+        elif view == "combined" and fits["human"] and len(sub) == fits["human"]["battles"]:
+            fits[view] = fits["human"]
+        else:
+            fits[view] = fit_ratings(r, bench, sub, judge_model, scores)
+    return fits
+
+
+def board_rows(
+    main: dict[str, Any], by_view: dict[str, dict[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The main board's rows with every view's rating, interval and battle count alongside."""
+    rows = []
+    for row in main["rows"]:
+        row = dict(row)
+        for v in VIEWS:
+            other = by_view[v].get(row["model"])
+            for key in ("rating", "ci_lower", "ci_upper", "battles"):
+                row[f"{v}_{key}"] = other[key] if other else None
+        rows.append(row)
+    return rows
+
+
+def write_png(uri: str, fig: Any) -> None:
+    png = to_png(fig)
+    fs, path = io.fs_for(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(png)
+
+
+def _matrix_json(matrix: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    return {
+        str(i): {str(c): (None if pd.isna(v) else float(v)) for c, v in row.items()}
+        for i, row in matrix.iterrows()
+    }
+
+
+def board_metrics(
+    rows: list[dict[str, Any]],
+    fits: dict[str, dict[str, Any] | None],
+    subsets: dict[str, pd.DataFrame],
+    main: dict[str, Any],
+    agreement: dict[str, Any],
+) -> dict[str, float]:
+    """The leaderboard's MLflow metrics: per model and view, style coefficients, agreement."""
+    metrics = {"battles": float(main["battles"]), "models": float(len(rows))}
+    for row in rows:
+        for key in ("rating", "ci_lower", "ci_upper", "elo", "rank", "win_rate", "mt_bench"):
+            if row[key] is not None:
+                metrics[metric_name(f"{key}.{row['model']}")] = float(row[key])
+    for v, fit in fits.items():
+        metrics[f"battles_{v}"] = float(len(subsets[v]))
+        for row in fit["rows"] if fit else []:
+            for key in ("rating", "ci_lower", "ci_upper"):
+                metrics[metric_name(f"{v}_{key}.{row['model']}")] = float(row[key])
+    for feature, c in (main["style"].get("coefficients") or {}).items():
+        metrics[f"style_coef_{feature}"] = float(c["value"])
+    for row in rows if main["style"]["on"] else []:
+        metrics[metric_name(f"raw_rating.{row['model']}")] = float(row["raw_rating"])
+    for key in ("with_tie", "without_tie"):
+        if agreement[key] is not None:
+            metrics[f"agreement_{key}"] = float(agreement[key])
+    return metrics
+
+
+def _figures(
+    rows: list[dict[str, Any]], view_df: pd.DataFrame, level: float
+) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    order = [row["model"] for row in rows]
+    matrices = {
+        "win_fraction": win_fraction_matrix(view_df, order),
+        "battle_count": battle_count_matrix(view_df, order),
+    }
+    figures = {
+        "rating_ci": rating_ci_figure(rows, level),
+        "win_fraction": heatmap_figure(
+            matrices["win_fraction"], "win fraction (A beats B, ties not won)", ".2f"
+        ),
+        "battle_count": heatmap_figure(matrices["battle_count"], "battle count", ".0f"),
+    }
+    return figures, matrices
+
+
+def build_leaderboard(
+    cfg: DictConfig, battles: dict[str, Any], scores: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Three leaderboards, judge-only, human-only and combined (each BT with bootstrap CI, online
+    Elo, CI-aware rank), the judge-human agreement, and `rows`: the `rating.promote_on` board with
+    every model's three ratings alongside (`judge_rating`, `human_ci_lower`, ...)."""
+    r = cfg.rating
+    primary = str(r.promote_on)
+    if primary not in VIEWS:
+        raise ValueError(f"rating.promote_on must be one of {list(VIEWS)}, got {primary!r}")
+    out_dir = io.artifact_uri(cfg, "rating")
+    df = read_battles(battles["uri"])
+    judge_model = battles.get("judge_model")
+    subsets = {
+        "judge": df[df["source"] == "judge"],
+        "human": df[df["source"] == "human"],
+        "combined": df,
+    }
+    score_map = (scores or {}).get("scores") or {}
+    fits = fit_views(r, str(cfg.eval.bench_name), subsets, judge_model, score_map)
+    main = fits[primary]
+    if main is None:
+        raise ValueError(
+            f"rating.promote_on={primary} but there are no {primary} battles "
+            f"(battles by source: {dict(Counter(df['source']))}); "
+            "set rating.promote_on=combined, or collect votes first"
+        )
+    by_view = {
+        v: {row["model"]: row for row in fit["rows"]} if fit else {} for v, fit in fits.items()
+    }
+    rows = board_rows(main, by_view)
+    agreement = judge_human_agreement(df.to_dict("records"))
+    view_df = subsets[primary]
+    baseline = str(r.get("lc_baseline") or "base")
+    lc = length_controlled_win_rates(view_df, baseline, l2=r.l2, soft=bool(r.soft_outcomes))
+    for row in rows:
+        row["lc_win_rate"] = (lc.get(row["model"]) or {}).get("lc_win_rate")
+    bias = judge_bias(
+        subsets["judge"],
+        fits["judge"]["style"] if fits["judge"] else None,
+        judge_model,
+        by_view["judge"],
+        by_view["human"],
+    )
+    level = float(r.ci_level)
+    figures, matrices = _figures(rows, view_df, level)
+    predicted = predicted_win_rate(main["point"][[row["model"] for row in rows]], r.scale, r.base)
+    plots = {name: f"{out_dir}/plots/{name}.png" for name in figures}
+    for name, fig in figures.items():
+        write_png(plots[name], fig)
+    ratings = {
+        v: None
+        if fit is None
+        else {k: fit[k] for k in ("rows", "scale", "anchor", "battles", "style")}
+        for v, fit in fits.items()
+    }
+    uri = f"{out_dir}/leaderboard.json"
+    report = {
+        "rows": rows,
+        "rating_on": primary,
+        "scale": main["scale"],
+        "anchor": main["anchor"],
+        "ci_level": level,
+        "outcomes": OUTCOMES[bool(r.soft_outcomes)],
+        "bootstrap_rounds": int(r.bootstrap_rounds),
+        "battles": main["battles"],
+        "battles_by_source": {v: len(subsets[v]) for v in ("judge", "human")},
+        "battles_uri": battles["uri"],
+        "win_fraction": _matrix_json(matrices["win_fraction"]),
+        "battle_count": _matrix_json(matrices["battle_count"]),
+        "predicted_win_rate": _matrix_json(predicted),
+        "ratings": ratings,
+        "paired": main["paired"],
+        "style": main["style"],
+        "lc_win_rate": {"baseline": baseline, "models": lc},
+        "judge_bias": bias,
+        "judge_calibration": battles.get("judge_calibration") or calibration_summary(None),
+        "agreement": agreement,
+    }
+    io.write_json(uri, report)
+    with tracker_from_cfg(cfg).start_run("leaderboard", cfg) as run:
+        run.log_metrics(board_metrics(rows, fits, subsets, main, agreement))
+        run.set_tags({"arenaflow.rating_scale": main["scale"], "arenaflow.rating_on": primary})
+        run.log_table(rows, "leaderboard.json")
+        if agreement["pairs"]:
+            run.log_table(agreement["pairs"], "agreement.json")
+        run.log_dict(report, "leaderboard_full.json")
+        for name in PLOTS:
+            run.log_figure(figures[name], f"plots/{name}.png")
+        run_id, run_url = run.run_id, run.url
+    return {
+        "uri": uri,
+        **{k: report[k] for k in RESULT_KEYS},
+        "plots": plots,
+        "battles_uri": battles["uri"],
+        "pair_uri": battles.get("pair_uri"),
+        "judge_model": battles.get("judge_model"),
+        "run_id": run_id,
+        "run_url": run_url,
+    }
