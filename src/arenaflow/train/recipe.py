@@ -2,7 +2,8 @@
 
 `plan(cfg)` does everything that needs no process group (resolve the base model, the data hash,
 the output folder, the accumulation, the memory preflight); `fit(cfg, plan)` is what each rank
-runs, whether one process trains alone or torchrun / SLURM started several.
+runs, whether one process trains alone or torchrun / SLURM started several; rank 0 hands what it
+trained to `results.finish`, which registers the model and writes result.json.
 """
 
 from __future__ import annotations
