@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import matplotlib
 
+from arenaflow.io import fs_for
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -17,6 +19,15 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def write_png(uri: str, fig: Figure) -> None:
+    """A figure as a PNG file at any fsspec URI (its folder made first); the figure is closed."""
+    fs, path = fs_for(uri)
+    png = to_png(fig)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(png)
 
 
 def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 40) -> Figure:

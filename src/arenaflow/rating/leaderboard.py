@@ -15,7 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from arenaflow import io
-from arenaflow.plots import to_png
+from arenaflow.plots import write_png
 from arenaflow.rating.agreement import judge_human_agreement
 from arenaflow.rating.bias import judge_bias
 from arenaflow.rating.collect import calibration_summary, metric_name
@@ -32,6 +32,7 @@ OUTCOMES = {
     True: "soft: judged battles count as the judge's expected score where it gave probabilities",
     False: "hard: winner by the swap rule, a tie counts half",
 }
+VIEW_KEYS = ("rows", "scale", "anchor", "battles", "style")  # what the report keeps of each view
 # what the step returns beside the report's own keys
 RESULT_KEYS = (
     "rows",
@@ -94,14 +95,6 @@ def board_rows(
     return rows
 
 
-def write_png(uri: str, fig: Any) -> None:
-    png = to_png(fig)
-    fs, path = io.fs_for(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(png)
-
-
 def _matrix_json(matrix: pd.DataFrame) -> dict[str, dict[str, float | None]]:
     return {
         str(i): {str(c): (None if pd.isna(v) else float(v)) for c, v in row.items()}
@@ -110,14 +103,13 @@ def _matrix_json(matrix: pd.DataFrame) -> dict[str, dict[str, float | None]]:
 
 
 def board_metrics(
-    rows: list[dict[str, Any]],
+    report: dict[str, Any],
     fits: dict[str, dict[str, Any] | None],
     subsets: dict[str, pd.DataFrame],
-    main: dict[str, Any],
-    agreement: dict[str, Any],
 ) -> dict[str, float]:
     """The leaderboard's MLflow metrics: per model and view, style coefficients, agreement."""
-    metrics = {"battles": float(main["battles"]), "models": float(len(rows))}
+    rows, agreement = report["rows"], report["agreement"]
+    metrics = {"battles": float(report["battles"]), "models": float(len(rows))}
     for row in rows:
         for key in ("rating", "ci_lower", "ci_upper", "elo", "rank", "win_rate", "mt_bench"):
             if row[key] is not None:
@@ -127,9 +119,9 @@ def board_metrics(
         for row in fit["rows"] if fit else []:
             for key in ("rating", "ci_lower", "ci_upper"):
                 metrics[metric_name(f"{v}_{key}.{row['model']}")] = float(row[key])
-    for feature, c in (main["style"].get("coefficients") or {}).items():
+    for feature, c in (report["style"].get("coefficients") or {}).items():
         metrics[f"style_coef_{feature}"] = float(c["value"])
-    for row in rows if main["style"]["on"] else []:
+    for row in rows if report["style"]["on"] else []:
         metrics[metric_name(f"raw_rating.{row['model']}")] = float(row["raw_rating"])
     for key in ("with_tie", "without_tie"):
         if agreement[key] is not None:
@@ -137,22 +129,53 @@ def board_metrics(
     return metrics
 
 
-def _figures(
-    rows: list[dict[str, Any]], view_df: pd.DataFrame, level: float
+def figures_and_matrices(
+    r: Any, main: dict[str, Any], rows: list[dict[str, Any]], view_df: pd.DataFrame
 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    """The plots (`PLOTS`) and the matrices the report keeps, in the board's model order."""
     order = [row["model"] for row in rows]
     matrices = {
         "win_fraction": win_fraction_matrix(view_df, order),
         "battle_count": battle_count_matrix(view_df, order),
+        "predicted_win_rate": predicted_win_rate(main["point"][order], r.scale, r.base),
     }
     figures = {
-        "rating_ci": rating_ci_figure(rows, level),
+        "rating_ci": rating_ci_figure(rows, float(r.ci_level)),
         "win_fraction": heatmap_figure(
             matrices["win_fraction"], "win fraction (A beats B, ties not won)", ".2f"
         ),
         "battle_count": heatmap_figure(matrices["battle_count"], "battle count", ".0f"),
     }
     return figures, matrices
+
+
+def main_board(
+    r: Any,
+    primary: str,
+    fits: dict[str, dict[str, Any] | None],
+    subsets: dict[str, pd.DataFrame],
+    judge_model: str | None,
+) -> dict[str, Any]:
+    """The `primary` board's rows with every view's rating beside them and the length-controlled
+    win rate (against `rating.lc_baseline`), and the judge's bias figures."""
+    by_view = {
+        v: {row["model"]: row for row in fit["rows"]} if fit else {} for v, fit in fits.items()
+    }
+    rows = board_rows(fits[primary], by_view)
+    baseline = str(r.get("lc_baseline") or "base")
+    lc = length_controlled_win_rates(
+        subsets[primary], baseline, l2=r.l2, soft=bool(r.soft_outcomes)
+    )
+    for row in rows:
+        row["lc_win_rate"] = (lc.get(row["model"]) or {}).get("lc_win_rate")
+    bias = judge_bias(
+        subsets["judge"],
+        fits["judge"]["style"] if fits["judge"] else None,
+        judge_model,
+        by_view["judge"],
+        by_view["human"],
+    )
+    return {"rows": rows, "lc_win_rate": {"baseline": baseline, "models": lc}, "judge_bias": bias}
 
 
 def build_leaderboard(
@@ -182,65 +205,41 @@ def build_leaderboard(
             f"(battles by source: {dict(Counter(df['source']))}); "
             "set rating.promote_on=combined, or collect votes first"
         )
-    by_view = {
-        v: {row["model"]: row for row in fit["rows"]} if fit else {} for v, fit in fits.items()
-    }
-    rows = board_rows(main, by_view)
-    agreement = judge_human_agreement(df.to_dict("records"))
-    view_df = subsets[primary]
-    baseline = str(r.get("lc_baseline") or "base")
-    lc = length_controlled_win_rates(view_df, baseline, l2=r.l2, soft=bool(r.soft_outcomes))
-    for row in rows:
-        row["lc_win_rate"] = (lc.get(row["model"]) or {}).get("lc_win_rate")
-    bias = judge_bias(
-        subsets["judge"],
-        fits["judge"]["style"] if fits["judge"] else None,
-        judge_model,
-        by_view["judge"],
-        by_view["human"],
-    )
-    level = float(r.ci_level)
-    figures, matrices = _figures(rows, view_df, level)
-    predicted = predicted_win_rate(main["point"][[row["model"] for row in rows]], r.scale, r.base)
-    plots = {name: f"{out_dir}/plots/{name}.png" for name in figures}
-    for name, fig in figures.items():
-        write_png(plots[name], fig)
-    ratings = {
-        v: None
-        if fit is None
-        else {k: fit[k] for k in ("rows", "scale", "anchor", "battles", "style")}
-        for v, fit in fits.items()
-    }
+    board = main_board(r, primary, fits, subsets, judge_model)
+    figures, matrices = figures_and_matrices(r, main, board["rows"], subsets[primary])
+    plots = {name: f"{out_dir}/plots/{name}.png" for name in PLOTS}
+    for name in PLOTS:
+        write_png(plots[name], figures[name])
     uri = f"{out_dir}/leaderboard.json"
     report = {
-        "rows": rows,
+        "rows": board["rows"],
         "rating_on": primary,
         "scale": main["scale"],
         "anchor": main["anchor"],
-        "ci_level": level,
+        "ci_level": float(r.ci_level),
         "outcomes": OUTCOMES[bool(r.soft_outcomes)],
         "bootstrap_rounds": int(r.bootstrap_rounds),
         "battles": main["battles"],
         "battles_by_source": {v: len(subsets[v]) for v in ("judge", "human")},
         "battles_uri": battles["uri"],
-        "win_fraction": _matrix_json(matrices["win_fraction"]),
-        "battle_count": _matrix_json(matrices["battle_count"]),
-        "predicted_win_rate": _matrix_json(predicted),
-        "ratings": ratings,
+        **{name: _matrix_json(m) for name, m in matrices.items()},
+        "ratings": {
+            v: None if fit is None else {k: fit[k] for k in VIEW_KEYS} for v, fit in fits.items()
+        },
         "paired": main["paired"],
         "style": main["style"],
-        "lc_win_rate": {"baseline": baseline, "models": lc},
-        "judge_bias": bias,
+        "lc_win_rate": board["lc_win_rate"],
+        "judge_bias": board["judge_bias"],
         "judge_calibration": battles.get("judge_calibration") or calibration_summary(None),
-        "agreement": agreement,
+        "agreement": judge_human_agreement(df.to_dict("records")),
     }
     io.write_json(uri, report)
     with tracker_from_cfg(cfg).start_run("leaderboard", cfg) as run:
-        run.log_metrics(board_metrics(rows, fits, subsets, main, agreement))
+        run.log_metrics(board_metrics(report, fits, subsets))
         run.set_tags({"arenaflow.rating_scale": main["scale"], "arenaflow.rating_on": primary})
-        run.log_table(rows, "leaderboard.json")
-        if agreement["pairs"]:
-            run.log_table(agreement["pairs"], "agreement.json")
+        run.log_table(report["rows"], "leaderboard.json")
+        if report["agreement"]["pairs"]:
+            run.log_table(report["agreement"]["pairs"], "agreement.json")
         run.log_dict(report, "leaderboard_full.json")
         for name in PLOTS:
             run.log_figure(figures[name], f"plots/{name}.png")
