@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,17 +68,18 @@ class Decision:
 
 
 def competitor_versions(
-    cfg: DictConfig,
+    name: str,
+    competitors: Iterable[Any],
     tracker: Tracker,
     finetuned: dict[str, Any] | None,
     base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Registry version of each competitor that has one, and why the others have none."""
-    name = str(cfg.tracking.registered_model_name)
+    """Registry version (of registered model `name`) of each competitor (`eval.competitors`) that
+    has one, and why the others have none."""
     versions: dict[str, str] = {}
     skipped: dict[str, str] = {}
     assets = {"finetuned": (finetuned, "train.register"), "base": (base, "tracking.enabled")}
-    for comp in cfg.eval.competitors:
+    for comp in competitors:
         local = comp.get("local")
         role = local if local in assets else (comp.name if comp.name in assets else None)
         if role is not None and (local is None or local == role):
@@ -175,7 +177,7 @@ def decide(
 
 
 def _lineage(
-    cfg: DictConfig,
+    answers_dir: str,
     competitor: str,
     info: ModelVersionInfo | None,
     leaderboard: dict[str, Any],
@@ -185,9 +187,7 @@ def _lineage(
     from_finetuned = finetuned if competitor == "finetuned" and finetuned else {}
     data_hash = tags.get("data_hash") or from_finetuned.get("data_hash") or "unknown"
     training_run = (info.run_id if info else None) or from_finetuned.get("run_id") or "unknown"
-    answers = io.artifact_uri(
-        cfg, "mt_bench", cfg.eval.bench_name, "model_answer", f"{competitor}.jsonl"
-    )
+    answers = io.join(answers_dir, f"{competitor}.jsonl")
     judgments = leaderboard.get("pair_uri") or "none"
     rating = leaderboard.get("run_id") or leaderboard["uri"]
     return {
@@ -220,14 +220,7 @@ def _seed_base(
     if not (base and base.get("version")):
         return None
     tracker.set_alias(name, alias, str(base["version"]))
-    tracker.set_version_tags(
-        name,
-        str(base["version"]),
-        {
-            "arenaflow.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "arenaflow.promoted_over": "none",
-        },
-    )
+    tracker.set_version_tags(name, str(base["version"]), _promoted_tags(None))
     log.info(
         "champion: no champion yet, the base model (v%s) is the first incumbent", base["version"]
     )
@@ -243,36 +236,43 @@ def _comparison_tags(d: Decision) -> dict[str, str]:
     return tags
 
 
-def promote_champion(
-    cfg: DictConfig,
+def _promoted_tags(over: str | None) -> dict[str, str]:
+    return {
+        "arenaflow.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "arenaflow.promoted_over": over or "none",
+    }
+
+
+def rating_tags(row: dict[str, Any], scale: str, rating_on: str | None) -> dict[str, Any]:
+    """A rated version's rating tags: what a later run compares its champion with."""
+    tags = {
+        TAG_RATING: f"{row['rating']:.2f}",
+        TAG_CI_LOWER: f"{row['ci_lower']:.2f}",
+        TAG_CI_UPPER: f"{row['ci_upper']:.2f}",
+        TAG_SCALE: scale,
+        "arenaflow.rating_rank": row["rank"],
+        "arenaflow.mt_bench_score": "none" if row["mt_bench"] is None else f"{row['mt_bench']:.3f}",
+    }
+    if rating_on:
+        tags["arenaflow.rating_on"] = rating_on
+    for view in ("judge", "human", "combined"):
+        if row.get(f"{view}_rating") is not None:
+            tags[f"arenaflow.rating_{view}"] = f"{row[f'{view}_rating']:.2f}"
+    return tags
+
+
+def tag_candidates(
+    tracker: Tracker,
+    name: str,
+    versions: dict[str, str],
     leaderboard: dict[str, Any],
-    finetuned: dict[str, Any] | None,
-    base: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Tag every rated candidate version, then move the champion alias if the rule says so."""
-    tracker = tracker_from_cfg(cfg)
-    name = str(cfg.tracking.registered_model_name)
-    alias = str(cfg.rating.champion_alias)
-    versions, skipped = competitor_versions(cfg, tracker, finetuned, base)
-    champion = tracker.get_version(name, alias=alias)
-    seeded = None
-    if champion is None and cfg.rating.promote:
-        champion = _seed_base(tracker, name, alias, base)
-        seeded = champion.version if champion else None
-    rows = leaderboard["rows"]
-    scale = leaderboard["scale"]
-    failure = judge_failure(leaderboard)
-    decision = decide(
-        rows,
-        leaderboard.get("paired") or {},
-        versions,
-        champion,
-        scale,
-        margin=float(cfg.rating.promote_margin),
-        level=float(cfg.rating.ci_level),
-        judge_failure=failure,
-    )
-    by_model = {r["model"]: r for r in rows}
+    decision: Decision,
+    lineage: Callable[[str, ModelVersionInfo | None], dict[str, str]],
+    skipped: dict[str, str],
+) -> dict[str, str]:
+    """Tag every rated candidate version (rating, lineage, the comparison for the challenger);
+    a candidate without battles goes into `skipped`."""
+    by_model = {r["model"]: r for r in leaderboard["rows"]}
     tagged = {}
     for competitor, version in versions.items():
         row = by_model.get(competitor)
@@ -280,38 +280,71 @@ def promote_champion(
             skipped[competitor] = "no battles on the leaderboard"
             continue
         info = tracker.get_version(name, version=version)
-        tags = {
-            TAG_RATING: f"{row['rating']:.2f}",
-            TAG_CI_LOWER: f"{row['ci_lower']:.2f}",
-            TAG_CI_UPPER: f"{row['ci_upper']:.2f}",
-            TAG_SCALE: scale,
-            "arenaflow.rating_rank": row["rank"],
-            "arenaflow.mt_bench_score": "none"
-            if row["mt_bench"] is None
-            else f"{row['mt_bench']:.3f}",
-            **_lineage(cfg, competitor, info, leaderboard, finetuned),
-        }
-        if leaderboard.get("rating_on"):
-            tags["arenaflow.rating_on"] = leaderboard["rating_on"]
-        for view in ("judge", "human", "combined"):
-            if row.get(f"{view}_rating") is not None:
-                tags[f"arenaflow.rating_{view}"] = f"{row[f'{view}_rating']:.2f}"
+        tags = rating_tags(row, leaderboard["scale"], leaderboard.get("rating_on"))
+        tags = {**tags, **lineage(competitor, info)}
         if competitor == decision.challenger:
             tags.update(_comparison_tags(decision))
         tracker.set_version_tags(name, version, tags)
         tagged[competitor] = version
-    if decision.promoted and not cfg.rating.promote:
+    return tagged
+
+
+def _log_champion(run: Any, decision: Decision, result: dict[str, Any]) -> None:
+    run.set_tags(
+        {
+            "arenaflow.promoted": decision.promoted,
+            "arenaflow.outcome": decision.outcome,
+            "arenaflow.reason": decision.reason[:4000],
+        }
+    )
+    metrics = {"promoted": float(decision.promoted)}
+    for key in ("diff", "diff_lower", "diff_upper", "p_better"):
+        if result[key] is not None:
+            metrics[f"vs_champion_{key}"] = float(result[key])
+    run.log_metrics(metrics)
+    run.log_dict(result, "champion.json")
+
+
+def promote_champion(
+    cfg: DictConfig,
+    leaderboard: dict[str, Any],
+    finetuned: dict[str, Any] | None,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tag every rated candidate version, then move the champion alias if the rule says so."""
+    r = cfg.rating
+    tracker = tracker_from_cfg(cfg)
+    name, alias = str(cfg.tracking.registered_model_name), str(r.champion_alias)
+    margin, level = float(r.promote_margin), float(r.ci_level)
+    answers_dir = io.artifact_uri(cfg, "mt_bench", cfg.eval.bench_name, "model_answer")
+    versions, skipped = competitor_versions(name, cfg.eval.competitors, tracker, finetuned, base)
+    champion = tracker.get_version(name, alias=alias)
+    seeded = None
+    if champion is None and r.promote:
+        champion = _seed_base(tracker, name, alias, base)
+        seeded = champion.version if champion else None
+    decision = decide(
+        leaderboard["rows"],
+        leaderboard.get("paired") or {},
+        versions,
+        champion,
+        leaderboard["scale"],
+        margin=margin,
+        level=level,
+        judge_failure=judge_failure(leaderboard),
+    )
+
+    def lineage(competitor: str, info: ModelVersionInfo | None) -> dict[str, str]:
+        return _lineage(answers_dir, competitor, info, leaderboard, finetuned)
+
+    tagged = tag_candidates(tracker, name, versions, leaderboard, decision, lineage, skipped)
+    if decision.promoted and not r.promote:
         decision.promoted, decision.outcome = False, "kept"
         decision.reason = f"would promote ({decision.reason}), but rating.promote=false"
     if decision.promoted:
         tracker.set_alias(name, alias, decision.challenger_version)
         tracker.set_version_tags(
-            name,
-            decision.challenger_version,
-            {
-                "arenaflow.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "arenaflow.promoted_over": decision.incumbent_version or "none",
-            },
+            name, decision.challenger_version, _promoted_tags(decision.incumbent_version)
         )
     log.info("champion: %s", decision.reason)
     current = tracker.get_version(name, alias=alias)
@@ -322,27 +355,15 @@ def promote_champion(
         "served_role": (current.tags.get(TAG_ROLE) or "fine-tuned") if current else None,
         "seeded_base": seeded,
         "judge_calibration": leaderboard.get("judge_calibration"),
-        "margin": float(cfg.rating.promote_margin),
-        "ci_level": float(cfg.rating.ci_level),
+        "margin": margin,
+        "ci_level": level,
         "registered_name": name,
         "competitor_versions": versions,
         "not_candidates": skipped,
         "tagged": tagged,
-        "scale": scale,
+        "scale": leaderboard["scale"],
     }
     with tracker.start_run("champion", cfg) as run:
-        run.set_tags(
-            {
-                "arenaflow.promoted": decision.promoted,
-                "arenaflow.outcome": decision.outcome,
-                "arenaflow.reason": decision.reason[:4000],
-            }
-        )
-        metrics = {"promoted": float(decision.promoted)}
-        for key in ("diff", "diff_lower", "diff_upper", "p_better"):
-            if result[key] is not None:
-                metrics[f"vs_champion_{key}"] = float(result[key])
-        run.log_metrics(metrics)
-        run.log_dict(result, "champion.json")
+        _log_champion(run, decision, result)
         result["run_id"], result["run_url"] = run.run_id, run.url
     return result
