@@ -1,4 +1,5 @@
-"""Who answers in a terminal chat: the project's engine on a local model, or an OpenAI-compatible endpoint.
+"""Who answers in a terminal chat: the project's engine on a local model, or an OpenAI-compatible
+endpoint, each a thin adapter over the shared clients (`arenaflow.clients`).
 
 Both stream the assistant's text for a whole conversation (list of role/content messages), so the
 session loop and the renderers do not care where the tokens come from. A problem the user can fix
@@ -11,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:
-    from arenaflow.engine import Engine
+from arenaflow.clients.endpoint import EndpointClient
+from arenaflow.clients.engine import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -39,48 +40,42 @@ class ChatBackend(Protocol):
 
 
 class LocalChat:
-    """The project's `Engine` on a checkpoint: the prompt is the model's own chat template."""
+    """The project's engine on a checkpoint (`EngineClient`): the prompt is the model's own chat template."""
 
-    def __init__(self, engine: Engine, *, name: str, where: str) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineClient, *, name: str, where: str) -> None:
+        self.client = client
         self.name = name
         self.where = where
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> LocalChat:
-        """Load `chat.model_uri` the way the server loads `serve.model_uri` (same cache, same dtype)."""
+        """`chat.model_uri` resolved as the server resolves `serve.model_uri` (same cache, dtype)."""
         from transformers.utils import logging as hf_logging
 
-        from arenaflow.serve.loading import ModelSpec, load_engine, resolve_served_model
+        from arenaflow.models import local_checkpoint, resolve_reference
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in the chat
         uri = str(cfg.chat.model_uri)
-        served = resolve_served_model(cfg, ModelSpec(uri, uri, "chat.model_uri"))
-        engine = load_engine(cfg, served)
-        return cls(engine, name=uri, where=str(served.path))
+        try:
+            path, _ = local_checkpoint(resolve_reference(uri, cfg), cfg, "chat.model_uri")
+        except ValueError as e:
+            raise ChatError(str(e)) from e
+        gpu = cfg.hardware.accelerator == "gpu"
+        client = EngineClient(
+            path,
+            dtype=str(cfg.hardware.dtype) if gpu else "float32",
+            device="cuda" if gpu else "cpu",
+        )
+        _ = client.engine  # load now: the banner comes after the model is ready
+        return cls(client, name=uri, where=str(path))
 
     def stream(
         self, messages: list[Message], *, temperature: float, max_tokens: int
     ) -> Generator[str, None, None]:
-        from arenaflow.engine import SamplingParams
-
         try:
-            prompt = self.engine.render_chat(messages)
-        except Exception as e:  # a template that rejects the roles (e.g. no system turn allowed)
-            raise ChatError(
-                f"the model's chat template cannot render this conversation: {e}"
-            ) from e
-        used = len(self.engine.encode(prompt))
-        room = self.engine.context_length - used
-        if room < 1:
-            raise ChatError(
-                f"prompt too long: the conversation is {used} tokens and this model's context "
-                f"window is {self.engine.context_length}; send a shorter message or /clear"
-            )
-        params = SamplingParams(max_new_tokens=min(max_tokens, room), temperature=temperature)
-        for event in self.engine.stream(prompt, params):
-            if event.text:
-                yield event.text
+            yield from self.client.stream(messages, temperature=temperature, max_tokens=max_tokens)
+        except ValueError as e:  # the conversation cannot be rendered or no longer fits
+            raise ChatError(str(e)) from e
 
 
 class EndpointChat:
@@ -94,14 +89,13 @@ class EndpointChat:
         api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 60.0,
     ) -> None:
-        from openai import OpenAI
-
         self.where = base_url
         self.name = model or ""
         self.api_key_env = api_key_env
         api_key = os.environ.get(api_key_env) if api_key_env else None
-        self._client = OpenAI(
-            base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s
+        # no retries: a person is waiting, and a failed turn is reported and can be sent again
+        self._client = EndpointClient(
+            base_url, self.name, api_key=api_key, timeout=timeout_s, retries=0
         )
 
     @classmethod
@@ -119,13 +113,14 @@ class EndpointChat:
     def check(self) -> list[str]:
         """Ask the endpoint which models it serves; pick the first when none was named."""
         try:
-            models = [m.id for m in self._client.models.list()]
+            models = self._client.models()
         except Exception as e:
             raise ChatError(self._explain(e, "/models")) from e
         if not self.name:
             if not models:
                 raise ChatError(f"{self.where} lists no models; name one with --model")
             self.name = models[0]
+            self._client.model = self.name
         elif models and self.name not in models:
             log.warning("%s does not list %r (it lists %s)", self.where, self.name, models)
         return models
@@ -134,17 +129,7 @@ class EndpointChat:
         self, messages: list[Message], *, temperature: float, max_tokens: int
     ) -> Generator[str, None, None]:
         try:
-            response = self._client.chat.completions.create(
-                model=self.name,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=temperature,
-                max_tokens=max_tokens,
-                stream=True,
-            )
-            with response:
-                for chunk in response:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
+            yield from self._client.stream(messages, temperature=temperature, max_tokens=max_tokens)
         except Exception as e:
             raise ChatError(self._explain(e, "/chat/completions")) from e
 

@@ -2,28 +2,33 @@
 the arenaflow engine in process.
 
 A backend turns (system, user) chats into replies and, where it can see token probabilities,
-reads the judge's distribution over verdict tokens after a forced `[[` prefix. Retries, backoff
-and concurrency live here; caching and budgets live in the runner, which is backend-agnostic: it
-hands a backend a `CallGate` that every request (retries included) must pass before it is sent,
-and an `on_result` callback that sees each reply the moment it returns.
+reads the judge's distribution over verdict tokens after a forced `[[` prefix. The HTTP, retries,
+backoff and concurrency are the shared `arenaflow.clients.EndpointClient`; caching and budgets live
+in the runner, which is backend-agnostic: it hands a backend a `CallGate` that every request
+(retries included) must pass before it is sent, and an `on_result` callback that sees each reply
+the moment it returns.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import random
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
+from arenaflow.clients.budget import NO_BUDGET, BudgetRefusedError, CallGate
+from arenaflow.clients.endpoint import (
+    EndpointAuthError,
+    EndpointClient,
+    EndpointModelError,
+    EndpointUnreachableError,
+    UnreadableReplyError,
+    describe,
+)
 from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
 
 log = logging.getLogger(__name__)
@@ -42,37 +47,6 @@ class JudgeConfigError(ValueError):
 class JudgeUnreachableError(RuntimeError):
     """The judge server cannot be reached at all; judging stops with the URL in the message."""
 
-
-class UnreadableReplyError(RuntimeError):
-    """A 200 whose body is not a chat completion (cut off mid-JSON, no choices): retried like a 5xx."""
-
-
-class BudgetRefusedError(RuntimeError):
-    """The run's budget refused the next request; `attempts` were already sent for this item."""
-
-    def __init__(self, reason: str, attempts: int) -> None:
-        super().__init__(reason)
-        self.reason, self.attempts = reason, attempts
-
-
-class CallGate(Protocol):
-    """What every judge request passes before it is sent: `reserve` holds one call and an upper
-    bound on its tokens (None when granted, else the reason it is refused); `settle` replaces the
-    held tokens with what the call really used."""
-
-    def reserve(self, tokens: int, *, wait: bool = True) -> str | None: ...
-
-    def settle(self, reserved: int, used: int) -> None: ...
-
-
-class _Unlimited:
-    def reserve(self, tokens: int, *, wait: bool = True) -> str | None:
-        return None
-
-    def settle(self, reserved: int, used: int) -> None: ...
-
-
-NO_BUDGET: CallGate = _Unlimited()
 
 T = TypeVar("T")
 
@@ -147,30 +121,11 @@ class JudgeBackend:
     def close(self) -> None: ...
 
 
-def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if math.isnan(seconds):
-            continue
-        return max(0.0, seconds)  # inf stays inf: the caller caps it at judge.backoff_max
-    return None
-
-
 class OpenAIBackend(JudgeBackend):
-    """The official `openai` client against api.openai.com or any OpenAI-compatible `base_url`.
-
-    The client's own retries are off; this class retries 429, 5xx and timeouts with exponential
-    backoff and jitter, honouring `Retry-After`. A server that cannot be reached at all raises
-    `JudgeUnreachableError` naming the URL instead of failing every item one by one.
-    """
+    """The official `openai` client against api.openai.com or any OpenAI-compatible `base_url`,
+    through `EndpointClient` (retries of 429 / 5xx / timeouts honouring a capped `Retry-After`).
+    A server that cannot be reached at all raises `JudgeUnreachableError` naming the URL instead
+    of failing every item one by one."""
 
     def __init__(
         self,
@@ -187,10 +142,9 @@ class OpenAIBackend(JudgeBackend):
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         logprobs: bool = False,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
-        from openai import OpenAI
-
+        api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
@@ -199,100 +153,44 @@ class OpenAIBackend(JudgeBackend):
                     f"{api_key_env}, which is not set; export {api_key_env}=... "
                     "(it is read from the environment only and never logged or written)"
                 )
-        else:
-            api_key = "EMPTY"
         self.model = model
         self.model_name = model_name or model
-        self.url = base_url or "https://api.openai.com/v1"
         self.temperature, self.max_tokens = temperature, max_tokens
-        self.retries, self.backoff_base, self.backoff_max = retries, backoff_base, backoff_max
+        self.retries = retries
         self.batch_size = max(1, concurrency)
         self.supports_logprobs = logprobs
-        self._sleep = sleep
-        self._client = OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
-        self._pool = ThreadPoolExecutor(max_workers=self.batch_size, thread_name_prefix="judge")
-
-    def _backoff(self, attempt: int, exc: Exception) -> float:
-        honoured = _retry_after(exc)
-        if honoured is not None:  # the server's wait, never longer than judge.backoff_max
-            return min(honoured, self.backoff_max)
-        cap = min(self.backoff_max, self.backoff_base * 2**attempt)
-        return cap / 2 + random.uniform(0, cap / 2)
+        self.client = EndpointClient(
+            base_url,
+            model,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            concurrency=self.batch_size,
+            **({"sleep": sleep} if sleep is not None else {}),
+        )
+        self.url = self.client.url
 
     def _call(self, gate: CallGate, **kwargs: Any) -> tuple[Any, int]:
-        """One chat completion with retries; returns (response, attempts) or raises the last error.
-
-        Every attempt first reserves one call and an upper bound on its tokens; the reservation is
-        settled with the reply's usage, with nothing for an error status (not billed), and with
-        the whole bound for a timeout or an unreadable body (the server may have billed them).
-        """
-        import openai
-
-        bound = call_token_bound(kwargs["messages"], int(kwargs["max_tokens"]))
-        attempt = 0
-        while True:
-            refused = gate.reserve(bound)
-            if refused is not None:
-                raise BudgetRefusedError(refused, attempt)
-            used = 0
-            try:
-                response = self._client.chat.completions.create(model=self.model, **kwargs)
-                if not getattr(response, "choices", None):
-                    used = bound
-                    raise UnreadableReplyError("the reply holds no choices")
-                usage = response.usage
-                used = (
-                    (getattr(usage, "prompt_tokens", 0) or 0)
-                    + (getattr(usage, "completion_tokens", 0) or 0)
-                    if usage is not None
-                    else bound
-                )
-                return response, attempt + 1
-            except UnreadableReplyError as e:
-                retryable: Exception = e
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
-                used = bound  # a body cut off in transit, or not a chat completion
-                retryable = UnreadableReplyError(f"the reply is not a chat completion ({e})")
-            except openai.APITimeoutError as e:
-                used = bound
-                retryable = e
-            except openai.APIConnectionError as e:
-                if attempt >= self.retries:
-                    raise JudgeUnreachableError(
-                        f"the judge server at {self.url} is unreachable ({e.__cause__ or e}); "
-                        "check judge.base_url and that the server is running"
-                    ) from e
-                retryable = e
-            except openai.AuthenticationError as e:
-                raise JudgeConfigError(
-                    f"the judge server at {self.url} rejected the API key (401); check the key in "
-                    "the environment variable named by judge.api_key_env"
-                ) from e
-            except openai.NotFoundError as e:
-                raise JudgeConfigError(
-                    f"the judge server at {self.url} does not know model {self.model!r} (404); "
-                    "check judge.model"
-                ) from e
-            except openai.APIStatusError as e:
-                if e.status_code != 429 and e.status_code < 500:
-                    e.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
-                    raise
-                retryable = e
-            finally:
-                gate.settle(bound, used)
-            if attempt >= self.retries:
-                retryable.arenaflow_attempts = attempt + 1  # type: ignore[attr-defined]
-                raise retryable
-            delay = self._backoff(attempt, retryable)
-            log.info(
-                "judge call failed (%s); retry %d/%d in %.2fs",
-                type(retryable).__name__,
-                attempt + 1,
-                self.retries,
-                delay,
-            )
-            self._sleep(delay)
-            attempt += 1
+        """One chat completion with retries (EndpointClient.chat), in the judge's words."""
+        try:
+            return self.client.chat(gate, **kwargs)
+        except EndpointUnreachableError as e:
+            raise JudgeUnreachableError(
+                f"the judge server at {self.url} is unreachable ({e.__cause__ or e}); "
+                "check judge.base_url and that the server is running"
+            ) from e
+        except EndpointAuthError as e:
+            raise JudgeConfigError(
+                f"the judge server at {self.url} rejected the API key (401); check the key in "
+                "the environment variable named by judge.api_key_env"
+            ) from e
+        except EndpointModelError as e:
+            raise JudgeConfigError(
+                f"the judge server at {self.url} does not know model {self.model!r} (404); "
+                "check judge.model"
+            ) from e
 
     def _complete_one(self, request: ChatRequest, gate: CallGate) -> Completion:
         import openai
@@ -311,7 +209,7 @@ class OpenAIBackend(JudgeBackend):
             return Completion(text=None, error=f"budget: {e.reason}", attempts=e.attempts)
         except (openai.APIStatusError, openai.APITimeoutError, UnreadableReplyError) as e:
             attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
-            return Completion(text=None, error=_describe(e), attempts=attempts)
+            return Completion(text=None, error=describe(e), attempts=attempts)
         usage = response.usage
         content = getattr(response.choices[0].logprobs, "content", None)
         return Completion(
@@ -322,28 +220,6 @@ class OpenAIBackend(JudgeBackend):
             tokens=[_alternatives(p) for p in content] if content else None,
         )
 
-    def _map(
-        self, fn: Callable[..., T], args: list[tuple[Any, ...]], on_result: OnResult[T] | None
-    ) -> list[T]:
-        """Run `fn` over `args` in the pool, handing each result to `on_result` as it returns
-        (in this thread). An error in one call waits for the others, so no reply that was paid
-        for is lost, then is raised."""
-        futures = {self._pool.submit(fn, *a): i for i, a in enumerate(args)}
-        out: list[Any] = [None] * len(args)
-        error: BaseException | None = None
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception as e:  # noqa: BLE001 - raised below, once every call has returned
-                error = error or e
-                continue
-            out[futures[future]] = result
-            if on_result is not None:
-                on_result(futures[future], result)
-        if error is not None:
-            raise error
-        return out
-
     def complete(
         self,
         requests: list[ChatRequest],
@@ -351,7 +227,7 @@ class OpenAIBackend(JudgeBackend):
         gate: CallGate = NO_BUDGET,
         on_result: OnResult[Completion] | None = None,
     ) -> list[Completion]:
-        return self._map(self._complete_one, [(r, gate) for r in requests], on_result)
+        return self.client.map(self._complete_one, [(r, gate) for r in requests], on_result)
 
     def _logprobs_one(
         self, request: ChatRequest, judgment: str, output_format: str, gate: CallGate
@@ -377,9 +253,9 @@ class OpenAIBackend(JudgeBackend):
         except BudgetRefusedError as e:
             return Recovery(None, attempts=e.attempts, error=f"budget: {e.reason}")
         except (openai.APIStatusError, openai.APITimeoutError, UnreadableReplyError) as e:
-            log.warning("logprob recovery call failed: %s", _describe(e))
+            log.warning("logprob recovery call failed: %s", describe(e))
             attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
-            return Recovery(None, attempts=attempts, error=_describe(e))
+            return Recovery(None, attempts=attempts, error=describe(e))
         usage = response.usage
         out = Recovery(
             None,
@@ -405,11 +281,10 @@ class OpenAIBackend(JudgeBackend):
         on_result: OnResult[Recovery] | None = None,
     ) -> list[Recovery]:
         args = [(r, j, output_format, gate) for r, j in zip(requests, judgments, strict=True)]
-        return self._map(self._logprobs_one, args, on_result)
+        return self.client.map(self._logprobs_one, args, on_result)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        self.client.close()
 
 
 def _alternatives(position: Any) -> TokenTop:
@@ -417,17 +292,6 @@ def _alternatives(position: Any) -> TokenTop:
     top = {t.token: t.logprob for t in (position.top_logprobs or [])}
     top.setdefault(position.token, position.logprob)
     return position.token, top
-
-
-def call_token_bound(messages: list[dict[str, str]], max_tokens: int) -> int:
-    """The most one call can cost: a token is at least one UTF-8 byte of the prompt, plus the
-    chat format's few tokens per message, plus the most the reply may use."""
-    return sum(len(m["content"].encode()) + 4 for m in messages) + 3 + max_tokens
-
-
-def _describe(exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}{f' {status}' if status else ''}: {str(exc)[:200]}"
 
 
 class LocalBackend(JudgeBackend):
@@ -589,35 +453,26 @@ class LocalBackend(JudgeBackend):
 
 
 def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None = None) -> str:
-    """The local judge's checkpoint: `judge.model=base` is the base model, else a folder / models:/ URI."""
-    if cfg.judge.model == "base":
-        if base_model_path is not None:
-            return str(base_model_path)
-        from arenaflow.models import resolve_model
+    """The local judge's checkpoint: `judge.model` resolved like every model reference (`base` is
+    the base model, else a folder / models:/ / runs:/ URI; `arenaflow.models.resolve_reference`)."""
+    from arenaflow.models import resolve_reference
 
-        return str(resolve_model(cfg.model, cfg.paths.cache_dir))
-    return str(cfg.judge.model)
+    base = str(base_model_path) if base_model_path is not None else None
+    return resolve_reference(str(cfg.judge.model), cfg, base=base)
 
 
 def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
     """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
     judge, the registry version an alias names now, or the checkpoint folder's content hash. A
     moved alias, a new base_url or a replaced checkpoint never reuses old verdicts."""
+    from arenaflow.models import model_identity
+
     j = cfg.judge
     if j.backend != "local":
         return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
     ref = resolve_judge_checkpoint(cfg, base_model_path)
-    if ref.startswith(("models:/", "runs:/")):
-        from arenaflow.tracking import parse_models_uri, tracker_from_cfg
-
-        if ref.startswith("runs:/"):
-            return {"checkpoint": ref}
-        name, version, alias = parse_models_uri(ref)
-        info = tracker_from_cfg(cfg).get_version(name, alias=alias, version=version)
-        return {"checkpoint": f"models:/{name}/{info.version}" if info else ref}
-    from arenaflow.models import checkpoint_identity
-
-    return {"checkpoint": checkpoint_identity(ref)}
+    tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+    return {"checkpoint": model_identity(ref, tracking_uri)}
 
 
 def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) -> JudgeBackend:

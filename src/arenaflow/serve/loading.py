@@ -7,7 +7,6 @@ the version the alias names at start-up, and that version's tags become the card
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -18,9 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from arenaflow.engine import Engine
-from arenaflow.models import publish_dir
 from arenaflow.serve.errors import ServeConfigError
-from arenaflow.tracking import parse_models_uri, tracker_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +121,8 @@ def model_aliases(cfg: DictConfig, specs: list[ModelSpec]) -> dict[str, str]:
 
 def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
     """The local competitors of eval.competitors; remote ones are served by their own servers."""
-    from arenaflow.evaluate.competitors import parse_competitors, resolve_local_ref
+    from arenaflow.evaluate.competitors import parse_competitors
+    from arenaflow.models import resolve_reference
 
     try:
         competitors = parse_competitors(cfg.eval.competitors)
@@ -136,7 +134,7 @@ def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
             log.info("not serving competitor %r: it is a remote endpoint (%s)", c.name, c.base_url)
             continue
         try:
-            uri = resolve_local_ref(cfg, str(c.local))
+            uri = resolve_reference(str(c.local), cfg)
         except ValueError as e:
             raise ServeConfigError(f"serve.models_from=competitors ({c.name}): {e}") from e
         specs.append(ModelSpec(c.name, uri, f"eval.competitors[{i}]"))
@@ -149,44 +147,24 @@ def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
 
 def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> ServedModel:
     """Download (if needed) the model of `spec` (default: `serve.model_uri`) and build its card."""
+    from arenaflow.models import local_checkpoint
+
     if spec is None:
         spec = ModelSpec(str(cfg.serve.served_model_name), str(cfg.serve.model_uri), "serve")
     uri, name = spec.uri, spec.name
     card: dict[str, Any] = {"id": name, "object": "model", "created": int(time.time())}
     card.update({"owned_by": "arenaflow", "root": uri})
-    if uri.startswith("models:/"):
-        reg_name, version, alias = parse_models_uri(uri)
-        tracker = tracker_from_cfg(cfg)
-        if not tracker.enabled:
-            raise ServeConfigError(
-                f"{spec.origin}={uri} needs the MLflow registry, but tracking is disabled; "
-                "use tracking=local or give a checkpoint folder"
-            )
-        info = tracker.get_version(reg_name, alias=alias, version=version)
-        if info is None:
-            what = f"alias @{alias}" if alias else f"version {version}"
-            raise ServeConfigError(
-                f"{spec.origin}={uri}: the MLflow registry has no {what} of {reg_name!r}; "
-                "materialize champion_model (or register a model) first, or serve a checkpoint folder"
-            )
-        # keyed by the artifact source too: two registries can both have a "version 1"
-        key = hashlib.sha256(info.source.encode()).hexdigest()[:10]
-        dest = Path(cfg.paths.cache_dir) / "serve" / f"{reg_name}-v{info.version}-{key}"
-        path = _checkpoint_in(
-            publish_dir(
-                dest, lambda tmp: tracker.download_model(f"models:/{reg_name}/{info.version}", tmp)
-            )
-        )
-        if path is None:
-            raise ServeConfigError(
-                f"{spec.origin}={uri}: version {info.version} of {reg_name!r} is not a checkpoint "
-                f"folder (no config.json in {info.source})"
-            )
+    try:
+        path, info = local_checkpoint(uri, cfg, spec.origin)
+    except ValueError as e:
+        raise ServeConfigError(str(e)) from e
+    names = [name, uri]
+    if info is not None:
         results = {k: _number(v) for k, v in info.tags.items() if _RESULT_TAG.match(k)}
         lineage = {k: v for k, v in info.tags.items() if not _RESULT_TAG.match(k)}
         lineage.update(
             {
-                "registered_model": reg_name,
+                "registered_model": info.name,
                 "version": info.version,
                 "aliases": info.aliases,
                 "run_id": info.run_id,
@@ -194,53 +172,12 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
             }
         )
         card.update({"version": info.version, "lineage": lineage, "results": results})
-        names = [name, uri, f"models:/{reg_name}/{info.version}"]
+        names.append(f"models:/{info.name}/{info.version}")
     elif uri.startswith("runs:/"):
-        path = _download_run_artifact(cfg, spec)
         card.update({"version": None, "lineage": {"run_uri": uri}, "results": {}})
-        names = [name, uri]
     else:
-        path = Path(uri)
-        if not (path / "config.json").exists():
-            raise ServeConfigError(
-                f"{spec.origin}={uri} is not a checkpoint folder (no config.json); give a folder "
-                "saved by save_pretrained or a registry URI models:/name@alias | models:/name/3"
-            )
         card.update({"version": None, "lineage": {"checkpoint": str(path)}, "results": {}})
-        names = [name, uri]
     return ServedModel(path=path, names=list(dict.fromkeys(names)), card=card)
-
-
-def _download_run_artifact(cfg: DictConfig, spec: ModelSpec) -> Path:
-    """A `runs:/<run id>/<path>` checkpoint, downloaded once into the cache (run artifacts are
-    immutable); a download killed half-way is started over, never taken for the checkpoint."""
-    tracker = tracker_from_cfg(cfg)
-    if not tracker.enabled:
-        raise ServeConfigError(
-            f"{spec.origin}={spec.uri} needs the MLflow store, but tracking is disabled; "
-            "use tracking=local or give a checkpoint folder"
-        )
-    key = hashlib.sha256(f"{cfg.tracking.get('tracking_uri')}|{spec.uri}".encode()).hexdigest()[:12]
-    dest = Path(cfg.paths.cache_dir) / "serve" / f"run-{key}"
-    try:
-        folder = publish_dir(dest, lambda tmp: tracker.download_model(spec.uri, tmp))
-    except Exception as e:
-        raise ServeConfigError(f"{spec.origin}={spec.uri}: could not download it ({e})") from e
-    path = _checkpoint_in(folder)
-    if path is None:
-        raise ServeConfigError(
-            f"{spec.origin}={spec.uri} is not a checkpoint folder (no config.json in the artifact)"
-        )
-    return path
-
-
-def _checkpoint_in(folder: Path) -> Path | None:
-    """The checkpoint inside a downloaded artifact folder: the folder itself or the one subfolder
-    the artifact was downloaded as (`model`, or the last segment of a `runs:/` path)."""
-    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
-        if (candidate / "config.json").exists():
-            return candidate
-    return None
 
 
 def _number(value: str) -> Any:
