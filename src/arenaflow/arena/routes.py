@@ -53,7 +53,6 @@ from arenaflow.arena.limits import (
     address_key,
     check_key,
 )
-from arenaflow.data.clean import CleanOptions, contains_blocked_word
 from arenaflow.engine import (
     SamplingParams,
     Scheduler,
@@ -63,6 +62,7 @@ from arenaflow.serve.errors import APIError, error_body
 from arenaflow.serve.generation import map_engine_errors
 from arenaflow.serve.security import trusted_proxies
 from arenaflow.serve.streams import merge_streams, sse_event
+from arenaflow.textfilters import contains_blocked_word
 
 if TYPE_CHECKING:
     from arenaflow.serve.slots import ServeState
@@ -111,7 +111,7 @@ class ArenaSettings:
     def from_cfg(cls, cfg: Any) -> ArenaSettings:
         arena = cfg.serve.get("arena") or {}
         rate = arena.get("rate_limit") or {}
-        words = CleanOptions.from_cfg(cfg.data).blocked_words if "data" in cfg else ()
+        words = tuple(cfg.data.blocked_words or ()) if "data" in cfg else ()
         out = cls(
             enabled=bool(arena.get("enabled", True)),
             max_prompt_chars=int(arena.get("max_prompt_chars", 2000)),

@@ -31,6 +31,7 @@ import numpy as np
 
 from arenaflow import io
 from arenaflow.data.load import validate_record
+from arenaflow.textfilters import blocked_words
 
 log = logging.getLogger(__name__)
 
@@ -222,33 +223,6 @@ def clean_value(value: str, notes: Counter) -> str:
 
 
 # -- one record -----------------------------------------------------------------------------------
-class _Blocked:
-    """Case-insensitive substring search for a few words (lower() + `in` beats an re.I regex)."""
-
-    def __init__(self, words: Sequence[str]) -> None:
-        self.words = tuple(w.lower() for w in words)
-
-    def search(self, text: str) -> bool:
-        if not self.words:
-            return False
-        low = text.lower()
-        return any(w in low for w in self.words)
-
-
-_blocked_cache: dict[tuple[str, ...], _Blocked] = {}
-
-
-def _blocked(words: tuple[str, ...]) -> _Blocked:
-    if words not in _blocked_cache:
-        _blocked_cache[words] = _Blocked(words)
-    return _blocked_cache[words]
-
-
-def contains_blocked_word(text: str, words: Sequence[str]) -> bool:
-    """The cleaning stage's blocked-word rule (case-insensitive substring), for other callers."""
-    return _blocked(tuple(words)).search(text)
-
-
 def has_wrong_list_numbering(value: str) -> bool:
     """FastChat's filter_wrong_format rule, with a substring pre-check before the regex."""
     return value.count("\n1. ") >= 2 and _WRONG_LIST.search(value) is not None
@@ -285,7 +259,7 @@ def clean_record(
     if len(body) <= 1:
         return "too_short", record
 
-    blocked = _blocked(opts.blocked_words)
+    blocked = blocked_words(opts.blocked_words)
     responses = {r.strip() for r in opts.blocked_responses}
     out: list[dict[str, str]] = []
     chars = 0
