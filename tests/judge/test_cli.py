@@ -14,6 +14,7 @@ from arenaflow.config import REPO_ROOT
 
 
 def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Path) -> None:
+    """The stage also logs its judge config, with the password of the judge's URL redacted."""
     bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
     inputs = write_inputs(bench, question_ids=(81,))
     (bench / "model_answer").mkdir()
@@ -27,7 +28,7 @@ def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Pa
         f"paths.home={af_home}",
         f"paths.cache_dir={model_cache}",
         "tracking=none",
-        *api_overrides(stand_in.url),
+        *api_overrides(stand_in.url.replace("http://", "http://judge:s3cret-pw@")),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ARENAFLOW_OVERRIDES", None)
@@ -40,3 +41,6 @@ def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Pa
     assert scores["scores"]["base"]["average"] == 3.0
     assert len(stand_in.hits) == 8
     assert "calls_made: 8" in proc.stdout
+    logged = proc.stdout + proc.stderr
+    assert "base_url: http://judge:***@127.0.0.1" in logged
+    assert "base_url: http://judge:s3cret-pw@" not in logged

@@ -12,24 +12,25 @@ import logging
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from arenaflow import io
 from arenaflow.judge.backends import JudgeBackend, build_backend, judge_identity
 from arenaflow.judge.cache import JudgmentCache
 from arenaflow.judge.calibration import (
+    CalibrationPlan,
     build_calibration,
     calibration_figures,
     calibration_records,
     judge_calibration,
 )
-from arenaflow.judge.mtbench import build_plan, load_answers, pair_records, single_records
+from arenaflow.judge.mtbench import Plan, build_plan, load_answers, pair_records, single_records
 from arenaflow.judge.prompts import load_judge_prompts, load_reference_answers
-from arenaflow.judge.runner import Budget, run_items
+from arenaflow.judge.runner import Budget, ItemResult, JudgeItem, RunStats, run_items
 from arenaflow.judge.scores import (
     category_scores,
     judge_health,
@@ -37,7 +38,8 @@ from arenaflow.judge.scores import (
     radar_figure,
     single_scores,
 )
-from arenaflow.tracking import tracker_from_cfg
+from arenaflow.plots import write_png
+from arenaflow.tracking import redacted_yaml, tracker_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def load_questions(uri: str, skipped: Counter) -> list[dict[str, Any]]:
     return questions
 
 
-def _cost(cfg: DictConfig, prompt_tokens: int, completion_tokens: int) -> float | None:
-    price = cfg.judge.get("price_per_1k_tokens")
+def _cost(price: Any, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """USD at `judge.price_per_1k_tokens` (prompt / completion), None without a price."""
     if not price:
         return None
     return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1000.0
@@ -121,47 +123,38 @@ def _log_files(run: Any, uris: list[str], artifact_path: str) -> None:
             run.log_artifact(local, artifact_path)
 
 
-def judge(
-    cfg: DictConfig,
-    *,
-    question_uri: str | None = None,
-    answer_uris: Mapping[str, str] | None = None,
-    base_model_path: str | Path | None = None,
-    backend: JudgeBackend | None = None,
-) -> dict[str, Any]:
-    """Judge every competitor's MT-bench answers; returns judgment URIs, counts and judge health."""
-    j = cfg.judge
-    modes = list(j.mode)
-    skipped: Counter = Counter()
-    question_uri = question_uri or _require(
-        bench_uri(cfg, "question.jsonl"),
-        "MT-bench questions",
-        "write them first (python -m arenaflow.evaluate, or materialize mt_bench_questions)",
-    )
-    answer_uris = dict(answer_uris or default_answer_uris(cfg))
-    order = [c.name for c in cfg.eval.competitors]
-    names = sorted(answer_uris, key=lambda n: (order.index(n) if n in order else len(order), n))
-    questions = load_questions(question_uri, skipped)
-    answers = {n: load_answers(list(io.read_jsonl(answer_uris[n])), n, skipped) for n in names}
+def competitor_order(answer_uris: Mapping[str, str], competitors: list[str]) -> list[str]:
+    """The answer files' models in conf/eval's competitor order, any others after them by name."""
+    n = len(competitors)
+    return sorted(answer_uris, key=lambda m: (competitors.index(m) if m in competitors else n, m))
+
+
+def plan_judgments(
+    j: Any,
+    bench: str,
+    questions: list[dict[str, Any]],
+    answers: dict[str, dict[int, list[str]]],
+    calibration_questions: list[dict[str, Any]],
+    settings: dict[str, Any],
+    skipped: Counter,
+) -> tuple[Plan, CalibrationPlan]:
+    """The MT-bench plan (`judge.mode`, `judge.pairwise`) and the calibration plan beside it."""
     prompts = load_judge_prompts(str(j.prompt_file))
-    references = load_reference_answers(str(j.reference_file), str(cfg.eval.bench_name))
-    settings = {"temperature": float(j.temperature), "max_tokens": int(j.max_tokens)}
-    settings |= {"backend": str(j.backend), "model": str(j.model)}
-    settings |= judge_identity(cfg, base_model_path)
+    references = load_reference_answers(str(j.reference_file), bench)
     plan = build_plan(
         questions,
         answers,
         prompts,
         references,
         judge_model=str(j.model_name),
-        modes=modes,
+        modes=list(j.mode),
         pairwise=str(j.pairwise),
         baseline=j.get("baseline"),
         settings=settings,
         skipped=skipped,
     )
     calibration_plan = build_calibration(
-        calibration_questions(cfg),
+        calibration_questions,
         references,
         prompts,
         judge_model=str(j.model_name),
@@ -172,66 +165,139 @@ def judge(
         "judging %d questions x %d competitors: %d single, %d pairwise records, %d calls planned "
         "(+%d calibration calls)",
         len(questions),
-        len(names),
+        len(answers),
         len(plan.singles),
         len(plan.pairs),
         len(plan.items),
         len(calibration_plan.items),
     )
+    return plan, calibration_plan
+
+
+def judge_items(
+    j: Any, items: list[JudgeItem], make_backend: Callable[[], JudgeBackend]
+) -> tuple[dict[str, ItemResult], RunStats]:
+    """Every item judged once, through the cache at `judge.cache_path` and within the budget
+    (`judge.max_calls`, `judge.max_tokens_budget`)."""
     cache = JudgmentCache(str(j.cache_path))
     budget = Budget(j.get("max_calls"), j.get("max_tokens_budget"))
     try:
-        results, stats = run_items(
-            calibration_plan.items + plan.items,
-            lambda: backend or build_backend(cfg, base_model_path),
-            cache,
-            budget,
-            logprob_recovery=bool(j.logprob_recovery),
+        return run_items(
+            items, make_backend, cache, budget, logprob_recovery=bool(j.logprob_recovery)
         )
     finally:
         cache.close()
-    singles, pairs = single_records(plan, results), pair_records(plan, results)
-    single_uri, pair_uri = judgment_uris(cfg)
-    io.write_jsonl(single_uri, singles)
-    io.write_jsonl(pair_uri, pairs)
-    health = judge_health(singles, pairs)
+
+
+def write_calibration(
+    j: Any,
+    plan: CalibrationPlan,
+    results: dict[str, ItemResult],
+    calibration_uri: str,
+    summary_uri: str,
+) -> dict[str, Any]:
+    """The calibration calls (JSONL) and the pass/fail summary against `judge.calibration`."""
     calibration = judge_calibration(
-        calibration_figures(calibration_plan, results), j.calibration, str(j.model_name)
+        calibration_figures(plan, results), j.calibration, str(j.model_name)
     )
-    calibration_uri, summary_uri = calibration_uris(cfg)
-    io.write_jsonl(calibration_uri, calibration_records(calibration_plan, results))
+    io.write_jsonl(calibration_uri, calibration_records(plan, results))
     calibration["uri"] = calibration_uri
     io.write_json(summary_uri, calibration)
     log.info("calibration: %s", calibration["summary"])
-    counts = {
-        "single": len(singles),
-        "pair": len(pairs),
+    return calibration
+
+
+def run_counts(singles: int, pairs: int, calibration_calls: int, stats: RunStats) -> dict[str, int]:
+    """What the judging cost and how its verdicts came out, for the result and MLflow."""
+    return {
+        "single": singles,
+        "pair": pairs,
         "calls_made": stats.calls,
         "calls_cached": stats.cached,
         "requests": stats.requests,
         "retries": stats.retries,
-        "calibration_calls": len(calibration_plan.items),
+        "calibration_calls": calibration_calls,
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         **{f"verdict_{k}": v for k, v in sorted(stats.outcomes.items())},
     }
-    cost = _cost(cfg, stats.prompt_tokens, stats.completion_tokens)
-    tracker = tracker_from_cfg(cfg)
-    with tracker.start_run("judge", cfg) as run:
-        run.log_metrics({f"judge/{k}": v for k, v in counts.items()})
-        run.log_metrics({f"judge/{k}": v for k, v in health.items() if isinstance(v, int | float)})
-        if cost is not None:
-            run.log_metrics({"judge/cost_usd": cost})
-        run.log_dict({"skipped": dict(skipped), "budget": stats.budget_message}, "judge/info.json")
-        figures = calibration["figures"]
-        run.log_metrics(
-            {f"calibration/{k}": v for k, v in figures.items() if isinstance(v, int | float)}
-        )
-        run.log_metrics({"calibration/passed": float(calibration["passed"])})
-        run.set_tags({"arenaflow.judge_calibrated": calibration["passed"]})
-        run.log_table(calibration["checks"], "calibration/checks.json")
-        run.log_dict(calibration, "calibration/summary.json")
-        _log_files(run, [single_uri, pair_uri, calibration_uri], "judgments")
+
+
+def log_judge_run(
+    run: Any,
+    counts: dict[str, int],
+    health: dict[str, Any],
+    cost: float | None,
+    info: dict[str, Any],
+    calibration: dict[str, Any],
+    files: list[str],
+) -> None:
+    run.log_metrics({f"judge/{k}": v for k, v in counts.items()})
+    run.log_metrics({f"judge/{k}": v for k, v in health.items() if isinstance(v, int | float)})
+    if cost is not None:
+        run.log_metrics({"judge/cost_usd": cost})
+    run.log_dict(info, "judge/info.json")
+    figures = calibration["figures"]
+    run.log_metrics(
+        {f"calibration/{k}": v for k, v in figures.items() if isinstance(v, int | float)}
+    )
+    run.log_metrics({"calibration/passed": float(calibration["passed"])})
+    run.set_tags({"arenaflow.judge_calibrated": calibration["passed"]})
+    run.log_table(calibration["checks"], "calibration/checks.json")
+    run.log_dict(calibration, "calibration/summary.json")
+    _log_files(run, files, "judgments")
+
+
+def judge(
+    cfg: DictConfig,
+    *,
+    question_uri: str | None = None,
+    answer_uris: Mapping[str, str] | None = None,
+    base_model_path: str | Path | None = None,
+    backend: JudgeBackend | None = None,
+) -> dict[str, Any]:
+    """Judge every competitor's MT-bench answers; returns judgment URIs, counts and judge health."""
+    j = cfg.judge
+    skipped: Counter = Counter()
+    question_uri = question_uri or _require(
+        bench_uri(cfg, "question.jsonl"),
+        "MT-bench questions",
+        "write them first (python -m arenaflow.evaluate, or materialize mt_bench_questions)",
+    )
+    answer_uris = dict(answer_uris or default_answer_uris(cfg))
+    names = competitor_order(answer_uris, [c.name for c in cfg.eval.competitors])
+    single_uri, pair_uri = judgment_uris(cfg)
+    calibration_uri, summary_uri = calibration_uris(cfg)
+    questions = load_questions(question_uri, skipped)
+    answers = {n: load_answers(list(io.read_jsonl(answer_uris[n])), n, skipped) for n in names}
+    settings = {"temperature": float(j.temperature), "max_tokens": int(j.max_tokens)}
+    settings |= {"backend": str(j.backend), "model": str(j.model)}
+    settings |= judge_identity(cfg, base_model_path)
+    plan, calibration_plan = plan_judgments(
+        j,
+        str(cfg.eval.bench_name),
+        questions,
+        answers,
+        calibration_questions(cfg),
+        settings,
+        skipped,
+    )
+    results, stats = judge_items(
+        j,
+        calibration_plan.items + plan.items,
+        lambda: backend or build_backend(cfg, base_model_path),
+    )
+    singles, pairs = single_records(plan, results), pair_records(plan, results)
+    io.write_jsonl(single_uri, singles)
+    io.write_jsonl(pair_uri, pairs)
+    health = judge_health(singles, pairs)
+    calibration = write_calibration(j, calibration_plan, results, calibration_uri, summary_uri)
+    counts = run_counts(len(singles), len(pairs), len(calibration_plan.items), stats)
+    cost = _cost(j.get("price_per_1k_tokens"), stats.prompt_tokens, stats.completion_tokens)
+    info = {"skipped": dict(skipped), "budget": stats.budget_message}
+    with tracker_from_cfg(cfg).start_run("judge", cfg) as run:
+        files = [single_uri, pair_uri, calibration_uri]
+        log_judge_run(run, counts, health, cost, info, calibration, files)
     return {
         "single_uri": single_uri,
         "pair_uri": pair_uri,
@@ -265,8 +331,6 @@ def score(
     uri = bench_uri(cfg, "scores", f"{stem}_scores.json")
     radar_uri = bench_uri(cfg, "scores", f"{stem}_radar.png")
     fig = radar_figure(categories, f"MT-bench by category (judge: {cfg.judge.model_name})")
-    from arenaflow.plots import to_png
-
     tracker = tracker_from_cfg(cfg)
     with tracker.start_run("scores", cfg) as run:
         for model, s in table.items():
@@ -280,11 +344,7 @@ def score(
         )
         run.log_table([{"model": m, **s} for m, s in pairwise.items()], "pairwise.json")
         run.log_figure(fig, "mt_bench_radar.png")
-    png = to_png(fig)
-    fs, path = io.fs_for(radar_uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(png)
+    write_png(radar_uri, fig)
     result = {
         "uri": uri,
         "radar_uri": radar_uri,
@@ -304,7 +364,7 @@ def score(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra CLI stage: judge, then score."""
-    log.info("judge config:\n%s", OmegaConf.to_yaml(cfg.judge))
+    log.info("judge config:\n%s", redacted_yaml(cfg.judge))
     judged = judge(cfg)
     scored = score(cfg, single_uri=judged["single_uri"], pair_uri=judged["pair_uri"])
     return {"judgments": judged, "scores": scored}
