@@ -1,41 +1,85 @@
-"""Turn stage results into Dagster metadata: markdown tables, inline PNG plots, MLflow links."""
+"""The one converter from a stage's plain metadata to Dagster metadata values.
+
+Stages (`arenaflow.*`) describe what they did with plain values and the marker types of
+`arenaflow.report`; `to_metadata` maps them: bool/int/float/str to the same kind, dict/list to
+JSON, `Table`/`Markdown`/`Image` to markdown (an image inline as a PNG data URI), `Path` to a
+path, `Url` to a link. A value that is None is left out.
+"""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-
-def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> str:
-    rows = list(rows)
-    if not rows:
-        return "_(empty)_"
-    columns = columns or list(rows[0].keys())
-    head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    body = "".join("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |\n" for r in rows)
-    return head + body
+from arenaflow import io
+from arenaflow.report import Image, Markdown, Path, Table, Url
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ") if v is not None else ""
+def metadata_value(value: Any) -> dg.MetadataValue:
+    """One plain value as a Dagster metadata value."""
+    if isinstance(value, dg.MetadataValue):
+        return value
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value)
+    if isinstance(value, str):
+        return dg.MetadataValue.text(value)
+    if isinstance(value, Table):
+        return dg.MetadataValue.md(value.markdown())
+    if isinstance(value, Markdown):
+        return dg.MetadataValue.md(value.text)
+    if isinstance(value, Image):
+        png = base64.b64encode(value.png if value.png is not None else _read(value.uri)).decode()
+        return dg.MetadataValue.md(f"![{value.alt}](data:image/png;base64,{png})")
+    if isinstance(value, Path):
+        return dg.MetadataValue.path(value.uri)
+    if isinstance(value, Url):
+        return dg.MetadataValue.url(value.url)
+    if isinstance(value, Mapping | list | tuple):
+        return dg.MetadataValue.json(value if isinstance(value, Mapping) else list(value))
+    raise TypeError(f"no Dagster metadata type for {type(value).__name__}: {value!r}")
 
 
-def counts_md(
-    counts: Mapping[str, int], key: str = "reason", value: str = "count"
-) -> dg.MetadataValue:
-    rows = [{key: k, value: v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return dg.MetadataValue.md(md_table(rows, [key, value]))
+def to_metadata(plain: Mapping[str, Any]) -> dict[str, dg.MetadataValue]:
+    """Plain metadata (see the module docstring) as Dagster metadata; None values are left out."""
+    return {k: metadata_value(v) for k, v in plain.items() if v is not None}
 
 
-def png_md(png: bytes, alt: str = "plot") -> dg.MetadataValue:
-    """A PNG rendered inline in the Dagster UI."""
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+def output(value: Any, *metadata: Mapping[str, Any], mlflow_url: str | None = None) -> dg.Output:
+    """An asset's Output: its value, and its metadata (later dicts win) converted by
+    `to_metadata`, with `mlflow_run` linking the stage's MLflow run when it tracked one."""
+    merged: dict[str, Any] = {}
+    for part in metadata:
+        merged.update(part)
+    if mlflow_url:
+        merged["mlflow_run"] = Url(mlflow_url)
+    return dg.Output(value=value, metadata=to_metadata(merged))
 
 
-def mlflow_link(url: str | None) -> dict[str, dg.MetadataValue]:
-    return {"mlflow_run": dg.MetadataValue.url(url)} if url else {}
+SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
+
+
+def check_result(check: Mapping[str, Any]) -> dg.AssetCheckResult:
+    """A library check, `{passed, description, metadata}` with an optional `name` and `severity`
+    (`warn`, or `error` by default), as Dagster's check result."""
+    return dg.AssetCheckResult(
+        check_name=check.get("name"),
+        passed=bool(check["passed"]),
+        severity=SEVERITY[check.get("severity", "error")],
+        description=check.get("description"),
+        metadata=to_metadata(check.get("metadata") or {}),
+    )
+
+
+def _read(uri: str | None) -> bytes:
+    if not uri:
+        raise ValueError("an Image needs its png bytes or a uri")
+    fs, path = io.fs_for(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()

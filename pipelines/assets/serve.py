@@ -6,10 +6,11 @@ from typing import Any
 
 import dagster as dg
 
+from arenaflow.report import Markdown, Path, Table, Url
 from arenaflow.serve.deploy import deploy_champion
 from arenaflow.serve.security import api_keys_from_cfg
 from arenaflow.tracking import parse_models_uri, tracker_from_cfg
-from pipelines.metadata import md_table, mlflow_link
+from pipelines.metadata import output
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 from pipelines.versions import source_version
 
@@ -34,38 +35,39 @@ def serving_deployment(
     """The champion served on an OpenAI-compatible endpoint (blue/green, smoke-tested)."""
     cfg, meta = stage_config(context, hydra, config)
     out = deploy_champion(cfg, champion_model)
-    previous = out["previous"]
     context.log.info("serving %s (version %s) at %s", out["model_uri"], out["version"], out["url"])
-    return dg.Output(
-        value={k: out[k] for k in ("url", "pid", "model_uri", "version", "models")},
-        metadata={
-            **meta,
-            "url": dg.MetadataValue.url(out["url"]),
-            "pid": dg.MetadataValue.int(out["pid"]),
-            "model_uri": dg.MetadataValue.text(out["model_uri"]),
-            "version": dg.MetadataValue.text(str(out["version"])),
-            "previous": dg.MetadataValue.md(
-                md_table([{k: previous[k] for k in ("url", "pid", "version")}])
-                if previous
-                else "_first deployment_"
-            ),
-            "smoke_test": dg.MetadataValue.md(
-                md_table(out["smoke"], ["question_id", "category", "match", "http", "rendered"])
-            ),
-            "strays_stopped": dg.MetadataValue.int(len(out["strays"])),
-            "model_card": dg.MetadataValue.json(out["card"]),
-            "served_models": dg.MetadataValue.md(
-                md_table(out["models"], ["id", "alias_of", "root"])
-            ),
-            "server_log": dg.MetadataValue.path(out["log_path"]),
-            "try_it": dg.MetadataValue.md(
-                f"```bash\ncurl {out['url']}/chat/completions -H 'Content-Type: application/json' "
-                + ('-H "Authorization: Bearer $API_KEY" ' if api_keys_from_cfg(cfg) else "")
-                + f'-d \'{{"model": "{cfg.serve.served_model_name}", '
-                f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n```'
-            ),
-            **mlflow_link(out["run_url"]),
-        },
+    value = {k: out[k] for k in ("url", "pid", "model_uri", "version", "models")}
+    plain = _deployment_metadata(out, cfg.serve.served_model_name, bool(api_keys_from_cfg(cfg)))
+    return output(value, meta, plain, mlflow_url=out["run_url"])
+
+
+def _deployment_metadata(out: dict[str, Any], model_name: str, auth: bool) -> dict[str, Any]:
+    """Where it serves, what it replaced, the smoke test, and a command to try it."""
+    previous = out["previous"]
+    return {
+        "url": Url(out["url"]),
+        "pid": out["pid"],
+        "model_uri": str(out["model_uri"]),
+        "version": str(out["version"]),
+        "previous": Table(
+            [{k: previous[k] for k in ("url", "pid", "version")}] if previous else [],
+            empty="_first deployment_",
+        ),
+        "smoke_test": Table(out["smoke"], ["question_id", "category", "match", "http", "rendered"]),
+        "strays_stopped": len(out["strays"]),
+        "model_card": out["card"],
+        "served_models": Table(out["models"], ["id", "alias_of", "root"]),
+        "server_log": Path(out["log_path"]),
+        "try_it": Markdown(f"```bash\n{curl_example(out['url'], model_name, auth)}\n```"),
+    }
+
+
+def curl_example(url: str, model_name: str, auth: bool = False) -> str:
+    """A curl command that chats with the endpoint (`$API_KEY` when it requires a key)."""
+    return (
+        f"curl {url.rstrip('/')}/chat/completions -H 'Content-Type: application/json' "
+        + ('-H "Authorization: Bearer $API_KEY" ' if auth else "")
+        + f'-d \'{{"model": "{model_name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
     )
 
 

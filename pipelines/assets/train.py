@@ -13,11 +13,11 @@ import dagster as dg
 
 from arenaflow import io
 from arenaflow.config import REPO_ROOT
-from arenaflow.plots import line, to_png
 from arenaflow.tracking import redact_overrides
 from arenaflow.train import plan, register_base, resolve_base
 from arenaflow.train.reporting import REPORTER_ENV
-from pipelines.metadata import md_table, mlflow_link, png_md
+from arenaflow.train.tables import base_output, finetuned_output, missing_checkpoint_files
+from pipelines.metadata import output, to_metadata
 from pipelines.resources import HydraConfigResource, StageConfig, stage_config
 from pipelines.train_pipes import REPORTER as PIPES_REPORTER
 from pipelines.versions import source_version
@@ -43,31 +43,8 @@ def base_model(
     cfg, meta = stage_config(context, hydra, config)
     info = resolve_base(cfg)
     registered = register_base(cfg, info)
-    value = {k: info[k] for k in ("path", "name", "chat_template_hash")} | registered
-    arch = [
-        {"field": k, "value": info[k]}
-        for k in (
-            "architecture",
-            "n_params",
-            "hidden_size",
-            "num_layers",
-            "vocab_size",
-            "max_length",
-        )
-    ]
-    return dg.Output(
-        value=value,
-        metadata={
-            **meta,
-            "path": dg.MetadataValue.path(info["path"]),
-            "name": info["name"],
-            "n_params": info["n_params"],
-            "model_uri": registered["model_uri"] or "(not registered: tracking is off)",
-            "chat_template_hash": info["chat_template_hash"],
-            "architecture": dg.MetadataValue.md(md_table(arch)),
-            "chat_template": dg.MetadataValue.md(f"```jinja\n{info['chat_template']}\n```"),
-        },
-    )
+    value, plain = base_output(info, registered)
+    return output(value, meta, plain)
 
 
 @dg.asset(
@@ -106,53 +83,8 @@ def finetuned_model(
     )
     reported = invocation.get_materialize_result().metadata or {}
     result = io.read_json(str(Path(p.out_dir) / "result.json"))
-    value = {
-        k: result.get(k)
-        for k in ("path", "model_uri", "version", "run_id", "final_loss", "chat_template_hash")
-    }
-    return dg.Output(value=value, metadata={**meta, **_train_metadata(result), **reported})
-
-
-def _train_metadata(result: dict[str, Any]) -> dict[str, Any]:
-    history = result.get("history") or []
-    metadata: dict[str, Any] = {
-        "path": dg.MetadataValue.path(result["path"]),
-        "model_uri": result.get("model_uri") or "(not registered)",
-        "final_loss": result.get("final_loss"),
-        "val_loss": result.get("val_loss"),
-        "steps": result.get("steps"),
-        "resumed_from": result.get("resumed_from") or "(fresh start)",
-        "tokens_per_s": result.get("tokens_per_s"),
-        "trained_tokens_per_s": result.get("trained_tokens_per_s"),
-        "mfu": result.get("mfu"),
-        "peak_tflops": result.get("peak_tflops"),
-        "peak_source": result.get("peak_source"),
-        "world_size": result.get("world_size"),
-        "gradient_accumulation": result.get("accumulate"),
-        "compiled_layers": result.get("compiled"),
-        "retained_heap": result.get("retained_heap"),
-        "chat_template_hash": result.get("chat_template_hash"),
-        "data_hash": result.get("data_hash"),
-        "memory_estimate_gb": dg.MetadataValue.json(result.get("memory_estimate_gb") or {}),
-        "data_counts": dg.MetadataValue.json(result.get("data_counts") or {}),
-        **mlflow_link(result.get("run_url")),
-    }
-    if history:
-        fig = line(
-            [r["step"] for r in history],
-            [r["loss"] for r in history],
-            "training loss",
-            "step",
-            "loss",
-        )
-        metadata["loss_curve"] = png_md(to_png(fig), "loss curve")
-        rows = history[-10:]
-        metadata["last_steps"] = dg.MetadataValue.md(
-            md_table(rows, ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"])
-        )
-    if result.get("val_history"):
-        metadata["validation"] = dg.MetadataValue.md(md_table(result["val_history"]))
-    return {k: v for k, v in metadata.items() if v is not None}
+    value, plain = finetuned_output(result)
+    return output(value, meta, plain, reported, mlflow_url=result.get("run_url"))
 
 
 @dg.asset_check(
@@ -163,18 +95,17 @@ def finetuned_model_checkpoint_complete(finetuned_model: dict[str, Any]) -> dg.A
     """The final checkpoint is complete and carries the chat template it was trained with."""
     from arenaflow.models import chat_template_hash, load_tokenizer
 
-    path = Path(finetuned_model["path"])
-    missing = [
-        f
-        for f in ("config.json", "model.safetensors", "tokenizer_config.json")
-        if not (path / f).exists()
-    ]
-    saved_hash = chat_template_hash(load_tokenizer(path)) if not missing else None
+    missing = missing_checkpoint_files(finetuned_model["path"])
+    saved_hash = (
+        chat_template_hash(load_tokenizer(finetuned_model["path"])) if not missing else None
+    )
     return dg.AssetCheckResult(
         passed=not missing and saved_hash == finetuned_model["chat_template_hash"],
-        metadata={
-            "missing_files": dg.MetadataValue.json(missing),
-            "saved_chat_template_hash": saved_hash or "",
-            "trained_chat_template_hash": finetuned_model["chat_template_hash"],
-        },
+        metadata=to_metadata(
+            {
+                "missing_files": missing,
+                "saved_chat_template_hash": saved_hash or "",
+                "trained_chat_template_hash": finetuned_model["chat_template_hash"],
+            }
+        ),
     )

@@ -203,6 +203,18 @@ def _lineage(
     }
 
 
+def promotion_rule(margin: float, scale: str) -> str:
+    """The rule above in one paragraph, with this run's margin and rating scale."""
+    return (
+        "The base model is the first champion. The best rated registered challenger "
+        "replaces the champion only when the lower end of the paired bootstrap interval "
+        f"of rating(challenger) - rating(champion) is above {margin:g} "
+        "(`rating.promote_margin`), and only if the judge passed calibration; a champion "
+        "that is not a competitor is compared through its version tags on the same scale "
+        f"(this run: `{scale}`)."
+    )
+
+
 def judge_failure(leaderboard: dict[str, Any]) -> str | None:
     """Why the judge's battles cannot move the champion, or None (calibrated, or not on the board)."""
     calibration = leaderboard.get("judge_calibration") or {}
