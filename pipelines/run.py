@@ -7,6 +7,11 @@ competitor. An asset whose code version, resolved config (the sections its stage
 upstream fingerprints are unchanged since its last successful materialization is reused, so a
 second `make run` is fast and `serve.*` overrides do not retrain. Everything
 lands in $DAGSTER_HOME (the same instance `make dev` shows) and in the project's MLflow store.
+
+Why a fingerprint tag and not Dagster's stale status: Dagster versions code and upstream data but
+not run config, so the config hash would have to be folded into every asset's code version, and
+its stale-status resolver is reachable only through private modules (`dagster._core...`); a
+prototype doing both passed the driver tests, but would tie `make run` to Dagster internals.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dagster as dg
 
 from arenaflow.config import compose_config, config_hash
 from arenaflow.tracking import redact_overrides
+from pipelines.assets.serve import curl_example
 from pipelines.definitions import build_definitions
 from pipelines.resources import HydraConfigResource
 
@@ -141,111 +147,19 @@ def _value(
 def report(
     defs: dg.Definitions, instance: dg.DagsterInstance, timings: dict[str, str], seconds: float
 ) -> str:
+    """The text `make run` prints: timings, then what each stage produced, then where to look."""
+
+    def value(key: str) -> dict[str, Any]:
+        return _value(defs, instance, key) or {}
+
     lines = ["", "=" * 72, "arenaflow — run report", "=" * 72]
     lines += [f"  {k:<36} {v}" for k, v in timings.items()]
-    clean = _value(defs, instance, "sharegpt_clean") or {}
-    if clean:
-        dropped = clean.get("dropped") or {}
-        lines += [
-            "",
-            f"data: {clean.get('input')} conversations in, {clean.get('kept')} kept, "
-            f"{sum(dropped.values())} dropped{_reasons(dropped)}",
-        ]
-    sft = (_value(defs, instance, "sft_dataset") or {}).get("counts") or {}
-    if sft:
-        lines.append(
-            f"sft dataset: {sft.get('examples')} examples (train {sft.get('train')}, validation "
-            f"{sft.get('validation')}) from {sft.get('kept')} conversations"
-            f"{_reasons(sft.get('dropped') or {}, 'not used')}"
-        )
-    ft = _value(defs, instance, "finetuned_model") or {}
-    if ft:
-        loss = ft.get("final_loss")
-        loss = f"{loss:.4f}" if isinstance(loss, int | float) else "-"
-        lines.append(f"training: final loss {loss}, model {ft.get('model_uri') or ft.get('path')}")
-    scores = (_value(defs, instance, "mt_bench_scores") or {}).get("scores") or {}
-    if scores:
-        lines += ["", "MT-bench (judge scores 1-10):"]
-        lines += _table(
-            [
-                [m, *(_f(s.get(k)) for k in ("turn1", "turn2", "average", "expected"))]
-                for m, s in scores.items()
-            ],
-            ["model", "turn 1", "turn 2", "avg", "expected"],
-        )
-    lb = _value(defs, instance, "leaderboard") or {}
-    board = lb.get("rows") or []
-    calibration = lb.get("judge_calibration") or {}
-    if calibration:
-        mark = "passed" if calibration.get("passed") else "FAILED"
-        lines += ["", f"judge calibration: {mark}: {calibration.get('summary')}"]
-        figures = calibration.get("figures") or {}
-        shown = [f"{k} {_f(figures.get(k))}" for k in CALIBRATION_FIGURES]
-        lines.append("  " + ", ".join(shown))
-    if board:
-        outcomes = str(lb.get("outcomes") or "hard").split(":")[0]
-        style = lb.get("style") or {}
-        kind = "style-controlled " if style.get("on") else ""
-        lines += [
-            "",
-            f"leaderboard ({kind}Bradley-Terry on {outcomes} outcomes, 95% bootstrap CI; W/T/L in "
-            "judged battles):",
-        ]
-        if style.get("on"):
-            coefs = ", ".join(
-                f"{f} {c['value']:+.2f}" for f, c in (style.get("coefficients") or {}).items()
-            )
-            lines.append(
-                f"  (the champion is decided on this rating; raw = without style control; "
-                f"style coefficients: {coefs or 'none varied'})"
-            )
-        elif style.get("note"):
-            lines.append(f"  (style control: {style['note']})")
-        if calibration and not calibration.get("passed"):
-            lines.append("  (uncalibrated judge: these ratings cannot move the champion)")
-        human = any(r.get("human_battles") for r in board)
-        rows = []
-        for r in board:
-            row = [
-                str(r.get("rank")),
-                str(r.get("model")),
-                _f(r.get("rating"), 1),
-                f"[{_f(r.get('ci_lower'), 1)}, {_f(r.get('ci_upper'), 1)}]",
-                _f(r.get("mt_bench")),
-                f"{r.get('wins', 0)}/{r.get('ties', 0)}/{r.get('losses', 0)}",
-            ]
-            if style.get("on"):
-                row.insert(4, _f(r.get("raw_rating"), 1))
-            if human:
-                row.append(_f(r.get("human_rating"), 1))
-            rows.append(row)
-        head = ["rank", "model", "rating", "CI", *(["raw"] if style.get("on") else [])]
-        head += ["MT-bench", "W/T/L"]
-        lines += _table(rows, head + (["human"] if human else []), left=2)
-    champ = _value(defs, instance, "champion_model") or {}
-    if champ:
-        served = f"v{champ.get('version')} ({champ.get('served_role')})"
-        lines += [
-            "",
-            f"champion: {champ.get('model_uri')} = {served}, {champ.get('outcome')}",
-            f"  {champ.get('reason')}",
-        ]
-    dep = _value(defs, instance, "serving_deployment") or {}
-    if dep.get("url"):
-        url = dep["url"].rstrip("/")
-        lines += [
-            "",
-            f"endpoint: {url}  (pid {dep.get('pid')}, {dep.get('model_uri')})",
-            f"  curl {url}/chat/completions -H 'Content-Type: application/json' "
-            f'-d \'{{"model": "{dep.get("model_name", "arenaflow-chat")}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
-        ]
-        served = dep.get("models") or []
-        if len(served) > 1:
-            names = [
-                f"{m['id']} (= {m['alias_of']})" if m.get("alias_of") else m["id"] for m in served
-            ]
-            arena = url.removesuffix("/v1") + "/arena"
-            lines.append(f"  serves {', '.join(names)}; side-by-side battles at {arena}")
+    lines += _data_lines(value("sharegpt_clean"), value("sft_dataset").get("counts") or {})
+    lines += _training_lines(value("finetuned_model"))
+    lines += _scores_lines(value("mt_bench_scores").get("scores") or {})
+    lines += _leaderboard_lines(value("leaderboard"))
+    lines += _champion_lines(value("champion_model"))
+    lines += _endpoint_lines(value("serving_deployment"))
     lines += [
         "",
         "Dagster UI: make dev     (http://127.0.0.1:3000, the same instance)",
@@ -254,6 +168,127 @@ def report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _data_lines(clean: dict[str, Any], sft: dict[str, Any]) -> list[str]:
+    lines = []
+    if clean:
+        dropped = clean.get("dropped") or {}
+        lines += [
+            "",
+            f"data: {clean.get('input')} conversations in, {clean.get('kept')} kept, "
+            f"{sum(dropped.values())} dropped{_reasons(dropped)}",
+        ]
+    if sft:
+        lines.append(
+            f"sft dataset: {sft.get('examples')} examples (train {sft.get('train')}, validation "
+            f"{sft.get('validation')}) from {sft.get('kept')} conversations"
+            f"{_reasons(sft.get('dropped') or {}, 'not used')}"
+        )
+    return lines
+
+
+def _training_lines(ft: dict[str, Any]) -> list[str]:
+    if not ft:
+        return []
+    loss = ft.get("final_loss")
+    loss = f"{loss:.4f}" if isinstance(loss, int | float) else "-"
+    return [f"training: final loss {loss}, model {ft.get('model_uri') or ft.get('path')}"]
+
+
+def _scores_lines(scores: dict[str, Any]) -> list[str]:
+    if not scores:
+        return []
+    rows = [
+        [m, *(_f(s.get(k)) for k in ("turn1", "turn2", "average", "expected"))]
+        for m, s in scores.items()
+    ]
+    return ["", "MT-bench (judge scores 1-10):"] + _table(
+        rows, ["model", "turn 1", "turn 2", "avg", "expected"]
+    )
+
+
+def _leaderboard_lines(lb: dict[str, Any]) -> list[str]:
+    board = lb.get("rows") or []
+    calibration = lb.get("judge_calibration") or {}
+    lines = []
+    if calibration:
+        mark = "passed" if calibration.get("passed") else "FAILED"
+        lines += ["", f"judge calibration: {mark}: {calibration.get('summary')}"]
+        figures = calibration.get("figures") or {}
+        lines.append("  " + ", ".join(f"{k} {_f(figures.get(k))}" for k in CALIBRATION_FIGURES))
+    if not board:
+        return lines
+    outcomes = str(lb.get("outcomes") or "hard").split(":")[0]
+    style = lb.get("style") or {}
+    styled = bool(style.get("on"))
+    lines += [
+        "",
+        f"leaderboard ({'style-controlled ' if styled else ''}Bradley-Terry on {outcomes} "
+        "outcomes, 95% bootstrap CI; W/T/L in judged battles):",
+    ]
+    if styled:
+        coefs = ", ".join(
+            f"{f} {c['value']:+.2f}" for f, c in (style.get("coefficients") or {}).items()
+        )
+        lines.append(
+            f"  (the champion is decided on this rating; raw = without style control; "
+            f"style coefficients: {coefs or 'none varied'})"
+        )
+    elif style.get("note"):
+        lines.append(f"  (style control: {style['note']})")
+    if calibration and not calibration.get("passed"):
+        lines.append("  (uncalibrated judge: these ratings cannot move the champion)")
+    return lines + _board_table(board, styled)
+
+
+def _board_table(board: list[dict[str, Any]], styled: bool) -> list[str]:
+    human = any(r.get("human_battles") for r in board)
+    rows = []
+    for r in board:
+        row = [
+            str(r.get("rank")),
+            str(r.get("model")),
+            _f(r.get("rating"), 1),
+            f"[{_f(r.get('ci_lower'), 1)}, {_f(r.get('ci_upper'), 1)}]",
+            _f(r.get("mt_bench")),
+            f"{r.get('wins', 0)}/{r.get('ties', 0)}/{r.get('losses', 0)}",
+        ]
+        if styled:
+            row.insert(4, _f(r.get("raw_rating"), 1))
+        if human:
+            row.append(_f(r.get("human_rating"), 1))
+        rows.append(row)
+    head = ["rank", "model", "rating", "CI", *(["raw"] if styled else []), "MT-bench", "W/T/L"]
+    return _table(rows, head + (["human"] if human else []), left=2)
+
+
+def _champion_lines(champ: dict[str, Any]) -> list[str]:
+    if not champ:
+        return []
+    served = f"v{champ.get('version')} ({champ.get('served_role')})"
+    return [
+        "",
+        f"champion: {champ.get('model_uri')} = {served}, {champ.get('outcome')}",
+        f"  {champ.get('reason')}",
+    ]
+
+
+def _endpoint_lines(dep: dict[str, Any]) -> list[str]:
+    if not dep.get("url"):
+        return []
+    url = dep["url"].rstrip("/")
+    lines = [
+        "",
+        f"endpoint: {url}  (pid {dep.get('pid')}, {dep.get('model_uri')})",
+        "  " + curl_example(url, dep.get("model_name", "arenaflow-chat")),
+    ]
+    served = dep.get("models") or []
+    if len(served) > 1:
+        names = [f"{m['id']} (= {m['alias_of']})" if m.get("alias_of") else m["id"] for m in served]
+        arena = url.removesuffix("/v1") + "/arena"
+        lines.append(f"  serves {', '.join(names)}; side-by-side battles at {arena}")
+    return lines
 
 
 def _f(v: Any, digits: int = 2) -> str:
