@@ -270,16 +270,11 @@ def model_identity(ref: str, tracking_uri: str | None) -> str:
     or number names (`models:/name/N`), a run artifact as it is (immutable), a folder's content
     hash (`checkpoint_identity`). A moved alias or a replaced checkpoint changes it."""
     if ref.startswith("models:/"):
-        from arenaflow.tracking import MlflowTracker, parse_models_uri
+        from arenaflow.tracking import MlflowTracker
 
         if not tracking_uri:
             raise ValueError(f"{ref} needs MLflow tracking (tracking.enabled=true)")
-        name, version, alias = parse_models_uri(ref)
-        info = MlflowTracker(tracking_uri, "arenaflow").get_version(
-            name, alias=alias, version=version
-        )
-        if info is None:
-            raise ValueError(f"the MLflow registry has no model {ref}")
+        info = MlflowTracker(tracking_uri, "arenaflow").require_version(ref)
         return f"models:/{info.name}/{info.version}"
     if ref.startswith("runs:/"):
         return ref
@@ -294,7 +289,7 @@ def local_checkpoint(uri: str, cfg: DictConfig, origin: str = "model") -> tuple[
     `paths.cache_dir/serve` (keyed by the artifact source: two registries can both have a
     "version 1"; a download killed half-way is started over, never taken for the checkpoint).
     Raises ValueError naming `origin` (the setting that gave the URI) and the fix."""
-    from arenaflow.tracking import parse_models_uri, tracker_from_cfg
+    from arenaflow.tracking import tracker_from_cfg
 
     if not uri.startswith(("models:/", "runs:/")):
         path = Path(uri)
@@ -313,17 +308,16 @@ def local_checkpoint(uri: str, cfg: DictConfig, origin: str = "model") -> tuple[
         )
     info = None
     if uri.startswith("models:/"):
-        reg_name, version, alias = parse_models_uri(uri)
-        info = tracker.get_version(reg_name, alias=alias, version=version)
-        if info is None:
-            what = f"alias @{alias}" if alias else f"version {version}"
+        try:
+            info = tracker.require_version(uri)
+        except ValueError as e:
             raise ValueError(
-                f"{origin}={uri}: the MLflow registry has no {what} of {reg_name!r}; "
-                "materialize champion_model (or register a model) first, or serve a checkpoint folder"
-            )
+                f"{origin}={uri}: {e}; materialize champion_model (or register a model) first, "
+                "or serve a checkpoint folder"
+            ) from e
         key = hashlib.sha256(info.source.encode()).hexdigest()[:10]
-        dest = Path(cfg.paths.cache_dir) / "serve" / f"{reg_name}-v{info.version}-{key}"
-        pinned = f"models:/{reg_name}/{info.version}"
+        dest = Path(cfg.paths.cache_dir) / "serve" / f"{info.name}-v{info.version}-{key}"
+        pinned = f"models:/{info.name}/{info.version}"
     else:
         key = hashlib.sha256(f"{cfg.tracking.get('tracking_uri')}|{uri}".encode()).hexdigest()[:12]
         dest = Path(cfg.paths.cache_dir) / "serve" / f"run-{key}"

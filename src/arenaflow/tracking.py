@@ -380,6 +380,18 @@ class MlflowTracker(Tracker):
         for k, v in redact(dict(tags)).items():
             self.client.set_model_version_tag(name, str(version), k, str(v))
 
+    def require_version(self, uri: str) -> ModelVersionInfo:
+        """The registry version a `models:/name/N` or `models:/name@alias` URI names now; raises
+        ValueError saying which alias or version the registry lacks."""
+        name, version, alias = parse_models_uri(uri)
+        info = self.get_version(name, alias=alias, version=version)
+        if info is None:
+            what = f"alias @{alias}" if alias else f"version {version}"
+            raise ValueError(
+                f"the MLflow registry ({redact(self.tracking_uri)}) has no {what} of {name!r}"
+            )
+        return info
+
     def download_model(self, uri: str, dest: str | Path | None = None) -> Path:
         """Resolve `models:/name/version`, `models:/name@alias` or `runs:/<run id>/<path>` to a folder."""
         if uri.startswith("runs:/"):
@@ -389,13 +401,7 @@ class MlflowTracker(Tracker):
                 artifact_uri=uri, dst_path=str(dest), tracking_uri=self.tracking_uri
             )
             return Path(local)
-        name, version, alias = parse_models_uri(uri)
-        info = self.get_version(name, alias=alias, version=version)
-        if info is None:
-            what = f"alias @{alias}" if alias else f"version {version}"
-            raise ValueError(
-                f"MLflow registry has no {what} of model {name!r} ({redact(self.tracking_uri)})"
-            )
+        info = self.require_version(uri)
         dest = Path(dest or tempfile.mkdtemp(prefix="arenaflow-model-"))
         dest.mkdir(parents=True, exist_ok=True)
         local = self._mlflow.artifacts.download_artifacts(
