@@ -240,6 +240,16 @@ def part_c(git_dir: str, rounds: int = 200) -> None:
         f"range [{ratio.min():.3f}, {ratio.max():.3f}] (target within 10%)"
     )
     print(f"    fitted length coefficient  : {ours.coefficients['length']:.3f} (simulated 0.8)")
+    from arenaflow.rating.sandwich import sandwich_style_intervals
+
+    t5 = time.perf_counter()
+    robust, _ = sandwich_style_intervals(battles)
+    t6 = time.perf_counter()
+    s_ratio = (robust["upper"] - robust["lower"])[models] / width(boot)[models]
+    print(
+        f"    sandwich intervals         : {t6 - t5:8.2f} s, width / our bootstrap's: median "
+        f"{s_ratio.median():.3f}, range [{s_ratio.min():.3f}, {s_ratio.max():.3f}]"
+    )
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from arenaflow.evaluate.answers import answer_uri
 from arenaflow.judge.stage import judgment_uris
 from arenaflow.rating import build_battles, build_leaderboard, compute_bt
 from arenaflow.rating.bias import position_preference
+from arenaflow.rating.sandwich import sandwich_style_intervals
 from arenaflow.rating.style import (
     answer_style,
     compute_bootstrap_style_bt,
@@ -229,3 +230,21 @@ def test_position_preference_flags_a_judge_that_favours_the_first_answer() -> No
     first = pd.DataFrame({"g1_winner": ["model_1"] * 60, "g2_winner": ["model_2"] * 60})
     out = position_preference(first)
     assert out["first_share"] == 1.0 and out["biased"] is True and out["games"] == 120
+
+
+def test_sandwich_intervals_match_the_bootstrap() -> None:
+    df, _ = _synthetic(3000, seed=4, length_coef=1.0)
+    models, features = sandwich_style_intervals(df, anchor=("plain", 1000))
+    point = compute_style_bt(df, anchor=("plain", 1000))
+    assert models.loc["plain", "rating"] == pytest.approx(1000)
+    assert models.loc["plain", "upper"] - models.loc["plain", "lower"] == pytest.approx(0)
+    for m in point.ratings.index:
+        assert models.loc[m, "rating"] == pytest.approx(point.ratings[m], abs=1e-6)
+    boot, coefs = compute_bootstrap_style_bt(df, num_round=300, seed=1, anchor=("plain", 1000))
+    for m in ("terse", "mid", "verbose"):
+        width = boot[m].quantile(0.975) - boot[m].quantile(0.025)
+        assert models.loc[m, "upper"] - models.loc[m, "lower"] == pytest.approx(width, rel=0.2)
+    width = coefs["length"].quantile(0.975) - coefs["length"].quantile(0.025)
+    got = features.loc["length", "upper"] - features.loc["length", "lower"]
+    assert got == pytest.approx(width, rel=0.2)
+    assert features.loc["length", "lower"] < 1.0 < features.loc["length", "upper"]
