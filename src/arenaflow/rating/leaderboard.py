@@ -129,6 +129,21 @@ def board_metrics(
     return metrics
 
 
+def log_leaderboard(
+    run: Any, report: dict[str, Any], figures: dict[str, Any], metrics: dict[str, float]
+) -> None:
+    run.log_metrics(metrics)
+    run.set_tags(
+        {"arenaflow.rating_scale": report["scale"], "arenaflow.rating_on": report["rating_on"]}
+    )
+    run.log_table(report["rows"], "leaderboard.json")
+    if report["agreement"]["pairs"]:
+        run.log_table(report["agreement"]["pairs"], "agreement.json")
+    run.log_dict(report, "leaderboard_full.json")
+    for name in PLOTS:
+        run.log_figure(figures[name], f"plots/{name}.png")
+
+
 def figures_and_matrices(
     r: Any, main: dict[str, Any], rows: list[dict[str, Any]], view_df: pd.DataFrame
 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
@@ -235,14 +250,7 @@ def build_leaderboard(
     }
     io.write_json(uri, report)
     with tracker_from_cfg(cfg).start_run("leaderboard", cfg) as run:
-        run.log_metrics(board_metrics(report, fits, subsets))
-        run.set_tags({"arenaflow.rating_scale": main["scale"], "arenaflow.rating_on": primary})
-        run.log_table(report["rows"], "leaderboard.json")
-        if report["agreement"]["pairs"]:
-            run.log_table(report["agreement"]["pairs"], "agreement.json")
-        run.log_dict(report, "leaderboard_full.json")
-        for name in PLOTS:
-            run.log_figure(figures[name], f"plots/{name}.png")
+        log_leaderboard(run, report, figures, board_metrics(report, fits, subsets))
         run_id, run_url = run.run_id, run.url
     return {
         "uri": uri,
