@@ -4,6 +4,11 @@ registry's `champion` alias.
 
 `stage.run(cfg)` is the stage entry point (`python -m arenaflow.rating`); the Dagster assets call its
 three steps, `build_battles`, `build_leaderboard` and `promote_champion`, one per asset.
+
+The steps live in `collect` (battles), `leaderboard` (with `fit`: one battle set rated) and
+`promote`; the maths in `counts` (pair counts, outcome cells), `bradley_terry` (the likelihood and
+its batched solvers), `ratings` (BT, bootstrap, intervals, Elo), `style` (style control),
+`length_control`, `bias` and `agreement`; battle rows in `battles`; what a person sees in `tables`.
 """
 
 from arenaflow.rating.agreement import judge_human_agreement
