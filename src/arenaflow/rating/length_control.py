@@ -14,7 +14,7 @@ import pandas as pd
 
 from arenaflow.rating.bradley_terry import DEFAULT_L2
 from arenaflow.rating.counts import HARD_SCORE
-from arenaflow.rating.style import META_A, META_B, tally, has_style
+from arenaflow.rating.style import META_A, META_B, has_style, tally
 
 
 def _logistic_2(y: np.ndarray, x: np.ndarray, l2: float) -> tuple[float, float]:
