@@ -10,16 +10,15 @@ import pytest
 from scipy.optimize import minimize
 
 from arenaflow import io
+from arenaflow.answer_style import answer_style, conv_metadata
 from arenaflow.evaluate.answers import answer_uri
 from arenaflow.judge.stage import judgment_uris
 from arenaflow.rating import build_battles, build_leaderboard, compute_bt
 from arenaflow.rating.bias import position_preference
 from arenaflow.rating.sandwich import sandwich_style_intervals
 from arenaflow.rating.style import (
-    answer_style,
     compute_bootstrap_style_bt,
     compute_style_bt,
-    conv_metadata,
     style_design,
 )
 

@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from arenaflow import io
+from arenaflow.answer_style import answer_style
 from arenaflow.engine import SamplingParams
 from arenaflow.evaluate.competitors import Backend, find_competitor, make_backend
 from arenaflow.evaluate.questions import bench_uri, load_questions
-from arenaflow.rating.style import answer_style
 
 log = logging.getLogger(__name__)
 

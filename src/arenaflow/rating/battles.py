@@ -23,8 +23,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from arenaflow import io
+from arenaflow.answer_style import answer_style, conv_metadata, has_style
 from arenaflow.rating.counts import WINNERS
-from arenaflow.rating.style import answer_style, conv_metadata, has_style
 
 log = logging.getLogger(__name__)
 

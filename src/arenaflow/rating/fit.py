@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from arenaflow.answer_style import has_style
 from arenaflow.rating.ratings import (
     bootstrap_intervals,
     ci_rank,
@@ -20,7 +21,7 @@ from arenaflow.rating.ratings import (
     compute_elo,
     paired_differences,
 )
-from arenaflow.rating.style import compute_bootstrap_style_bt, compute_style_bt, has_style
+from arenaflow.rating.style import compute_bootstrap_style_bt, compute_style_bt
 
 log = logging.getLogger(__name__)
 

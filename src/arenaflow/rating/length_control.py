@@ -12,9 +12,9 @@ import math
 import numpy as np
 import pandas as pd
 
+from arenaflow.answer_style import META_A, META_B, has_style, tally
 from arenaflow.rating.bradley_terry import DEFAULT_L2
 from arenaflow.rating.counts import HARD_SCORE
-from arenaflow.rating.style import META_A, META_B, has_style, tally
 
 
 def _logistic_2(y: np.ndarray, x: np.ndarray, l2: float) -> tuple[float, float]:
