@@ -23,6 +23,7 @@ from arenaflow.engine import SamplingParams
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Competitor:
     name: str
