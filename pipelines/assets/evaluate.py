@@ -15,6 +15,7 @@ from arenaflow.evaluate.tables import (
     decontamination_output,
     questions_output,
 )
+from arenaflow.models import resolve_reference
 from pipelines.metadata import check_result, output
 from pipelines.resources import HydraConfigResource, StageConfig, default_overrides, stage_config
 from pipelines.versions import source_version
@@ -50,18 +51,15 @@ def mt_bench_questions(
     return output(value, meta, plain)
 
 
-def _model_ref(local: str | None, base: dict[str, Any], finetuned: dict[str, Any]) -> str | None:
-    """`local: base | finetuned` -> the upstream asset's checkpoint (its folder, else its MLflow URI)."""
-    if local == "base":
-        return str(base["path"])
-    if local == "finetuned":
-        path = finetuned.get("path")
-        if path and Path(path).exists():
-            return str(path)
-        if finetuned.get("model_uri"):
-            return str(finetuned["model_uri"])
-        raise ValueError(f"finetuned_model has neither a local path nor a model_uri: {finetuned}")
-    return None
+def _checkpoint(finetuned: dict[str, Any]) -> str:
+    """The fine-tune's checkpoint as the finetuned_model asset recorded it: its folder when it is
+    on this machine, else its MLflow URI."""
+    path = finetuned.get("path")
+    if path and Path(path).exists():
+        return str(path)
+    if finetuned.get("model_uri"):
+        return str(finetuned["model_uri"])
+    raise ValueError(f"finetuned_model has neither a local path nor a model_uri: {finetuned}")
 
 
 @dg.asset(
@@ -84,7 +82,14 @@ def mt_bench_answers(
     cfg, meta = stage_config(context, hydra, config)
     name = context.partition_key
     competitor = find_competitor(cfg, name)
-    ref = _model_ref(competitor.local, base_model, finetuned_model)
+    ref = None
+    if competitor.local:  # base / finetuned are this run's upstream models
+        ref = resolve_reference(
+            competitor.local,
+            cfg,
+            base=str(base_model["path"]),
+            finetuned=_checkpoint(finetuned_model) if competitor.local == "finetuned" else None,
+        )
     out = answer_competitor(cfg, name, model_ref=ref, questions_file=mt_bench_questions["uri"])
     if out["failed"]:
         context.log.warning("%s: %d question(s) failed: %s", name, out["failed"], out["failures"])

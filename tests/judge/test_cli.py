@@ -43,4 +43,4 @@ def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Pa
     assert "calls_made: 8" in proc.stdout
     logged = proc.stdout + proc.stderr
     assert "base_url: http://judge:***@127.0.0.1" in logged
-    assert "base_url: http://judge:s3cret-pw@" not in logged
+    assert "s3cret-pw" not in logged  # nor in httpx's request lines (EndpointClient's log filter)

@@ -81,6 +81,27 @@ def describe(exc: Exception) -> str:
     return f"{type(exc).__name__}{f' {status}' if status else ''}: {str(exc)[:200]}"
 
 
+class _RedactRequestLog(logging.Filter):
+    """httpx logs every request's URL at INFO; a password in a base_url must not reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from arenaflow.tracking import redact
+
+        if record.args:
+            record.args = tuple(  # type: ignore[assignment]
+                a if isinstance(a, int | float) else redact(str(a)) for a in record.args
+            )
+        record.msg = redact(str(record.msg))
+        return True
+
+
+def _redact_http_logs() -> None:
+    for name in ("httpx", "httpx2"):  # the openai client's HTTP library, by release
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactRequestLog) for f in logger.filters):
+            logger.addFilter(_RedactRequestLog())
+
+
 class EndpointClient:
     """Chat completions against one endpoint and model, with retries, budget gating and a pool."""
 
@@ -99,6 +120,7 @@ class EndpointClient:
     ) -> None:
         from openai import OpenAI
 
+        _redact_http_logs()
         self.url = base_url or "https://api.openai.com/v1"
         self.model = model
         self.retries, self.backoff_base, self.backoff_max = retries, backoff_base, backoff_max
