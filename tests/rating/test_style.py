@@ -196,6 +196,11 @@ def test_leaderboard_rates_with_style_control_from_the_answer_files(make_cfg) ->
     assert all("conv_metadata" in r for r in rows)
     board = build_leaderboard(cfg, battles, None)
     assert board["style"]["on"] and "length" in board["style"]["coefficients"]
+    length = board["style"]["coefficients"]["length"]
+    assert length["sandwich_lower"] < length["value"] < length["sandwich_upper"]
+    robust = board["style"]["sandwich"]
+    assert robust["base"]["ci_lower"] == pytest.approx(1000)  # the anchor has no spread
+    assert robust["finetuned"]["ci_upper"] > robust["finetuned"]["ci_lower"]
     assert board["scale"].endswith(";style=controlled")
     for row in board["rows"]:
         assert {"raw_rating", "raw_ci_lower", "raw_ci_upper", "raw_rank"} <= set(row)
@@ -205,7 +210,12 @@ def test_leaderboard_rates_with_style_control_from_the_answer_files(make_cfg) ->
     assert (
         by_model["finetuned"]["lc_win_rate"] is not None and by_model["base"]["lc_win_rate"] is None
     )
-    assert set(board["judge_bias"]["length_preference"]) == {"value", "ci_lower", "ci_upper"}
+    assert set(board["judge_bias"]["length_preference"]) >= {
+        "value",
+        "ci_lower",
+        "ci_upper",
+        "sandwich_lower",
+    }
     assert board["judge_bias"]["position_preference"]["games"] == 2 * len(pairs)
     assert by_model["finetuned"]["rating"] != by_model["finetuned"]["raw_rating"]
 

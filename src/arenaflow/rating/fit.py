@@ -21,6 +21,7 @@ from arenaflow.rating.ratings import (
     compute_elo,
     paired_differences,
 )
+from arenaflow.rating.sandwich import sandwich_style_intervals
 from arenaflow.rating.style import compute_bootstrap_style_bt, compute_style_bt
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def fit_style(r: Any, df: pd.DataFrame, kw: dict[str, Any]) -> dict[str, Any]:
     )
     level = float(r.ci_level)
     coef_ci = bootstrap_intervals(coefs, level) if len(coefs.columns) else None
+    robust, robust_coef = sandwich_style_intervals(df, level, l2=r.l2, **kw)
     return {
         "on": True,
         "note": f"style-controlled ({', '.join(fit.coefficients) or 'no varying feature'})",
@@ -180,8 +182,15 @@ def fit_style(r: Any, df: pd.DataFrame, kw: dict[str, Any]) -> dict[str, Any]:
                 "value": v,
                 "ci_lower": float(coef_ci.loc[f, "lower"]),
                 "ci_upper": float(coef_ci.loc[f, "upper"]),
+                "sandwich_lower": float(robust_coef.loc[f, "lower"]),
+                "sandwich_upper": float(robust_coef.loc[f, "upper"]),
             }
             for f, v in fit.coefficients.items()
+        },
+        # robust (sandwich) intervals beside the bootstrap's: no resampling, same level
+        "sandwich": {
+            m: {"ci_lower": float(row["lower"]), "ci_upper": float(row["upper"])}
+            for m, row in robust.iterrows()
         },
         "rows": _ci_rows(fit.ratings, boot, level),
         "point": fit.ratings,

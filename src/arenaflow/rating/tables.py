@@ -100,6 +100,9 @@ def style_table(style: dict[str, Any]) -> Markdown:
             "feature": f,
             "coefficient": f"{c['value']:+.3f}",
             "interval": f"[{c['ci_lower']:+.3f}, {c['ci_upper']:+.3f}]",
+            "sandwich interval": f"[{c['sandwich_lower']:+.3f}, {c['sandwich_upper']:+.3f}]"
+            if "sandwich_lower" in c
+            else "",
         }
         for f, c in style["coefficients"].items()
     ]
