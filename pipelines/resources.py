@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pydantic import Field
 
 from arenaflow.config import compose_config
-from arenaflow.tracking import redact, redact_overrides, redacted_yaml
+from arenaflow.redact import redact, redact_overrides, redacted_yaml
 
 
 def default_overrides() -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 import dagster as dg
 
 from arenaflow.config import compose_config, config_hash
-from arenaflow.tracking import redact_overrides
+from arenaflow.redact import redact_overrides
 from pipelines.assets.serve import curl_example
 from pipelines.definitions import build_definitions
 from pipelines.resources import HydraConfigResource

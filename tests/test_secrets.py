@@ -16,7 +16,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from arenaflow.tracking import MlflowTracker, redact, redact_overrides, tracker_from_cfg
+from arenaflow.redact import redact, redact_overrides
+from arenaflow.tracking import MlflowTracker, tracker_from_cfg
 
 # one planted secret per way a secret travels: a key named like a secret, a URL's password, a
 # secret query parameter

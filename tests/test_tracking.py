@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from arenaflow.tracking import NullTracker, parse_models_uri, redact, tracker_from_cfg
+from arenaflow.redact import redact
+from arenaflow.tracking import NullTracker, parse_models_uri, tracker_from_cfg
 
 
 def test_stage_run_logs_resolved_config_without_secrets(make_cfg) -> None:

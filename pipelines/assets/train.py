@@ -13,7 +13,7 @@ import dagster as dg
 
 from arenaflow import io
 from arenaflow.config import REPO_ROOT
-from arenaflow.tracking import redact_overrides
+from arenaflow.redact import redact_overrides
 from arenaflow.train import plan, register_base, resolve_base
 from arenaflow.train.reporting import REPORTER_ENV
 from arenaflow.train.tables import base_output, finetuned_output, missing_checkpoint_files

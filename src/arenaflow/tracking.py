@@ -2,96 +2,32 @@
 
 Stages call `tracker_from_cfg(cfg)` and use the returned tracker; `tracking=none` gives the
 `NullTracker`, so no stage needs `if tracker:` branches. Secrets never reach MLflow or a log:
-`redact` is the one redaction for everything the project logs or writes (credential-like keys, URL
-passwords, secret query parameters), and a tracking URI's password goes to MLflow out of the URI.
+every param, tag and artifact goes through `arenaflow.redact`, and a tracking URI's password goes
+to MLflow out of the URI.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from arenaflow.config import REPO_ROOT
+from arenaflow.redact import redact, redacted_yaml
 
 log = logging.getLogger(__name__)
 
-REDACTED = "***"
-_SECRET_WORDS = r"api_?keys?|secret|password|passwd|token|authorization|credentials?|private_key"
-# a config key or override whose value is a secret (not `api_key_env`: that holds a variable's name)
-_SECRET_KEY = re.compile(rf"({_SECRET_WORDS})$", re.IGNORECASE)
-# the password of `scheme://user:password@host` ('/' allowed: hiding too much beats leaking)
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^\s:/?#@]*:)[^\s@]+(?=@)", re.IGNORECASE)
-# `name=value` with a secret-like name: query strings (?token=, &api_key=, X-Amz-Signature=) and
-# overrides quoted in messages (serve.api_keys=[...])
-_SECRET_ASSIGNMENT = re.compile(
-    rf"((?<![\w.\-])[\w.\-]*(?:{_SECRET_WORDS}|key|sig|signature)=)"
-    r"(\[[^\]]*\]|\{[^}]*\}|[^\s&#,;'\"\])}]+)",
-    re.IGNORECASE,
-)
 _MAX_PARAM_LEN = 6000
-
-
-def redact(obj: Any, key: str = "") -> Any:
-    """The one redaction for everything logged or written (MLflow, metadata, logs, config files).
-
-    Values of credential-like keys (api_key, api_keys, token, password, ...) become '***'; in any
-    string, a URL's password (`user:***@host`) and secret query parameters (`?token=***`) do too.
-    Only copies are redacted: the live config keeps the secrets the process needs.
-    """
-    if isinstance(obj, DictConfig | ListConfig):
-        obj = OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if key and _SECRET_KEY.search(key) and obj not in (None, [], ""):
-        return REDACTED
-    if isinstance(obj, list | tuple):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return _SECRET_ASSIGNMENT.sub(rf"\1{REDACTED}", _URL_PASSWORD.sub(rf"\1{REDACTED}", obj))
-    return obj
-
-
-def redact_overrides(overrides: Sequence[str]) -> list[str]:
-    """Hydra overrides as `redact` shows them: `serve.api_keys=[sk-..]` -> `serve.api_keys=***`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    parser = OverridesParser.create()
-    out = []
-    for o in overrides:
-        key, sep, text = o.partition("=")
-        leaf = key.lstrip("+~").rsplit(".", 1)[-1].split("@")[0]
-        if not sep:
-            out.append(redact(o))
-        elif _SECRET_KEY.search(leaf) and text.strip() not in ("", "null", "[]"):
-            out.append(f"{key}={REDACTED}")
-        else:
-            try:  # a dict value (`serve={api_keys:[..]}`) hides its secrets under its own keys
-                value = parser.parse_overrides([o])[0].value()
-            except OverrideParseException:
-                value = text
-            shown = redact(value)
-            structured = isinstance(value, dict | list) and shown != value
-            out.append(f"{key}={json.dumps(shown) if structured else redact(text)}")
-    return out
-
-
-def redacted_yaml(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """A config as YAML for a log line or a file a person reads, secrets redacted."""
-    return OmegaConf.to_yaml(OmegaConf.create(redact(cfg)))
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from arenaflow import io
-from arenaflow.arena.routes import COOKIE
+from arenaflow.arena.limits import COOKIE
 from arenaflow.config import compose_config
 from arenaflow.rating.stage import build_battles
 from tests.arena.test_arena_api import error_of, new_battle, play_turn

@@ -13,7 +13,7 @@ from arenaflow.arena.limits import (
     RateLimiter,
     address_key,
 )
-from arenaflow.arena.routes import ArenaSettings
+from arenaflow.arena.settings import ArenaSettings
 from arenaflow.config import compose_config
 from arenaflow.serve.errors import APIError
 from arenaflow.serve.security import uvicorn_proxy_options

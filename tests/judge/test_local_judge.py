@@ -10,7 +10,8 @@ from judge_standin import read_rows, write_inputs
 
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.judge import judge, score
-from arenaflow.judge.backends import VERDICT_PREFIX, ChatRequest, LocalBackend
+from arenaflow.judge.backends import VERDICT_PREFIX, ChatRequest
+from arenaflow.judge.local import LocalBackend
 from arenaflow.judge.verdicts import verdict_from_logprobs
 
 

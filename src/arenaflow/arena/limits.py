@@ -1,6 +1,12 @@
 """The arena's guards: who is calling (a server-signed client id, an address from trusted proxies
 only, the private arena's key), how often (token buckets per client and per address) and how many
 battles each may hold, so that no client can reset its limits or push everyone else's battles out.
+
+The `arena_client` cookie holds an id the server issued, signed with HMAC-SHA256 under a server
+secret, so a browser can neither pick one (a fresh cookie per request resets nothing: the address
+bucket still counts) nor take over another's battles. The address is the TCP peer;
+`X-Forwarded-For` counts only from `serve.trusted_proxies`, which the server hands to uvicorn's
+proxy-headers middleware.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 
 from arenaflow.serve.errors import APIError
 from arenaflow.serve.security import key_matches
@@ -248,3 +255,57 @@ class Battles:
             if first.touched >= limit:
                 return
             self._items.popitem(last=False)
+
+
+COOKIE = "arena_client"
+
+
+class Guards:
+    """Every guard of one arena server: who calls (signed ids, addresses), the private arena's
+    keys, the two token buckets and the battle table's bounds."""
+
+    def __init__(self, settings: Any, api_keys: list[str]) -> None:
+        s = self.settings = settings
+        self.api_keys = api_keys
+        self.ids = ClientIds.from_env(s.client_secret_env)
+        self.limiter = RateLimiter(s.per_minute, s.burst, s.max_clients)
+        self.address_limiter = RateLimiter(s.address_per_minute, s.address_burst, s.max_clients)
+        self.battles = Battles(
+            s.max_battles, s.battle_ttl_s, s.max_battles_per_client, s.max_battles_per_address
+        )
+
+    def caller(self, request: Request) -> Caller:
+        """Who sent the request; a request without a valid signed cookie is a new client."""
+        address = address_key(request.client.host if request.client else None)
+        client = self.ids.verify(request.cookies.get(COOKIE))
+        if client is not None:
+            return Caller(client, address)
+        client, cookie = self.ids.issue()
+        return Caller(client, address, new_cookie=cookie)
+
+    def admit(self, request: Request) -> Caller:
+        """The private arena's key, then the address's and the client's rate limits."""
+        if self.settings.require_key:
+            check_key(self.api_keys, request)
+        caller = self.caller(request)
+        s = self.settings
+        self.address_limiter.check(
+            caller.address,
+            "your network address",
+            f"address_per_minute {s.address_per_minute:g}, address_burst {s.address_burst}",
+        )
+        self.limiter.check(caller.client)
+        return caller
+
+    def set_cookie(self, response: Response, request: Request, caller: Caller) -> None:
+        if caller.new_cookie is None:
+            return
+        response.set_cookie(
+            COOKIE,
+            caller.new_cookie,
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+            path="/arena",
+        )

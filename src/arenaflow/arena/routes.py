@@ -7,13 +7,8 @@ FastChat battle row, which the rating stage reads as human battles. Battles live
 address, a bound on each client's and address's unfinished battles, the prompt length, the data
 config's blocked words, one vote per battle and only once both answers have finished.
 
-Who a client is comes from the server: the `arena_client` cookie holds an id the server issued,
-signed with HMAC-SHA256 under a server secret, so a browser can neither pick one (a fresh cookie
-per request resets nothing: the address bucket still counts) nor take over another's battles. The
-address is the TCP peer; `X-Forwarded-For` counts only from `serve.trusted_proxies`, which
-the server hands to uvicorn's proxy-headers middleware. Those guards live in `arena_limits`. The
-page sends a Content-Security-Policy that allows only its own (hashed) script and style, and
-cannot be framed.
+Who a client is, the rate limits and the battle bounds are `limits.Guards`; the page and its
+Content-Security-Policy are `page.py`; the settings `settings.py`.
 With `serve.arena.require_key` the API wants the server's bearer keys (a private arena).
 
 `arena_router(state)` returns the routes; the app mounts it with `app.include_router`. The router's
@@ -23,20 +18,13 @@ lifespan opens the vote store after the models are loaded and disposes of it at 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import functools
-import hashlib
 import json
 import logging
 import math
 import random
-import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -46,22 +34,16 @@ from pydantic import BaseModel, Field
 from arenaflow.arena import VoteStore, safe_url, vote_db_url
 from arenaflow.arena.limits import (
     Battle,
-    Battles,
-    Caller,
-    ClientIds,
-    RateLimiter,
-    address_key,
-    check_key,
+    Guards,
 )
+from arenaflow.arena.page import page_html, page_security_headers
+from arenaflow.arena.settings import ArenaSettings
+from arenaflow.arena.turns import SIDES, both_answers, open_both
 from arenaflow.engine import (
     SamplingParams,
     Scheduler,
-    StreamEvent,
 )
-from arenaflow.serve.errors import APIError, error_body
-from arenaflow.serve.generation import map_engine_errors
-from arenaflow.serve.security import trusted_proxies
-from arenaflow.serve.streams import merge_streams, sse_event
+from arenaflow.serve.errors import APIError
 from arenaflow.textfilters import contains_blocked_word
 
 if TYPE_CHECKING:
@@ -69,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COOKIE = "arena_client"
-SIDES = ("a", "b")
 # The page's buttons -> FastChat's battle winners.
 VOTES = {
     "leftvote": "model_a",
@@ -78,80 +58,6 @@ VOTES = {
     "tievote": "tie",
     "bothbad_vote": "tie (bothbad)",
 }
-_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
-_STYLE = re.compile(r"<style>(.*?)</style>", re.S)
-
-
-# -- settings -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArenaSettings:
-    """`serve.arena` plus the data config's blocked words."""
-
-    enabled: bool = True
-    max_prompt_chars: int = 2000
-    max_turns: int = 8
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    per_minute: float = 20.0
-    burst: int = 10
-    address_per_minute: float = 120.0
-    address_burst: int = 60
-    max_clients: int = 10_000
-    max_battles: int = 1000
-    max_battles_per_client: int = 10
-    max_battles_per_address: int = 50
-    battle_ttl_s: float = 3600.0
-    trusted_proxies: tuple[str, ...] = ()
-    client_secret_env: str | None = None
-    require_key: bool = False
-    blocked_words: tuple[str, ...] = ()
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> ArenaSettings:
-        arena = cfg.serve.get("arena") or {}
-        rate = arena.get("rate_limit") or {}
-        words = tuple(cfg.data.blocked_words or ()) if "data" in cfg else ()
-        out = cls(
-            enabled=bool(arena.get("enabled", True)),
-            max_prompt_chars=int(arena.get("max_prompt_chars", 2000)),
-            max_turns=int(arena.get("max_turns", 8)),
-            max_tokens=int(arena.get("max_tokens", 256)),
-            temperature=float(arena.get("temperature", 0.7)),
-            top_p=float(arena.get("top_p", 1.0)),
-            per_minute=float(rate.get("per_minute", 20)),
-            burst=int(rate.get("burst", 10)),
-            address_per_minute=float(rate.get("address_per_minute", 120)),
-            address_burst=int(rate.get("address_burst", 60)),
-            max_clients=int(rate.get("max_clients", 10_000)),
-            max_battles=int(arena.get("max_battles", 1000)),
-            max_battles_per_client=int(arena.get("max_battles_per_client", 10)),
-            max_battles_per_address=int(arena.get("max_battles_per_address", 50)),
-            battle_ttl_s=float(arena.get("battle_ttl_s", 3600)),
-            trusted_proxies=trusted_proxies(cfg),
-            client_secret_env=arena.get("client_secret_env") or None,
-            require_key=bool(arena.get("require_key", False)),
-            blocked_words=tuple(words),
-        )
-        for name in (
-            "max_prompt_chars",
-            "max_turns",
-            "max_tokens",
-            "burst",
-            "address_burst",
-            "max_battles",
-            "max_battles_per_client",
-            "max_battles_per_address",
-        ):
-            if getattr(out, name) < 1:
-                raise ValueError(f"serve.arena.{name} must be >= 1, got {getattr(out, name)}")
-        for name in ("per_minute", "address_per_minute"):
-            if getattr(out, name) <= 0:
-                raise ValueError(
-                    f"serve.arena.rate_limit.{name} must be > 0, got {getattr(out, name)}"
-                )
-        SamplingParams(temperature=out.temperature, top_p=out.top_p).validate()
-        return out
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -182,12 +88,8 @@ class Arena:
                 "serve.arena.require_key=true but the server has no API keys; set serve.api_keys "
                 "or serve.api_keys_env, or serve.arena.require_key=false for a public arena"
             )
-        self.ids = ClientIds.from_env(s.client_secret_env)
-        self.limiter = RateLimiter(s.per_minute, s.burst, s.max_clients)
-        self.address_limiter = RateLimiter(s.address_per_minute, s.address_burst, s.max_clients)
-        self.battles = Battles(
-            s.max_battles, s.battle_ttl_s, s.max_battles_per_client, s.max_battles_per_address
-        )
+        self.guards = Guards(s, state.api_keys)
+        self.battles = self.guards.battles
         self.store: VoteStore | None = None
         self.retry_after = str(max(1, math.ceil(float(state.cfg.serve.get("retry_after_s", 1)))))
 
@@ -205,42 +107,6 @@ class Arena:
                 code="arena_unavailable",
             )
         return names
-
-    def caller(self, request: Request) -> Caller:
-        """Who sent the request; a request without a valid signed cookie is a new client."""
-        address = address_key(request.client.host if request.client else None)
-        client = self.ids.verify(request.cookies.get(COOKIE))
-        if client is not None:
-            return Caller(client, address)
-        client, cookie = self.ids.issue()
-        return Caller(client, address, new_cookie=cookie)
-
-    def admit(self, request: Request) -> Caller:
-        """The private arena's key, then the address's and the client's rate limits."""
-        if self.settings.require_key:
-            check_key(self.state.api_keys, request)
-        caller = self.caller(request)
-        s = self.settings
-        self.address_limiter.check(
-            caller.address,
-            "your network address",
-            f"address_per_minute {s.address_per_minute:g}, address_burst {s.address_burst}",
-        )
-        self.limiter.check(caller.client)
-        return caller
-
-    def set_cookie(self, response: Response, request: Request, caller: Caller) -> None:
-        if caller.new_cookie is None:
-            return
-        response.set_cookie(
-            COOKIE,
-            caller.new_cookie,
-            max_age=365 * 24 * 3600,
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
-            path="/arena",
-        )
 
     def own_battle(self, battle_id: str, client: str) -> Battle:
         """The battle, if this client started it: only the person who chatted may go on or vote."""
@@ -324,21 +190,21 @@ class Arena:
             "List them under serve.models and restart it.",
         }
         data = json.dumps(config).replace("<", "\\u003c")
-        html, csp = _page()
+        html, csp = page_html()
         response = HTMLResponse(
             html.replace("/*ARENA_CONFIG*/null", data),
             headers={"Cache-Control": "no-store", **page_security_headers(csp)},
         )
-        caller = self.caller(request)
-        self.set_cookie(response, request, caller)
+        caller = self.guards.caller(request)
+        self.guards.set_cookie(response, request, caller)
         return response
 
     def models(self, request: Request) -> dict[str, Any]:
-        self.admit(request)
+        self.guards.admit(request)
         return {"models": self.model_names()}
 
     def create(self, body: NewBattle, request: Request, response: Response) -> dict[str, Any]:
-        caller = self.admit(request)
+        caller = self.guards.admit(request)
         names = self.require_models()
         if body.models is not None:
             if len(body.models) != 2:
@@ -368,7 +234,7 @@ class Arena:
             address=caller.address,
         )
         self.battles.add(battle)
-        self.set_cookie(response, request, caller)
+        self.guards.set_cookie(response, request, caller)
         log.debug("arena battle %s (%s)", battle.id, "anonymous" if anony else "named")
         return {
             "battle_id": battle.id,
@@ -378,7 +244,7 @@ class Arena:
         }
 
     async def turn(self, battle_id: str, body: Turn, request: Request) -> StreamingResponse:
-        caller = self.admit(request)
+        caller = self.guards.admit(request)
         self.require_models()
         battle = self.own_battle(battle_id, caller.client)
         if battle.voted:
@@ -402,65 +268,19 @@ class Arena:
         messages = [[*c, {"role": "user", "content": prompt}] for c in battle.conversations]
         sides = [self.params_for(i, battle, messages[i]) for i in range(2)]
         battle.streaming = True  # no await since the checks: a second turn sees it
-        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]] = []
         try:
-            iters = [sched.stream(p, sp).__aiter__() for sched, p, sp in sides]
-            firsts = await asyncio.gather(
-                *(map_engine_errors(it.__anext__(), self.retry_after) for it in iters),
-                return_exceptions=True,
-            )
-            for it, first in zip(iters, firsts, strict=True):
-                if isinstance(first, BaseException):
-                    for other in iters:
-                        with contextlib.suppress(Exception):
-                            await other.aclose()  # type: ignore[attr-defined]
-                    raise first
-                opened.append((it, first))
+            opened = await open_both(sides, self.retry_after)
         except BaseException:
             battle.streaming = False
             raise
         return StreamingResponse(
-            self._stream(battle, messages, opened),
+            both_answers(battle, messages, opened),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(
-        self,
-        battle: Battle,
-        messages: list[list[dict[str, str]]],
-        opened: list[tuple[AsyncIterator[StreamEvent], StreamEvent]],
-    ) -> AsyncIterator[str]:
-        """Both answers as one SSE stream of `{"side", "text"}` / `{"side", "finish_reason"}`,
-        then `{"done": true}`; the turn joins the battle only when both answers are complete."""
-        texts = ["", ""]
-        stream = merge_streams(opened)
-        try:
-            async for side, item in stream:
-                if isinstance(item, Exception):
-                    log.error("arena generation failed: %s", item)
-                    yield sse_event(
-                        error_body(503, f"generation failed: {item}; send the prompt again")
-                    )
-                    return
-                if item.text:
-                    texts[side] += item.text
-                    yield sse_event({"side": SIDES[side], "text": item.text})
-                if item.finish_reason:
-                    yield sse_event({"side": SIDES[side], "finish_reason": item.finish_reason})
-            for i in range(2):
-                battle.conversations[i][:] = [
-                    *messages[i],
-                    {"role": "assistant", "content": texts[i]},
-                ]
-            battle.turns += 1
-            yield sse_event({"done": True, "turn": battle.turns})
-        finally:
-            battle.streaming = False
-            await stream.aclose()
-
     async def vote(self, battle_id: str, body: Vote, request: Request) -> dict[str, Any]:
-        caller = self.admit(request)
+        caller = self.guards.admit(request)
         battle = self.own_battle(battle_id, caller.client)
         if battle.streaming or battle.turns == 0:
             raise APIError(
@@ -546,40 +366,3 @@ def arena_router(state: ServeState) -> APIRouter:
         return await arena.vote(battle_id, body, request)
 
     return router
-
-
-def page_security_headers(csp: str) -> dict[str, str]:
-    """The page may run only its own script and style, talk only to this server, and not be
-    framed (clickjacking a vote); `X-Frame-Options` for browsers without `frame-ancestors`."""
-    return {
-        "Content-Security-Policy": csp,
-        "X-Frame-Options": "DENY",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-    }
-
-
-@functools.cache
-def _page() -> tuple[str, str]:
-    """The page and its Content-Security-Policy: its one inline script and style are allowed by
-    their SHA-256 (the per-request config is a JSON data block, which browsers never run)."""
-    html = resources.files("arenaflow.arena").joinpath("static/arena.html").read_text("utf-8")
-    scripts, styles = _SCRIPT.findall(html), _STYLE.findall(html)
-    if len(scripts) != 1 or len(styles) != 1:
-        raise RuntimeError("arena.html must hold exactly one <script> and one <style> element")
-    policy = {
-        "default-src": "'none'",
-        "script-src": _csp_hash(scripts[0]),
-        "style-src": _csp_hash(styles[0]),
-        "connect-src": "'self'",
-        "img-src": "'self'",
-        "form-action": "'self'",
-        "base-uri": "'none'",
-        "frame-ancestors": "'none'",
-    }
-    return html, "; ".join(f"{k} {v}" for k, v in policy.items())
-
-
-def _csp_hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"

@@ -62,8 +62,8 @@ def database_exists(url: str) -> bool:
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password hidden, for logs and metadata (the one redaction, `tracking.redact`)."""
-    from arenaflow.tracking import redact
+    """The URL with its password hidden, for logs and metadata (the one redaction, `arenaflow.redact`)."""
+    from arenaflow.redact import redact
 
     return redact(url)
 

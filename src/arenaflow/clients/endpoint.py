@@ -85,7 +85,7 @@ class _RedactRequestLog(logging.Filter):
     """httpx logs every request's URL at INFO; a password in a base_url must not reach the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from arenaflow.tracking import redact
+        from arenaflow.redact import redact
 
         if record.args:
             record.args = tuple(  # type: ignore[assignment]

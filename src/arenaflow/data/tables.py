@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from arenaflow.redact import redact
 from arenaflow.report import Image, Markdown, Path, Table, counts_table
-from arenaflow.tracking import redact
 
 SFT_SUMMARY = (
     "examples",

@@ -155,13 +155,7 @@ def answer_competitor(
     hashes = {q["question_id"]: gen_hash(cfg, backend.fingerprint, q) for q in questions}
     out_uri, fail_uri = answer_uri(cfg, name), failures_uri(cfg, name)
 
-    kept, stale = [], 0
-    for row in _read_existing(out_uri):
-        qid = row.get("question_id")
-        if qid in hashes and row.get("gen_hash") != hashes[qid]:
-            stale += 1
-        else:
-            kept.append(row)
+    kept, stale = _reusable(out_uri, hashes)
     have = {r["question_id"] for r in kept}
     missing = [q for q in questions if q["question_id"] not in have]
     log.info(
@@ -187,19 +181,7 @@ def answer_competitor(
     io.write_jsonl(fail_uri, failures)
     for f in failures:
         log.error("%s: question %s failed: %s", name, f["question_id"], f["error"])
-    by_id = {q["question_id"]: q for q in questions}
-    samples = [
-        {
-            "question_id": r["question_id"],
-            "category": by_id[r["question_id"]]["category"],
-            "turn_1": r["choices"][0]["turns"][0][:300],
-            "turn_2": r["choices"][0]["turns"][-1][:300]
-            if len(r["choices"][0]["turns"]) > 1
-            else "",
-        }
-        for r in rows
-        if r["question_id"] in by_id
-    ][: int(cfg.eval.get("samples_in_metadata", 5))]
+    samples = _samples(rows, questions, int(cfg.eval.get("samples_in_metadata", 5)))
     result = {
         "uri": out_uri,
         "failures_uri": fail_uri,
@@ -219,6 +201,37 @@ def answer_competitor(
     }
     result.update(_track(cfg, name, result))
     return result
+
+
+def _reusable(uri: str, hashes: dict[Any, str]) -> tuple[list[dict[str, Any]], int]:
+    """Earlier answers still valid for these settings, and how many went stale."""
+    kept, stale = [], 0
+    for row in _read_existing(uri):
+        qid = row.get("question_id")
+        if qid in hashes and row.get("gen_hash") != hashes[qid]:
+            stale += 1
+        else:
+            kept.append(row)
+    return kept, stale
+
+
+def _samples(
+    rows: list[dict[str, Any]], questions: list[dict[str, Any]], n: int
+) -> list[dict[str, Any]]:
+    """The first answers, cut short, for a person to look at (asset metadata)."""
+    by_id = {q["question_id"]: q for q in questions}
+    return [
+        {
+            "question_id": r["question_id"],
+            "category": by_id[r["question_id"]]["category"],
+            "turn_1": r["choices"][0]["turns"][0][:300],
+            "turn_2": r["choices"][0]["turns"][-1][:300]
+            if len(r["choices"][0]["turns"]) > 1
+            else "",
+        }
+        for r in rows
+        if r["question_id"] in by_id
+    ][:n]
 
 
 def _track(cfg: DictConfig, name: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,8 @@ from arenaflow.judge.scores import (
     single_scores,
 )
 from arenaflow.plots import write_png
-from arenaflow.tracking import redacted_yaml, tracker_from_cfg
+from arenaflow.redact import redacted_yaml
+from arenaflow.tracking import tracker_from_cfg
 
 log = logging.getLogger(__name__)
 

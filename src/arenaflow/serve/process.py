@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from arenaflow.tracking import redact
+from arenaflow.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from arenaflow.tracking import redacted_yaml
+from arenaflow.redact import redacted_yaml
 from arenaflow.train.recipe import TrainPlan
 from arenaflow.train.reporting import REPORTER_ENV
 

@@ -1,0 +1,175 @@
+"""The local judge: the arenaflow engine in process, batched greedy judging within the budget,
+and the verdict token's distribution read after a forced `[[` prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arenaflow.clients.budget import NO_BUDGET, CallGate
+from arenaflow.judge.backends import (
+    VERDICT_PREFIX,
+    ChatRequest,
+    Completion,
+    JudgeBackend,
+    OnResult,
+    Recovery,
+)
+from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS
+
+
+class LocalBackend(JudgeBackend):
+    """The arenaflow engine in process: batched greedy judging, and the verdict token's
+    distribution read after a forced `[[` prefix appended to the judge's own reply."""
+
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        model_name: str,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        batch_size: int = 8,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.batch_size = max(1, batch_size)
+
+    def _fits(self, prompt: str, new_tokens: int) -> int | None:
+        n = len(self.engine.encode(prompt))
+        return n if n + new_tokens <= self.engine.context_length else None
+
+    def _admit(self, costs: dict[int, int], gate: CallGate) -> tuple[list[int], str | None]:
+        """The requests (in order) the budget lets into the next batch, and the reason it
+        refused the rest; requests that only wait for this batch's tokens go in a later one."""
+        granted: list[int] = []
+        for i, cost in costs.items():
+            reason = gate.reserve(cost, wait=False)
+            if reason is None:
+                granted.append(i)
+            elif granted:
+                return granted, None  # no room beside this batch: the rest go in the next one
+            else:
+                return granted, reason  # nothing is in flight and it still does not fit
+        return granted, None
+
+    def complete(
+        self,
+        requests: list[ChatRequest],
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Completion] | None = None,
+    ) -> list[Completion]:
+        from arenaflow.engine import SamplingParams
+
+        prompts = [self.engine.render_chat(r.messages()) for r in requests]
+        out: list[Completion | None] = [None] * len(requests)
+        costs: dict[int, int] = {}
+        for i, prompt in enumerate(prompts):
+            n = self._fits(prompt, self.max_tokens)
+            if n is None:
+                out[i] = Completion(
+                    text=None,
+                    error=f"prompt too long for the judge's {self.engine.context_length}-token "
+                    f"context with judge.max_tokens={self.max_tokens}",
+                    attempts=0,
+                )
+                if on_result is not None:
+                    on_result(i, out[i])
+            else:
+                costs[i] = n + self.max_tokens
+        params = SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            logprobs=True,
+            top_logprobs=20,  # the verdict token's alternatives: its probabilities, at no extra pass
+        )
+        while costs:
+            batch, refused = self._admit(costs, gate)
+            results: list[Any] = []
+            try:
+                results = self.engine.generate([prompts[i] for i in batch], params) if batch else []
+            finally:
+                for n, i in enumerate(batch):
+                    r = results[n] if n < len(results) else None
+                    gate.settle(costs.pop(i), r.prompt_tokens + r.completion_tokens if r else 0)
+            for i, result in zip(batch, results, strict=True):
+                choice = result.choices[0]
+                out[i] = Completion(
+                    text=choice.text,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    tokens=[
+                        (lp.token, {t.token: t.logprob for t in lp.top} | {lp.token: lp.logprob})
+                        for lp in choice.logprobs or []
+                    ],
+                )
+                if on_result is not None:
+                    on_result(i, out[i])
+            if refused is not None:
+                for i in costs:
+                    out[i] = Completion(text=None, error=f"budget: {refused}", attempts=0)
+                    if on_result is not None:
+                        on_result(i, out[i])
+                costs = {}
+        return [c for c in out if c is not None]
+
+    def _candidate_ids(self, output_format: str) -> dict[str, int]:
+        """Verdict tokens that are single tokens of this tokenizer (`10` usually is not)."""
+        out = {}
+        for token in RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS:
+            ids = self.engine.tokenizer.encode(token, add_special_tokens=False)
+            if len(ids) == 1:
+                out[token] = ids[0]
+        return out
+
+    def verdict_logprobs(
+        self,
+        requests: list[ChatRequest],
+        judgments: list[str],
+        output_format: str,
+        *,
+        gate: CallGate = NO_BUDGET,
+        on_result: OnResult[Recovery] | None = None,
+    ) -> list[Recovery]:
+        """Logprobs of every verdict token (over the full vocabulary) after the forced prefix.
+
+        One forward pass per prompt reads the exact next-token distribution, so a verdict is
+        recovered even when no verdict token is among the top 20 alternatives.
+        """
+        out = []
+        for i, (request, judgment) in enumerate(zip(requests, judgments, strict=True)):
+            out.append(self._logprobs_one(request, judgment, output_format, gate))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
+
+    def _logprobs_one(
+        self, request: ChatRequest, judgment: str, output_format: str, gate: CallGate
+    ) -> Recovery:
+        import torch
+
+        prefix = VERDICT_PREFIX[output_format]
+        candidates = self._candidate_ids(output_format)
+        head = self.engine.render_chat(request.messages())
+        prompt = head + judgment.rstrip() + prefix
+        if self._fits(prompt, 1) is None:
+            prompt = head + prefix.lstrip()  # the reply does not fit: ask for the verdict only
+        if self._fits(prompt, 1) is None or not candidates:
+            return Recovery(None, attempts=0)
+        ids = self.engine.encode(prompt)
+        refused = gate.reserve(len(ids) + 1)
+        if refused is not None:
+            return Recovery(None, attempts=0, error=f"budget: {refused}")
+        try:
+            device = next(self.engine.model.parameters()).device
+            with self.engine.lock, torch.no_grad():
+                ids_t = torch.tensor([ids], device=device)
+                logits = self.engine.model(ids_t, logits_to_keep=1).logits[0, -1]
+        finally:
+            gate.settle(len(ids) + 1, len(ids) + 1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = {tok: float(logprobs[i]) for tok, i in candidates.items()}
+        return Recovery(top, prompt_tokens=len(ids), completion_tokens=1)
