@@ -8,14 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from arenaflow.data.clean import (
-    CleanOptions,
-    clean_file,
-    clean_record,
-    clean_value,
-    html_to_markdown,
-    minhash_signature,
-)
+from arenaflow.data.clean import CleanOptions, clean_file, clean_record
+from arenaflow.data.minhash import minhash_signature
+from arenaflow.data.text import clean_value, html_to_markdown
 
 OPTS = CleanOptions(minhash=False)
 ANSWER = "Paris is the capital of France."

@@ -16,13 +16,9 @@ import pytest
 from hostile_corpus import CASES, CODE_BOMB, LAYOUTS, good, layout_bytes, write_corpus
 
 from arenaflow.data import load
-from arenaflow.data.clean import (
-    CleanOptions,
-    clean_file,
-    reformat_code,
-    remove_empty_copy_code,
-)
+from arenaflow.data.clean import CleanOptions, clean_file
 from arenaflow.data.load import load_raw
+from arenaflow.data.text import reformat_code, remove_empty_copy_code
 
 
 def kept_ids(path) -> list[str]:

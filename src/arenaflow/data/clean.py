@@ -15,7 +15,6 @@ default system prompt; `keep` keeps a leading one (a system turn anywhere else i
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import json
@@ -31,6 +30,8 @@ import numpy as np
 
 from arenaflow import io
 from arenaflow.data.load import validate_record
+from arenaflow.data.minhash import NearDuplicateIndex, minhash_signature, signature_text
+from arenaflow.data.text import clean_value
 from arenaflow.textfilters import blocked_words
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,9 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
-# An HTML value starts with a block-level tag (after an optional "N / N" regenerate counter);
-# inline tags such as <br> inside markdown tables are markdown and stay.
-_HTML_START = re.compile(
-    r"\s*(?:\d+\s*/\s*\d+\s*)?<(?:div|p|span|pre|ol|ul|h[1-6]|table|blockquote|code)\b", re.I
-)
-# Every pattern here runs in linear time on any text: `[^<>]*` stops at the next tag, so no two
-# attempts scan the same characters. FastChat's two copy-button regexes backtrack (cubic and
-# quadratic: 50 KB of backticks and "Copy code" hung a worker), so they are plain scans below.
-_DIV_SPAN = re.compile(r"</?(?:div|span)\b[^<>]*>", re.I)
-_REGENERATE = re.compile(r"\d+ / \d+")
-_COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
-_FENCE, _COPY = "```", "Copy code"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_BLANK_LINES = re.compile(r"\n{3,}")
 # FastChat's filter_wrong_format: a "1." list that restarts at "1." before any "2".
 _WRONG_LIST = re.compile(r"\n1\. [^2]*\n1\. ")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -117,109 +105,6 @@ class CleanStats:
             "dropped": dict(sorted(self.dropped.items())),
             "notes": dict(sorted(self.notes.items())),
         }
-
-
-# -- text -----------------------------------------------------------------------------------------
-def is_html(value: str) -> bool:
-    return "<" in value and _HTML_START.match(value) is not None
-
-
-def reformat_code(value: str) -> str:
-    r"""ShareGPT's "```pythonCopy code<code>```" -> a fenced block with its language.
-
-    FastChat's `re.sub(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", r"```\1\n\2\n```", value,
-    flags=re.DOTALL)`, as a scan: the language runs to the first "Copy code" after a fence, the
-    code from the last of the run of "Copy code" to the next fence, without trailing space.
-    """
-    out: list[str] = []
-    done = 0
-    while (start := value.find(_FENCE, done)) != -1:
-        copy = value.find(_COPY, start + 3)
-        if copy == -1:
-            break
-        code = copy + len(_COPY)
-        while value.startswith(_COPY, code):
-            code += len(_COPY)
-        fence = value.find(_FENCE, code + 1)
-        if fence == -1 and code - copy > len(_COPY) and value.startswith(_FENCE, code):
-            code, fence = code - len(_COPY), code  # the last "Copy code" becomes the code
-        if fence == -1:
-            break
-        end = fence
-        while end > code + 1 and value[end - 1].isspace():
-            end -= 1
-        lang = value[start + 3 : copy].lstrip()
-        out.append(f"{value[done:start]}```{lang}\n{value[code:end]}\n```")
-        done = fence + 3
-    out.append(value[done:])
-    return "".join(out)
-
-
-def remove_empty_copy_code(value: str) -> str:
-    r"""FastChat's `re.sub(r"```(.*?)Copy code\s*```", "", value)`, as a linear scan.
-
-    A match is a fence, then on the same line the first "Copy code" followed by only whitespace
-    and another fence.
-    """
-    if _COPY not in value:
-        return value
-    closes: list[int] = []  # each "Copy code" that whitespace and a fence follow, and that fence
-    ends: list[int] = []
-    at = value.find(_COPY)
-    while at != -1:
-        j = at + len(_COPY)
-        while j < len(value) and value[j].isspace():
-            j += 1
-        if value.startswith(_FENCE, j):
-            closes.append(at)
-            ends.append(j + 3)
-        at = value.find(_COPY, at + 1)
-    newlines = [m.start() for m in re.finditer("\n", value)]
-    out: list[str] = []
-    done = 0
-    start = value.find(_FENCE)
-    while start != -1:
-        k = bisect.bisect_left(closes, start + 3)
-        if k == len(closes):
-            break
-        n = bisect.bisect_left(newlines, start + 3)
-        line_end = newlines[n] if n < len(newlines) else len(value)
-        if closes[k] < line_end:
-            out.append(value[done:start])
-            done = ends[k]
-            start = value.find(_FENCE, done)
-        else:
-            start = value.find(_FENCE, start + 1)
-    out.append(value[done:])
-    return "".join(out)
-
-
-def html_to_markdown(value: str) -> str:
-    """Convert one ShareGPT HTML value to markdown (FastChat's steps with a real converter)."""
-    import markdownify
-
-    value = _DIV_SPAN.sub("", value)
-    value = markdownify.markdownify(value, heading_style="ATX").strip()
-    value = reformat_code(value)
-    noise = _REGENERATE.match(value)
-    if noise:
-        value = value[noise.end() :]
-    value = _COPY_CHARS.sub("", value)
-    value = remove_empty_copy_code(value)
-    return _BLANK_LINES.sub("\n\n", value).strip()
-
-
-def clean_value(value: str, notes: Counter) -> str:
-    """Markdown passes through (except ShareGPT's copy-button noise); HTML is converted."""
-    if is_html(value):
-        notes["html_converted"] += 1
-        return html_to_markdown(value)
-    if "Copy code" in value:
-        notes["code_fence_fixed"] += 1
-        value = remove_empty_copy_code(reformat_code(value))
-    if "chars / " in value:
-        value = _COPY_CHARS.sub("", value)
-    return value
 
 
 # -- one record -----------------------------------------------------------------------------------
@@ -313,93 +198,6 @@ def dedup_key(conv: Sequence[dict[str, str]]) -> bytes:
     ).digest()
 
 
-# -- MinHash --------------------------------------------------------------------------------------
-# Everything is uint64 arithmetic that wraps on purpose: polynomial word hashes from prefix sums,
-# and one-permutation hashing for the signature (no per-word Python loop, one hash per shingle).
-_P = np.uint64(0x100000001B3)  # odd, so it has an inverse mod 2**64
-_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-_pow_tables: dict[str, np.ndarray] = {}
-
-
-def _powers(base: np.uint64, n: int) -> np.ndarray:
-    """base**0 .. base**(n-1) mod 2**64, from a table grown on demand (shared by all calls)."""
-    key = str(int(base))
-    table = _pow_tables.get(key)
-    if table is None or len(table) < n:
-        size = max(n, 1 << 15)
-        table = np.full(size, base, dtype=np.uint64)
-        table[0] = 1
-        with np.errstate(over="ignore"):
-            table = np.cumprod(table, dtype=np.uint64)
-        _pow_tables[key] = table
-    return table[:n]
-
-
-def word_hashes(text: str) -> np.ndarray:
-    """A 64-bit hash of every whitespace-separated word of `text`, lower-cased, vectorized."""
-    raw = np.frombuffer(text.lower().encode("utf-8", "ignore"), dtype=np.uint8)
-    n = len(raw)
-    if n == 0:
-        return np.zeros(1, dtype=np.uint64)
-    ws = raw <= 32  # space and control characters separate words
-    word = ~ws
-    starts = np.flatnonzero(word & np.concatenate(([True], ws[:-1])))
-    ends = np.flatnonzero(word & np.concatenate((ws[1:], [True]))) + 1
-    if len(starts) == 0:
-        return np.zeros(1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        prefix = np.zeros(n + 1, dtype=np.uint64)
-        np.cumsum(raw.astype(np.uint64) * _powers(_P, n), dtype=np.uint64, out=prefix[1:])
-        return (prefix[ends] - prefix[starts]) * _powers(_P_INV, n)[starts]
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: spreads structured 64-bit hashes over all bits."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-_EMPTY = np.uint64(np.iinfo(np.uint64).max)
-_ROTATE = np.uint64(0x9E3779B97F4A7C15)
-
-
-def minhash_signature(text: str, num_perm: int = 128, shingle: int = 5) -> np.ndarray:
-    """A MinHash signature of the word `shingle`-grams of `text` (lower-cased), `num_perm` uint64s.
-
-    One-permutation hashing with rotation densification (Shrivastava & Li, 2014): every shingle
-    is hashed once and lands in one of `num_perm` bins, whose minimum is that bin's value; empty
-    bins borrow from the next filled bin. Two signatures agree per position with probability close
-    to the Jaccard similarity, like classic MinHash, at 1/num_perm of its hashing cost.
-    """
-    hv = word_hashes(text)
-    n = max(1, len(hv) - shingle + 1)
-    with np.errstate(over="ignore"):
-        h = hv[:n].copy()
-        for k in range(1, min(shingle, len(hv))):
-            h = h * _MIX + hv[k : k + n]
-        x = _mix64(h)
-        perm = np.uint64(num_perm)
-        sig = np.full(num_perm, _EMPTY, dtype=np.uint64)
-        np.minimum.at(sig, (x % perm).astype(np.intp), x // perm)
-        empty = sig == _EMPTY
-        if empty.any():
-            filled = np.flatnonzero(~empty)
-            idx = np.arange(num_perm)
-            nxt = filled[np.searchsorted(filled, idx) % len(filled)]
-            dist = ((nxt - idx) % num_perm).astype(np.uint64)
-            sig = sig[nxt] + dist * _ROTATE
-    return sig
-
-
-def _signature_text(conv: Sequence[dict[str, str]], max_chars: int) -> str:
-    return "\n".join(t["value"] for t in conv)[:max_chars]
-
-
 # -- workers --------------------------------------------------------------------------------------
 Result = tuple[str | None, str | None, bytes | None, np.ndarray | None, str | None]
 
@@ -426,7 +224,7 @@ def clean_lines(lines: Sequence[str], opts: CleanOptions) -> tuple[list[Result],
         conv = cleaned["conversations"]
         sig = (
             minhash_signature(
-                _signature_text(conv, opts.minhash_max_chars), opts.num_perm, opts.shingle
+                signature_text(conv, opts.minhash_max_chars), opts.num_perm, opts.shingle
             )
             if opts.minhash
             else None
@@ -520,40 +318,6 @@ def pool_context() -> Any:
     if threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
         return mp.get_context("fork")
     return mp.get_context("spawn")
-
-
-class NearDuplicateIndex:
-    """MinHash LSH banding, keeping the first of each near-duplicate group.
-
-    The (bands, rows) split is datasketch's optimum for the threshold (taken from `MinHashLSH`);
-    the buckets are plain dicts of band bytes, since building datasketch `MinHash` objects per
-    record costs more than the whole signature. Candidates are confirmed on the signature.
-    """
-
-    def __init__(self, threshold: float, num_perm: int) -> None:
-        from datasketch import MinHashLSH
-
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.threshold = threshold
-        self.bands, self.rows = lsh.b, lsh.r
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self.sigs: list[np.ndarray] = []
-
-    def seen(self, sig: np.ndarray) -> bool:
-        """True when a kept record is at least `threshold` similar; otherwise index this one."""
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        checked: set[int] = set()
-        for bucket, key in zip(self.buckets, keys, strict=True):
-            for other in bucket.get(key, ()):
-                if other not in checked:
-                    checked.add(other)
-                    if float(np.mean(self.sigs[other] == sig)) >= self.threshold:
-                        return True
-        idx = len(self.sigs)
-        self.sigs.append(sig)
-        for bucket, key in zip(self.buckets, keys, strict=True):
-            bucket.setdefault(key, []).append(idx)
-        return False
 
 
 def clean_lines_to_file(
