@@ -229,9 +229,7 @@ def part_c(git_dir: str, rounds: int = 200) -> None:
     ratio = width(boot)[models] / width(fc_boot)[models]
     print(f"(c) style control, 20,000 battles, 20 models, 10% ties, {rounds} bootstrap rounds")
     print(f"    FastChat (newest) bootstrap: {t2 - t1:8.2f} s  (point fit {t1 - t0:.3f} s)")
-    print(
-        f"    arenaflow bootstrap        : {t4 - t3:8.2f} s  (point fit {t3 - t2:.3f} s)"
-    )
+    print(f"    arenaflow bootstrap        : {t4 - t3:8.2f} s  (point fit {t3 - t2:.3f} s)")
     print(f"    speed-up                   : {(t2 - t1) / (t4 - t3):8.1f} x   (target >= 10x)")
     print(f"    max |point diff|           : {point_diff:8.4f} rating points (target < 1)")
     print(f"    max |coefficient diff|     : {coef_diff:8.5f}")

@@ -43,8 +43,8 @@ ALWAYS_RUN = {"serving_deployment"}  # a deployment is a live process: always ch
 # the terminal chat); every other section, resolved, is part of the group's fingerprint. Groups
 # not listed here hash the whole config.
 UNUSED_SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("chat", "serve", "rating", "judge", "eval"),
-    "train": ("chat", "serve", "rating", "judge", "eval"),
+    "data": ("chat", "serve", "rating", "judge", "evaluate"),
+    "train": ("chat", "serve", "rating", "judge", "evaluate"),
     "evaluate": ("chat", "serve", "rating", "train", "judge"),
     "judge": ("chat", "serve", "rating", "train", "data"),
     "rating": ("chat", "train", "data"),  # serve stays: the vote store is serve.arena.db_url

@@ -15,7 +15,7 @@ GROUPS = [
     "model",
     "data",
     "train",
-    "eval",
+    "evaluate",
     "judge",
     "rating",
     "serve",
@@ -64,7 +64,7 @@ def test_experiment_overrides_groups_and_values(tmp_path) -> None:
     demo = compose_config(["experiment=demo", f"paths.home={tmp_path}"])
     assert demo.model.name == "smollm2-135m-instruct"
     assert demo.train.max_length == 512 and demo.train.max_steps > 0
-    assert demo.eval.limit_per_category == 1
+    assert demo.evaluate.limit_per_category == 1
     test = compose_config(["experiment=test", f"paths.home={tmp_path}", "data.limit=7"])
     assert test.model.name == "tiny-llama" and test.data.limit == 7
 

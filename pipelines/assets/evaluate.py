@@ -26,9 +26,9 @@ CODE_VERSION = source_version(__file__)
 
 
 def competitor_names() -> list[str]:
-    """Partition keys: the competitor names of the default config's `eval.competitors`."""
+    """Partition keys: the competitor names of the default config's `evaluate.competitors`."""
     cfg = compose_config(default_overrides())
-    return [c.name for c in parse_competitors(cfg.eval.competitors)]
+    return [c.name for c in parse_competitors(cfg.evaluate.competitors)]
 
 
 competitors_partitions = dg.StaticPartitionsDefinition(competitor_names())

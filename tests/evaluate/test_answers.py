@@ -13,11 +13,11 @@ from arenaflow.evaluate.competitors import parse_competitors
 
 
 def _local(tiny_model_dir: Path) -> str:
-    return f"eval.competitors=[{{name: tiny, local: '{tiny_model_dir}'}}]"
+    return f"evaluate.competitors=[{{name: tiny, local: '{tiny_model_dir}'}}]"
 
 
 def test_resume_produces_only_missing_answers(make_cfg, tiny_model_dir: Path) -> None:
-    cfg = make_cfg(_local(tiny_model_dir), "eval.max_new_tokens=6", "tracking=none")
+    cfg = make_cfg(_local(tiny_model_dir), "evaluate.max_new_tokens=6", "tracking=none")
     first = answer_competitor(cfg, "tiny")
     assert (first["generated"], first["reused"], first["answered"], first["failed"]) == (3, 0, 3, 0)
     assert first["tokens_generated"] > 0 and first["tokens_per_s"] > 0
@@ -37,7 +37,7 @@ def test_resume_produces_only_missing_answers(make_cfg, tiny_model_dir: Path) ->
     assert list(io.read_jsonl(resumed["uri"]))[:2] == rows[:2]
 
     changed = answer_competitor(
-        make_cfg(_local(tiny_model_dir), "eval.max_new_tokens=4", "tracking=none"), "tiny"
+        make_cfg(_local(tiny_model_dir), "evaluate.max_new_tokens=4", "tracking=none"), "tiny"
     )
     assert (changed["generated"], changed["stale_regenerated"]) == (3, 3)
 
@@ -47,11 +47,11 @@ def test_openai_compatible_competitor_against_local_server(
 ) -> None:
     monkeypatch.setenv("FAKE_OPENAI_KEY", fake_openai.api_key)
     cfg = make_cfg(
-        "eval.competitors=[{name: remote, openai_compatible: {base_url: '"
+        "evaluate.competitors=[{name: remote, openai_compatible: {base_url: '"
         + fake_openai.url
         + "', model: gpt-x, api_key_env: FAKE_OPENAI_KEY}}]",
-        "eval.backoff_s=0.01",
-        "eval.retries=3",
+        "evaluate.backoff_s=0.01",
+        "evaluate.retries=3",
     )
     questions = {q["question_id"]: q for q in io.read_jsonl(run_questions(cfg))}
     fake_openai.fail_once.add(questions[81]["turns"][1])  # retried, then answered
@@ -98,7 +98,7 @@ def run_questions(cfg) -> str:
 def test_missing_api_key_names_the_variable(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cfg = make_cfg(
-        "eval.competitors=[{name: r, openai_compatible: {base_url: 'http://127.0.0.1:9/v1', "
+        "evaluate.competitors=[{name: r, openai_compatible: {base_url: 'http://127.0.0.1:9/v1', "
         "model: m, api_key_env: NO_SUCH_KEY_VAR}}]"
     )
     with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
@@ -114,8 +114,8 @@ def test_bad_competitor_config_is_explained() -> None:
 
 def test_cli_entry_point_runs_every_competitor(make_cfg, tiny_model_dir: Path) -> None:
     cfg = make_cfg(
-        f"eval.competitors=[{{name: base, local: base}}, {{name: copy, local: '{tiny_model_dir}'}}]",
-        "eval.max_new_tokens=4",
+        f"evaluate.competitors=[{{name: base, local: base}}, {{name: copy, local: '{tiny_model_dir}'}}]",
+        "evaluate.max_new_tokens=4",
         "tracking=none",
     )
     out = run(cfg)

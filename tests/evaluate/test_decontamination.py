@@ -10,7 +10,7 @@ from arenaflow.evaluate.questions import load_questions, question_source
 
 
 def test_overlap_is_reported(make_cfg) -> None:
-    cfg = make_cfg("eval.decontamination.threshold=0.2")
+    cfg = make_cfg("evaluate.decontamination.threshold=0.2")
     q81 = {q["question_id"]: q for q in load_questions(question_source(cfg))[0]}[81]
     rows = [
         {"id": "leak", "conversations": [{"from": "human", "value": "Please: " + q81["turns"][0]}]},

@@ -19,7 +19,7 @@ from arenaflow.evaluate.questions import (
 
 
 def test_package_questions_and_references(make_cfg) -> None:
-    cfg = make_cfg("eval=mt_bench")
+    cfg = make_cfg("evaluate=mt_bench")
     questions, skipped = load_questions(question_source(cfg))
     assert len(questions) == 80 and not skipped
     assert {q["category"] for q in questions} >= {"writing", "math", "coding", "humanities"}
@@ -56,6 +56,6 @@ def test_bad_records_are_counted_and_bad_ids_named(tmp_path: Path, make_cfg) -> 
         "bad_turns": 1,
         "duplicate_question_id": 1,
     }
-    cfg = make_cfg(f"eval.question_file=file://{path}", "eval.question_ids=[1,99]")
-    with pytest.raises(ValueError, match=r"eval.question_ids \[99\]"):
+    cfg = make_cfg(f"evaluate.question_file=file://{path}", "evaluate.question_ids=[1,99]")
+    with pytest.raises(ValueError, match=r"evaluate.question_ids \[99\]"):
         write_questions(cfg)

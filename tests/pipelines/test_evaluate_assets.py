@@ -21,7 +21,7 @@ def test_two_competitor_partitions_and_decontamination(
         "experiment=test",
         f"paths.home={af_home}",
         f"paths.cache_dir={model_cache}",
-        "eval.max_new_tokens=4",
+        "evaluate.max_new_tokens=4",
     ]
     sft_uri = str(af_home / "artifacts" / "data" / "sharegpt_clean.jsonl")
     q111 = {q["question_id"]: q for q in load_questions(question_source_cfg())[0]}[111]

@@ -95,7 +95,7 @@ def test_the_loop_serves_the_model_the_evidence_supports(
         "experiment=test",
         # 8 questions, 16 battles: enough that a judge preferring one side is significant even
         # where the two tiny models wrote the same answer (a tie)
-        "eval.question_ids=[81,82,101,102,111,112,121,122]",
+        "evaluate.question_ids=[81,82,101,102,111,112,121,122]",
         f"paths.home={af_home}",
         f"paths.cache_dir={model_cache}",
         "judge=openai_compatible",

@@ -71,9 +71,10 @@ def test_driver_runs_in_order_then_reuses(fake_graph, tmp_path, af_home) -> None
         driver.materialize_all([*overrides, "serve.port=8123", "judge.max_tokens=3"], instance)
         assert CALLS == []
 
-        CALLS.clear()  # eval.* reaches the answers and everything after them
+        CALLS.clear()  # evaluate.* reaches the answers and everything after them
         driver.materialize_all(
-            [*overrides, "serve.port=8123", "judge.max_tokens=3", "eval.max_new_tokens=5"], instance
+            [*overrides, "serve.port=8123", "judge.max_tokens=3", "evaluate.max_new_tokens=5"],
+            instance,
         )
         assert CALLS == ["per_competitor[a]", "per_competitor[b]", "summary"]
         text = driver.report(fake_graph, instance, out["timings"], 1.0)

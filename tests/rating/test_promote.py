@@ -119,7 +119,7 @@ def test_the_base_is_the_first_champion_and_a_challenger_must_win_the_paired_tes
 
 def test_a_challenger_below_the_champion_inside_its_interval_is_never_promoted(registry) -> None:
     cfg, tracker, register = registry(
-        "eval.competitors=[{name: finetuned, local: finetuned}, {name: champ, local: 'models:/arenaflow-chat@champion'}, {name: base, local: base}]"
+        "evaluate.competitors=[{name: finetuned, local: finetuned}, {name: champ, local: 'models:/arenaflow-chat@champion'}, {name: base, local: base}]"
     )
     base = register(**{"arenaflow.role": "base"})
     tracker.set_alias(NAME, "champion", register()["version"])  # v2 is the champion
@@ -171,19 +171,25 @@ def test_a_champion_outside_the_run_is_compared_through_its_tags(registry, make_
     assert promote_champion(cfg, lb, v2, base)["version"] == "2"  # v2 tagged [1050, 1150]
     # The next fine-tune beats the base but not v2's recorded upper bound: unpaired, stricter.
     lb3 = board(row("finetuned", 1160, 1110, 1210), paired={}, scale=SCALE)
-    out = promote_champion(make_cfg("eval.competitors=[{name: finetuned}]"), lb3, register(), base)
+    out = promote_champion(
+        make_cfg("evaluate.competitors=[{name: finetuned}]"), lb3, register(), base
+    )
     assert not out["promoted"] and out["version"] == "2"
     assert "version tags" in out["comparison"] and out["diff_lower"] == pytest.approx(-40.0)
     lb4 = board(row("finetuned", 1260, 1200, 1320), paired={}, scale=SCALE)
-    out = promote_champion(make_cfg("eval.competitors=[{name: finetuned}]"), lb4, register(), base)
+    out = promote_champion(
+        make_cfg("evaluate.competitors=[{name: finetuned}]"), lb4, register(), base
+    )
     assert out["promoted"] and out["version"] == "4"
     # Unanchored ratings never compare across runs.
     lb5 = board(row("finetuned", 1500, 1400, 1600), scale="unanchored")
-    out = promote_champion(make_cfg("eval.competitors=[{name: finetuned}]"), lb5, register(), base)
+    out = promote_champion(
+        make_cfg("evaluate.competitors=[{name: finetuned}]"), lb5, register(), base
+    )
     assert not out["promoted"] and out["outcome"] == "no_decision"
     assert "models:/arenaflow-chat@champion" in out["reason"]
     # A dry run decides but moves nothing.
-    dry = make_cfg("rating.promote=false", "eval.competitors=[{name: finetuned}]")
+    dry = make_cfg("rating.promote=false", "evaluate.competitors=[{name: finetuned}]")
     lb6 = board(row("finetuned", 1500, 1400, 1600), paired={}, scale=SCALE)
     out = promote_champion(dry, lb6, register(), base)
     assert not out["promoted"] and "rating.promote=false" in out["reason"]

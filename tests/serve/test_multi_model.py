@@ -263,7 +263,7 @@ def test_duplicate_and_malformed_models_are_refused(
 def test_models_from_competitors(serve_cfg_factory, tiny_model_dir, tiny_model_dir_b) -> None:
     cfg: DictConfig = serve_cfg_factory(
         "serve.models_from=competitors",
-        f"eval.competitors=[{{name: a, local: {tiny_model_dir}}}, {{name: b, local: "
+        f"evaluate.competitors=[{{name: a, local: {tiny_model_dir}}}, {{name: b, local: "
         f"{tiny_model_dir_b}}}, {{name: gpt, openai_compatible: {{base_url: "
         "'http://127.0.0.1:9/v1', model: gpt}}]",
     )

@@ -94,7 +94,9 @@ class EngineClient:
         try:
             prompt = engine.render_chat(messages)
         except Exception as e:  # a template that rejects the roles (e.g. no system turn allowed)
-            raise ValueError(f"the model's chat template cannot render this conversation: {e}") from e
+            raise ValueError(
+                f"the model's chat template cannot render this conversation: {e}"
+            ) from e
         used = len(engine.encode(prompt))
         room = engine.context_length - used
         if room < 1:

@@ -38,12 +38,12 @@ def failures_uri(cfg: DictConfig, model_id: str) -> str:
 
 
 def temperature_for(cfg: DictConfig, category: str) -> float:
-    """The MT-bench paper's temperature for a category (eval.category_temperature)."""
-    return float(cfg.eval.category_temperature.get(category, cfg.eval.default_temperature))
+    """The MT-bench paper's temperature for a category (evaluate.category_temperature)."""
+    return float(cfg.evaluate.category_temperature.get(category, cfg.evaluate.default_temperature))
 
 
 def gen_hash(cfg: DictConfig, fingerprint: str, question: dict[str, Any]) -> str:
-    e = cfg.eval
+    e = cfg.evaluate
     payload = {
         "model": fingerprint,
         "turns": question["turns"],
@@ -74,7 +74,7 @@ def generate_all(
     model_id: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """Answer every question (all choices, both turns); returns answers, failures, tokens generated."""
-    e = cfg.eval
+    e = cfg.evaluate
     n_choices, n_turns = int(e.num_choices), max(len(q["turns"]) for q in questions)
     turns: dict[tuple[int, int], list[str]] = {}
     errors: dict[int, str] = {}
@@ -181,7 +181,7 @@ def answer_competitor(
     io.write_jsonl(fail_uri, failures)
     for f in failures:
         log.error("%s: question %s failed: %s", name, f["question_id"], f["error"])
-    samples = _samples(rows, questions, int(cfg.eval.get("samples_in_metadata", 5)))
+    samples = _samples(rows, questions, int(cfg.evaluate.get("samples_in_metadata", 5)))
     result = {
         "uri": out_uri,
         "failures_uri": fail_uri,

@@ -1,6 +1,6 @@
 """Competitors: who answers MT-bench. One small backend interface, a local engine or a remote OpenAI-style API.
 
-`conf/eval/*.yaml` lists competitors as `name` + `local` (finetuned | base | checkpoint folder |
+`conf/evaluate/*.yaml` lists competitors as `name` + `local` (finetuned | base | checkpoint folder |
 models:/ URI, resolved by `arenaflow.models.resolve_reference`) or `openai_compatible` (base_url,
 model, api_key_env). A backend is a thin adapter over the shared clients (`arenaflow.clients`:
 the engine in process or an OpenAI-compatible endpoint) that turns a batch of chats into turn
@@ -45,7 +45,7 @@ class TurnOutput:
 
 
 def parse_competitors(entries: Any) -> list[Competitor]:
-    """Validate `eval.competitors`; a bad entry raises ValueError naming it and the fix."""
+    """Validate `evaluate.competitors`; a bad entry raises ValueError naming it and the fix."""
     items = (
         OmegaConf.to_container(entries, resolve=True)
         if isinstance(entries, DictConfig | ListConfig)
@@ -53,11 +53,11 @@ def parse_competitors(entries: Any) -> list[Competitor]:
     )
     if not isinstance(items, list) or not items:
         raise ValueError(
-            "eval.competitors must be a non-empty list of {name, local | openai_compatible}"
+            "evaluate.competitors must be a non-empty list of {name, local | openai_compatible}"
         )
     out, names = [], set()
     for i, e in enumerate(items):
-        where = f"eval.competitors[{i}]"
+        where = f"evaluate.competitors[{i}]"
         if not isinstance(e, dict) or not e.get("name"):
             raise ValueError(f"{where} needs a `name`")
         name = str(e["name"])
@@ -90,12 +90,12 @@ def parse_competitors(entries: Any) -> list[Competitor]:
 
 
 def find_competitor(cfg: DictConfig, name: str) -> Competitor:
-    competitors = parse_competitors(cfg.eval.competitors)
+    competitors = parse_competitors(cfg.evaluate.competitors)
     for c in competitors:
         if c.name == name:
             return c
     raise ValueError(
-        f"no competitor named {name!r} in eval.competitors (have {[c.name for c in competitors]})"
+        f"no competitor named {name!r} in evaluate.competitors (have {[c.name for c in competitors]})"
     )
 
 
@@ -201,7 +201,7 @@ def make_backend(cfg: DictConfig, competitor: Competitor, model_ref: str | None 
     """The backend for a competitor; `model_ref` replaces `local: finetuned | base` with a real model."""
     from arenaflow.models import resolve_reference
 
-    e = cfg.eval
+    e = cfg.evaluate
     if competitor.is_remote:
         return EndpointCompetitor(
             competitor,

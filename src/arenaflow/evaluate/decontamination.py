@@ -88,7 +88,7 @@ def scan(
 
 def decontaminate(cfg: DictConfig, sft_uri: str | None = None) -> dict[str, Any]:
     """Write mt_bench/<bench>/decontamination.json and return its summary."""
-    d = cfg.eval.decontamination
+    d = cfg.evaluate.decontamination
     n = int(d.ngram)
     sft_uri = sft_uri or io.artifact_uri(cfg, "data", "sharegpt_clean.jsonl")
     if not io.exists(sft_uri):

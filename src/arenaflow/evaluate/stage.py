@@ -25,7 +25,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     questions = write_questions(cfg)
     answers = {
         c.name: answer_competitor(cfg, c.name, questions_file=questions["uri"])
-        for c in parse_competitors(cfg.eval.competitors)
+        for c in parse_competitors(cfg.evaluate.competitors)
     }
     sft_uri = io.artifact_uri(cfg, "data", "sharegpt_clean.jsonl")
     if io.exists(sft_uri):

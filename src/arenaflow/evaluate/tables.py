@@ -69,7 +69,7 @@ def decontamination_output(report: dict[str, Any]) -> tuple[dict[str, Any], dict
 
 def contamination_check(report: dict[str, Any]) -> dict[str, Any]:
     """`{passed, severity, description, metadata}`: the share of questions that overlap the SFT data stays
-    at or below `eval.decontamination.threshold` (a warning, not a stop)."""
+    at or below `evaluate.decontamination.threshold` (a warning, not a stop)."""
     return {
         "passed": not report["above_threshold"],
         "severity": "warn",

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def bench_uri(cfg: DictConfig, *parts: str) -> str:
-    return io.artifact_uri(cfg, "mt_bench", cfg.eval.bench_name, *parts)
+    return io.artifact_uri(cfg, "mt_bench", cfg.evaluate.bench_name, *parts)
 
 
 def file_stem(judge_model: str) -> str:
@@ -86,14 +86,14 @@ def _require(uri: str, what: str, fix: str) -> str:
 
 
 def default_answer_uris(cfg: DictConfig) -> dict[str, str]:
-    """Each competitor's answer file in the FastChat layout (competitor names from conf/eval)."""
+    """Each competitor's answer file in the FastChat layout (competitor names from conf/evaluate)."""
     return {
         c.name: _require(
             bench_uri(cfg, "model_answer", f"{c.name}.jsonl"),
             f"answers of competitor {c.name!r}",
             "generate them first (python -m arenaflow.evaluate, or materialize mt_bench_answers)",
         )
-        for c in cfg.eval.competitors
+        for c in cfg.evaluate.competitors
     }
 
 
@@ -125,7 +125,7 @@ def _log_files(run: Any, uris: list[str], artifact_path: str) -> None:
 
 
 def competitor_order(answer_uris: Mapping[str, str], competitors: list[str]) -> list[str]:
-    """The answer files' models in conf/eval's competitor order, any others after them by name."""
+    """The answer files' models in conf/evaluate's competitor order, any others after them by name."""
     n = len(competitors)
     return sorted(answer_uris, key=lambda m: (competitors.index(m) if m in competitors else n, m))
 
@@ -266,7 +266,7 @@ def judge(
         "write them first (python -m arenaflow.evaluate, or materialize mt_bench_questions)",
     )
     answer_uris = dict(answer_uris or default_answer_uris(cfg))
-    names = competitor_order(answer_uris, [c.name for c in cfg.eval.competitors])
+    names = competitor_order(answer_uris, [c.name for c in cfg.evaluate.competitors])
     single_uri, pair_uri = judgment_uris(cfg)
     calibration_uri, summary_uri = calibration_uris(cfg)
     questions = load_questions(question_uri, skipped)
@@ -276,7 +276,7 @@ def judge(
     settings |= judge_identity(cfg, base_model_path)
     plan, calibration_plan = plan_judgments(
         j,
-        str(cfg.eval.bench_name),
+        str(cfg.evaluate.bench_name),
         questions,
         answers,
         calibration_questions(cfg),

@@ -201,7 +201,7 @@ def build_battles(cfg: DictConfig, judgments: dict[str, Any] | None) -> dict[str
     io.write_jsonl(uri, rows)
     winners = dict(Counter(r["winner"] for r in rows))
     by_source = {s: sum(r["source"] == s for r in rows) for s in bt_io.SOURCES}
-    outside, with_outside = other_models(rows, {str(c.name) for c in cfg.eval.competitors})
+    outside, with_outside = other_models(rows, {str(c.name) for c in cfg.evaluate.competitors})
     human["battles"] = by_source["human"]
     human["battles_with_other_models"] = with_outside
     human["not_competitors"] = dict(sorted(outside.items()))

@@ -212,7 +212,7 @@ def build_leaderboard(
         "combined": df,
     }
     score_map = (scores or {}).get("scores") or {}
-    fits = fit_views(r, str(cfg.eval.bench_name), subsets, judge_model, score_map)
+    fits = fit_views(r, str(cfg.evaluate.bench_name), subsets, judge_model, score_map)
     main = fits[primary]
     if main is None:
         raise ValueError(

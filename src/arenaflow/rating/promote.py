@@ -74,7 +74,7 @@ def competitor_versions(
     finetuned: dict[str, Any] | None,
     base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Registry version (of registered model `name`) of each competitor (`eval.competitors`) that
+    """Registry version (of registered model `name`) of each competitor (`evaluate.competitors`) that
     has one, and why the others have none."""
     versions: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -328,8 +328,10 @@ def promote_champion(
     tracker = tracker_from_cfg(cfg)
     name, alias = str(cfg.tracking.registered_model_name), str(r.champion_alias)
     margin, level = float(r.promote_margin), float(r.ci_level)
-    answers_dir = io.artifact_uri(cfg, "mt_bench", cfg.eval.bench_name, "model_answer")
-    versions, skipped = competitor_versions(name, cfg.eval.competitors, tracker, finetuned, base)
+    answers_dir = io.artifact_uri(cfg, "mt_bench", cfg.evaluate.bench_name, "model_answer")
+    versions, skipped = competitor_versions(
+        name, cfg.evaluate.competitors, tracker, finetuned, base
+    )
     champion = tracker.get_version(name, alias=alias)
     seeded = None
     if champion is None and r.promote:

@@ -236,7 +236,7 @@ def smoke_questions(cfg: DictConfig) -> list[dict[str, Any]]:
     from arenaflow.evaluate.questions import load_questions, question_source, select_questions
 
     questions, _ = load_questions(question_source(cfg))
-    chosen = select_questions(questions, cfg.eval.get("question_ids"))
+    chosen = select_questions(questions, cfg.evaluate.get("question_ids"))
     return chosen[: int(cfg.serve.deploy.smoke_questions)]
 
 

@@ -49,7 +49,7 @@ def model_specs(cfg: DictConfig) -> list[ModelSpec]:
     """The models to serve, in config order; bad or duplicate entries raise ServeConfigError.
 
     `serve.models` lists `{name, uri}`; `serve.models_from: competitors` adds the current
-    evaluation's local competitors (`eval.competitors`); with neither, the app serves the single
+    evaluation's local competitors (`evaluate.competitors`); with neither, the app serves the single
     `serve.model_uri` as `serve.served_model_name`.
     """
     serve = cfg.serve
@@ -59,7 +59,7 @@ def model_specs(cfg: DictConfig) -> list[ModelSpec]:
         if str(source) != "competitors":
             raise ServeConfigError(
                 f"serve.models_from={source!r} is not supported; use `competitors` (the local "
-                "models of eval.competitors) or null"
+                "models of evaluate.competitors) or null"
             )
         specs += _competitor_specs(cfg)
     entries = serve.get("models") or []
@@ -120,12 +120,12 @@ def model_aliases(cfg: DictConfig, specs: list[ModelSpec]) -> dict[str, str]:
 
 
 def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
-    """The local competitors of eval.competitors; remote ones are served by their own servers."""
+    """The local competitors of evaluate.competitors; remote ones are served by their own servers."""
     from arenaflow.evaluate.competitors import parse_competitors
     from arenaflow.models import resolve_reference
 
     try:
-        competitors = parse_competitors(cfg.eval.competitors)
+        competitors = parse_competitors(cfg.evaluate.competitors)
     except ValueError as e:
         raise ServeConfigError(f"serve.models_from=competitors: {e}") from e
     specs = []
@@ -137,10 +137,10 @@ def _competitor_specs(cfg: DictConfig) -> list[ModelSpec]:
             uri = resolve_reference(str(c.local), cfg)
         except ValueError as e:
             raise ServeConfigError(f"serve.models_from=competitors ({c.name}): {e}") from e
-        specs.append(ModelSpec(c.name, uri, f"eval.competitors[{i}]"))
+        specs.append(ModelSpec(c.name, uri, f"evaluate.competitors[{i}]"))
     if not specs:
         raise ServeConfigError(
-            "serve.models_from=competitors: eval.competitors has no local competitor to serve"
+            "serve.models_from=competitors: evaluate.competitors has no local competitor to serve"
         )
     return specs
 
