@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import openai
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from arenaflow.clients.endpoint import EndpointClient, describe
+from arenaflow.clients.endpoint import EndpointClient, EndpointError, UnreadableReplyError, describe
 from arenaflow.clients.engine import EngineClient
 from arenaflow.engine import SamplingParams
 
@@ -177,7 +178,7 @@ class EndpointCompetitor(Backend):
             resp, _ = self.client.chat(
                 messages=chat, temperature=p.temperature, max_tokens=p.max_new_tokens, seed=p.seed
             )
-        except Exception as e:  # every failure of this turn is its output, never the batch's
+        except (openai.APIError, EndpointError, UnreadableReplyError) as e:  # this turn's output
             return TurnOutput(None, error=describe(e))
         text = resp.choices[0].message.content
         if text is None:

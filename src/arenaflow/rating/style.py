@@ -240,7 +240,6 @@ def compute_bootstrap_style_bt(
     anchor: tuple[str, float] | None = None,
     l2: float = DEFAULT_L2,
     soft: bool = False,
-    chunk_rounds: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Bootstrap style-controlled ratings (rounds x models, by median best first) and coefficients
     (rounds x features). A round resamples the battles with replacement (multinomial row counts),
@@ -250,7 +249,7 @@ def compute_bootstrap_style_bt(
     n = d.y.size
     point = _fit(sm, np.ones((1, n)), np.zeros((1, sm.m + sm.f)))
     # at least two chunks, so both threads work (numpy releases the GIL in the large operations)
-    chunk = chunk_rounds or max(1, min(-(-num_round // 2), 2_000_000 // max(n, 1)))
+    chunk = max(1, min(-(-num_round // 2), 2_000_000 // max(n, 1)))  # ~16 MB of weights
     starts = list(range(0, num_round, chunk))
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(starts))]
     thetas = np.empty((num_round, sm.m + sm.f))
