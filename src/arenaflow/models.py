@@ -207,14 +207,24 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    tracking_uri: str | None = None,
 ) -> Any:
+    """The model of a checkpoint folder; an adapter folder gives its base with the adapter merged in
+    (the base named by arenaflow_adapter.json, downloaded through `tracking_uri` when a registry URI)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from arenaflow.adapters import base_folder, is_adapter, merged_model, read_adapter
+
+    adapter = read_adapter(path) if is_adapter(path) else None
+    weights = base_folder(adapter, tracking_uri) if adapter is not None else Path(path)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
-    return model.to(device).eval()
+        str(weights), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    ).to(device)
+    if adapter is not None:
+        model = merged_model(model, adapter.path)
+        log.info("adapter %s merged into its base %s", adapter.path, adapter.base)
+    return model.eval()
 
 
 def checkpoint_identity(path: str | Path, head_bytes: int = 1 << 20) -> str:
@@ -289,14 +299,16 @@ def local_checkpoint(uri: str, cfg: DictConfig, origin: str = "model") -> tuple[
     `paths.cache_dir/serve` (keyed by the artifact source: two registries can both have a
     "version 1"; a download killed half-way is started over, never taken for the checkpoint).
     Raises ValueError naming `origin` (the setting that gave the URI) and the fix."""
+    from arenaflow.adapters import is_checkpoint
     from arenaflow.tracking import tracker_from_cfg
 
     if not uri.startswith(("models:/", "runs:/")):
         path = Path(uri)
-        if not (path / "config.json").exists():
+        if not is_checkpoint(path):
             raise ValueError(
-                f"{origin}={uri} is not a checkpoint folder (no config.json); give a folder "
-                "saved by save_pretrained or a registry URI models:/name@alias | models:/name/3"
+                f"{origin}={uri} is not a checkpoint folder (no config.json, nor an adapter's "
+                "adapter_config.json); give a folder saved by save_pretrained or a registry URI "
+                "models:/name@alias | models:/name/3"
             )
         return path, None
     tracker = tracker_from_cfg(cfg)
@@ -326,17 +338,19 @@ def local_checkpoint(uri: str, cfg: DictConfig, origin: str = "model") -> tuple[
         folder = publish_dir(dest, lambda tmp: tracker.download_model(pinned, tmp))
     except Exception as e:
         raise ValueError(f"{origin}={uri}: could not download it ({e})") from e
-    path = _checkpoint_in(folder)
+    path = checkpoint_in(folder)
     if path is None:
         where = f"in {info.source}" if info is not None else "in the artifact"
         raise ValueError(f"{origin}={uri} is not a checkpoint folder (no config.json {where})")
     return path, info
 
 
-def _checkpoint_in(folder: Path) -> Path | None:
-    """The checkpoint inside a downloaded artifact folder: the folder itself or the one subfolder
-    the artifact was downloaded as (`model`, or the last segment of a `runs:/` path)."""
+def checkpoint_in(folder: Path) -> Path | None:
+    """The checkpoint (full or adapter) inside a downloaded artifact folder: the folder itself or the
+    one subfolder the artifact was downloaded as (`model`, or the last segment of a `runs:/` path)."""
+    from arenaflow.adapters import is_checkpoint
+
     for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
-        if (candidate / "config.json").exists():
+        if is_checkpoint(candidate):
             return candidate
     return None

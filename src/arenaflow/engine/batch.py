@@ -13,12 +13,14 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from arenaflow.adapters import BASE_ROW
 from arenaflow.engine.api import (
     Choice,
     GenerationResult,
@@ -44,6 +46,7 @@ class Request:
     params: SamplingParams
     on_event: Callable[[StreamEvent], None] | None = None
     on_done: Callable[[GenerationResult | BaseException], None] | None = None
+    adapter: str | None = None  # the peft adapter its rows decode with (None: the base model)
     seqs: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
     result: GenerationResult | None = None
@@ -128,8 +131,11 @@ class RunningBatch:
         self.last_batch_size = 0
         self.steps = 0
         self.tokens_generated = 0
+        # rows of different adapters (and of the base) share the batch: peft's adapter_names per row
+        self.peft = _is_peft(model)
+        inner = model.get_base_model() if self.peft else model
         # transformers >= 5.2x names the cache argument `cache`; older releases `past_key_values`
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(inner.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def __len__(self) -> int:
@@ -146,7 +152,7 @@ class RunningBatch:
         prefilled, ok = [], []
         for r in requests:  # a prompt the model cannot prefill fails alone
             try:
-                prefilled.append(self._prefill(r.prompt_ids))
+                prefilled.append(self._prefill(r.prompt_ids, r.adapter))
                 ok.append(r)
             except Exception as e:
                 r.fail(e)
@@ -169,7 +175,7 @@ class RunningBatch:
         self.next_tokens = torch.cat([self.next_tokens, self._sample(logits, seqs)])
         return failed + self._finish_rows()
 
-    def _prefill(self, prompt_ids: list[int]) -> tuple[Any, torch.Tensor]:
+    def _prefill(self, prompt_ids: list[int], adapter: str | None) -> tuple[Any, torch.Tensor]:
         """KV cache and last-position logits of one unpadded prompt."""
         from transformers import DynamicCache
 
@@ -179,6 +185,7 @@ class RunningBatch:
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kwarg: cache},
+            **self._adapter_names([adapter]),
         )
         return cache, out.logits[:, -1, :].float().cpu()
 
@@ -197,6 +204,7 @@ class RunningBatch:
             position_ids=self.positions[:, None].to(self.device),
             use_cache=True,
             **{self.cache_kwarg: self.cache},
+            **self._adapter_names([s.request.adapter for s in self.rows]),
         )
         self.cache.advance(1)
         self.positions = self.positions + 1
@@ -204,6 +212,10 @@ class RunningBatch:
         self.steps += 1
         self.next_tokens = self._sample(out.logits[:, -1, :].float().cpu(), self.rows)
         return self._finish_rows()
+
+    def _adapter_names(self, adapters: list[str | None]) -> dict[str, Any]:
+        """The forward's per-row adapters on a peft model (nothing for a plain one)."""
+        return {"adapter_names": [a or BASE_ROW for a in adapters]} if self.peft else {}
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token of every row; a row whose sampling or bookkeeping raises fails its request
@@ -315,6 +327,11 @@ class RunningBatch:
         self.rows, self.cache, self.positions, self.next_tokens = [], None, _EMPTY, _EMPTY
         log.error("generation batch failed, %d request(s) aborted: %s", len(reqs), error)
         return reqs
+
+
+def _is_peft(model: Any) -> bool:
+    peft = sys.modules.get("peft")  # a model can only be peft's once peft is imported
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _sample_row(

@@ -24,9 +24,16 @@ class Engine:
     """A causal LM plus tokenizer; generation runs a continuous batch of at most `max_batch_size` rows."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, model_id: str, max_batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_batch_size: int = 16,
+        adapter: str | None = None,
     ) -> None:
         self.model = model
+        self.adapter = adapter  # the peft adapter this engine's rows decode with; None: the base
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_batch_size = max_batch_size
@@ -44,7 +51,8 @@ class Engine:
         tracking_uri: str | None = None,
         max_batch_size: int = 16,
     ) -> Engine:
-        """Load a checkpoint folder or an MLflow registry URI (`models:/name/3`, `models:/name@alias`)."""
+        """Load a checkpoint folder or an MLflow registry URI (`models:/name/3`, `models:/name@alias`);
+        an adapter checkpoint loads as its base with the adapter merged in (`models.load_model`)."""
         from arenaflow.models import load_model, load_tokenizer
 
         model_id = str(model)
@@ -55,9 +63,22 @@ class Engine:
                 f"checkpoint {path} has no chat template; save one with the tokenizer "
                 "(arenaflow.models.resolve_model does this via model.chat_template)"
             )
-        lm = load_model(path, dtype=dtype, device=device)
+        lm = load_model(path, dtype=dtype, device=device, tracking_uri=tracking_uri)
         log.info("engine loaded %s (%s on %s) from %s", model_id, dtype, device, path)
         return cls(lm, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
+
+    def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
+        """An engine whose rows decode with one of this (peft) model's adapters: the same weights,
+        lock and batch as this one (`arenaflow.engine.adapters.load_shared`), its own chat template."""
+        view = Engine(
+            self.model,
+            tokenizer,
+            model_id=model_id,
+            max_batch_size=self.max_batch_size,
+            adapter=adapter,
+        )
+        view.lock = self.lock
+        return view
 
     # -- prompts -------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -80,7 +101,7 @@ class Engine:
             raise ValueError("prompt is empty")
         if len(ids) + params.max_new_tokens > self.context_length:
             raise PromptTooLongError(len(ids), params.max_new_tokens, self.context_length)
-        return Request(prompt_ids=ids, params=params, **callbacks)
+        return Request(prompt_ids=ids, params=params, adapter=self.adapter, **callbacks)
 
     # -- generation ----------------------------------------------------------------------------
     def new_batch(self) -> RunningBatch:
@@ -157,10 +178,13 @@ def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Pa
                 "(the config's tracking.tracking_uri) or set MLFLOW_TRACKING_URI"
             )
         return MlflowTracker(uri, "arenaflow").download_model(text)
+    from arenaflow.adapters import is_checkpoint
+
     path = Path(text)
-    if not (path / "config.json").exists():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"{path} is not a Hugging Face checkpoint folder (no config.json); "
+            f"{path} is not a Hugging Face checkpoint folder (no config.json) nor an adapter "
+            "folder (no adapter_config.json); "
             "give a checkpoint folder or an MLflow URI models:/name/version or models:/name@alias"
         )
     return path

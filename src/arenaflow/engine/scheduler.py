@@ -71,15 +71,20 @@ class Scheduler:
         await self.close()
 
     # -- requests ------------------------------------------------------------------------------
-    async def submit(self, prompt: str, params: SamplingParams) -> GenerationResult:
-        """Generate for one prompt; raises QueueFullError, PromptTooLongError or ValueError."""
+    async def submit(
+        self, prompt: str, params: SamplingParams, *, engine: Engine | None = None
+    ) -> GenerationResult:
+        """Generate for one prompt; raises QueueFullError, PromptTooLongError or ValueError.
+
+        `engine`: a view of this scheduler's model (`Engine.with_adapter`) that makes the request,
+        so its rows decode with that adapter in the shared batch."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
         def done(outcome: GenerationResult | BaseException) -> None:
             _call_in_loop(loop, _settle, future, outcome)
 
-        request = self.engine.make_request(prompt, params, on_done=done)
+        request = (engine or self.engine).make_request(prompt, params, on_done=done)
         self._enqueue(request)
         try:
             return await future
@@ -87,8 +92,11 @@ class Scheduler:
             request.cancelled = True
             raise
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Events of one request as they are decoded; closing the iterator early cancels it."""
+    async def stream(
+        self, prompt: str, params: SamplingParams, *, engine: Engine | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Events of one request as they are decoded; closing the iterator early cancels it
+        (`engine` as in `submit`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -99,7 +107,9 @@ class Scheduler:
             item = outcome if isinstance(outcome, BaseException) else _DONE
             _call_in_loop(loop, events.put_nowait, item)
 
-        request = self.engine.make_request(prompt, params, on_event=on_event, on_done=on_done)
+        request = (engine or self.engine).make_request(
+            prompt, params, on_event=on_event, on_done=on_done
+        )
         self._enqueue(request)
         try:
             while True:
