@@ -15,13 +15,16 @@ from arenaflow.engine.api import (
     TokenLogprob,
     TopLogprob,
 )
+from arenaflow.engine.constraints import Constraint, InvalidConstraintError
 from arenaflow.engine.engine import Engine, resolve_checkpoint
 from arenaflow.engine.scheduler import Scheduler
 
 __all__ = [
     "Choice",
+    "Constraint",
     "Engine",
     "GenerationResult",
+    "InvalidConstraintError",
     "PromptTooLongError",
     "QueueFullError",
     "RequestFailedError",

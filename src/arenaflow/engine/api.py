@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from arenaflow.engine.constraints import Constraint
+
 # Below this a temperature is greedy decoding: logits / 1e-40 overflow to inf and the softmax turns
 # to NaN, and long before that the distribution is one-hot in float32 anyway.
 MIN_TEMPERATURE = 1e-5
@@ -24,6 +26,7 @@ class SamplingParams:
     n: int = 1  # independent choices per request
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20 alternatives per generated token
+    constraint: Constraint | None = None  # a JSON schema / grammar every choice's output obeys
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (callers turn it into a 400); a temperature
@@ -43,6 +46,10 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(
+                f"constraint must be a Constraint, got {type(self.constraint).__name__}"
+            )
 
 
 @dataclass
@@ -65,7 +72,7 @@ class Choice:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos or stop string) | "length"
+    finish_reason: str  # "stop" (eos, stop string or the constraint's end) | "length"
     logprobs: list[TokenLogprob] | None = None
 
 

@@ -30,6 +30,7 @@ from arenaflow.engine.api import (
     TokenLogprob,
     TopLogprob,
 )
+from arenaflow.engine.constraints import Grammar, advance, mask_logits
 from arenaflow.engine.kvcache import BatchKVCache
 from arenaflow.engine.text import find_stop, stream_safe_end
 
@@ -47,6 +48,7 @@ class Request:
     on_event: Callable[[StreamEvent], None] | None = None
     on_done: Callable[[GenerationResult | BaseException], None] | None = None
     adapter: str | None = None  # the peft adapter its rows decode with (None: the base model)
+    grammar: Grammar | None = None  # params.constraint, compiled
     seqs: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
     result: GenerationResult | None = None
@@ -97,9 +99,12 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     generator: torch.Generator | None = None
+    matcher: Any = None  # this choice's own grammar state, when the request is constrained
 
     def __post_init__(self) -> None:
         p = self.request.params
+        if self.request.grammar is not None:
+            self.matcher = self.request.grammar.matcher()
         if p.logprobs:
             self.logprobs = []
         if p.temperature > 0:
@@ -221,6 +226,12 @@ class RunningBatch:
         """Next token of every row; a row whose sampling or bookkeeping raises fails its request
         only (its batch-mates get their tokens as usual)."""
         logits = torch.nan_to_num(logits, nan=-torch.inf)  # a NaN never wins, never breaks softmax
+        constrained = [
+            (i, s.matcher)
+            for i, s in enumerate(seqs)
+            if s.matcher is not None and s.request.error is None
+        ]
+        mask_logits(logits, constrained)  # before greedy, sampling and logprobs alike
         need_logprobs = any(s.request.params.logprobs for s in seqs)
         logp = torch.log_softmax(logits, dim=-1) if need_logprobs else None
         chosen = logits.argmax(dim=-1)
@@ -259,6 +270,7 @@ class RunningBatch:
         if s.logprobs is not None and lp is not None:
             s.logprobs.append(lp)
         finish = None
+        ended = s.matcher is not None and advance(s.matcher, token_id)
         if token_id in self.eos_ids:
             finish = "stop"
         else:
@@ -269,6 +281,8 @@ class RunningBatch:
             cut = find_stop(s.text, p.stop, max(0, before - longest))
             if cut != -1:
                 s.text = s.text[:cut]
+                finish = "stop"
+            elif ended:  # the grammar is complete: nothing but eos could follow
                 finish = "stop"
         if finish is None and (
             s.generated >= p.max_new_tokens

@@ -16,6 +16,7 @@ from typing import Any
 
 from arenaflow.engine.api import GenerationResult, PromptTooLongError, SamplingParams, StreamEvent
 from arenaflow.engine.batch import Request, RunningBatch
+from arenaflow.engine.constraints import ConstraintCompiler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.context_length = _context_length(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
+        vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+        self.constraints = ConstraintCompiler(tokenizer, self.eos_ids, vocab)
         self.lock = threading.Lock()  # one forward pass at a time on this model
 
     @classmethod
@@ -94,14 +97,18 @@ class Engine:
         return list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
 
     def make_request(self, prompt: str, params: SamplingParams, **callbacks: Any) -> Request:
-        """Validate a prompt + params into a batch request (raises ValueError / PromptTooLongError)."""
+        """Validate a prompt + params into a batch request (raises ValueError / PromptTooLongError;
+        InvalidConstraintError, a ValueError, for a schema or grammar that does not compile)."""
         params.validate()
+        grammar = self.constraints.compile(params.constraint) if params.constraint else None
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) + params.max_new_tokens > self.context_length:
             raise PromptTooLongError(len(ids), params.max_new_tokens, self.context_length)
-        return Request(prompt_ids=ids, params=params, adapter=self.adapter, **callbacks)
+        return Request(
+            prompt_ids=ids, params=params, adapter=self.adapter, grammar=grammar, **callbacks
+        )
 
     # -- generation ----------------------------------------------------------------------------
     def new_batch(self) -> RunningBatch:
