@@ -1,8 +1,9 @@
 """Judge backends behind one small interface: the OpenAI API, any OpenAI-compatible server, and
 the arenaflow engine in process.
 
-A backend turns (system, user) chats into replies and, where it can see token probabilities,
-reads the judge's distribution over verdict tokens after a forced `[[` prefix. The HTTP, retries,
+A backend turns (system, user) chats into replies (under the verdict's JSON schema when the chat
+carries one: OpenAI's `response_format`, the engine's grammar) and, where it can see token
+probabilities, reads the judge's distribution over verdict tokens after a forced `[[` prefix. The HTTP, retries,
 backoff and concurrency are the shared `arenaflow.clients.EndpointClient`; caching and budgets live
 in the runner, which is backend-agnostic: it hands a backend a `CallGate` that every request
 (retries included) must pass before it is sent, and an `on_result` callback that sees each reply
@@ -34,6 +35,10 @@ from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
 log = logging.getLogger(__name__)
 
 VERDICT_PREFIX = {"[[rating]]": "\n\nRating: [[", "[[A]]": "\n\nFinal verdict: [["}
+STRUCTURED_REFUSED = (
+    "judge.structured=true sends response_format json_schema; a server without structured "
+    "outputs refuses it: set judge.structured=false"
+)
 VERDICT_FOLLOW_UP = {
     "[[rating]]": 'Give only your final rating in the format "[[rating]]", for example: [[5]].',
     "[[A]]": 'Give only your final verdict in the format "[[A]]", "[[B]]" or "[[C]]".',
@@ -55,6 +60,7 @@ T = TypeVar("T")
 class ChatRequest:
     system: str
     user: str
+    schema: dict[str, Any] | None = None  # a structured verdict's JSON schema (judge.structured)
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
@@ -196,7 +202,11 @@ class OpenAIBackend(JudgeBackend):
         import openai
 
         # With logprobs on, the reply carries the verdict token's alternatives at no extra cost.
-        extra = {"logprobs": True, "top_logprobs": 20} if self.supports_logprobs else {}
+        extra: dict[str, Any] = (
+            {"logprobs": True, "top_logprobs": 20} if self.supports_logprobs else {}
+        )
+        if request.schema is not None:
+            extra["response_format"] = response_format(request.schema)
         try:
             response, attempts = self._call(
                 gate,
@@ -209,7 +219,10 @@ class OpenAIBackend(JudgeBackend):
             return Completion(text=None, error=f"budget: {e.reason}", attempts=e.attempts)
         except (openai.APIStatusError, openai.APITimeoutError, UnreadableReplyError) as e:
             attempts = getattr(e, "arenaflow_attempts", self.retries + 1)
-            return Completion(text=None, error=describe(e), attempts=attempts)
+            error = describe(e)
+            if request.schema is not None and getattr(e, "status_code", None) == 400:
+                error += f" ({STRUCTURED_REFUSED})"
+            return Completion(text=None, error=error, attempts=attempts)
         usage = response.usage
         content = getattr(response.choices[0].logprobs, "content", None)
         return Completion(
@@ -285,6 +298,12 @@ class OpenAIBackend(JudgeBackend):
 
     def close(self) -> None:
         self.client.close()
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's structured-output request for a verdict schema (strict: the reply must match)."""
+    name = str(schema.get("title") or "verdict")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def _alternatives(position: Any) -> TokenTop:

@@ -194,6 +194,7 @@ def calibration_records(
                     "score": v.score,
                     "winner": v.winner,
                     "verdict_source": v.source,
+                    "parse_error": v.error,
                     "expected_score": v.expected_score,
                     "probs": v.probs,
                     "judgment": r.judgment if not r.error else f"$ERROR$ {r.error}",

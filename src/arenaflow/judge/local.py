@@ -1,5 +1,6 @@
-"""The local judge: the arenaflow engine in process, batched greedy judging within the budget,
-and the verdict token's distribution read after a forced `[[` prefix."""
+"""The local judge: the arenaflow engine in process, batched greedy judging within the budget
+(a structured verdict decoded under its schema's grammar), and the verdict token's distribution
+read after a forced `[[` prefix."""
 
 from __future__ import annotations
 
@@ -62,8 +63,6 @@ class LocalBackend(JudgeBackend):
         gate: CallGate = NO_BUDGET,
         on_result: OnResult[Completion] | None = None,
     ) -> list[Completion]:
-        from arenaflow.engine import SamplingParams
-
         prompts = [self.engine.render_chat(r.messages()) for r in requests]
         out: list[Completion | None] = [None] * len(requests)
         costs: dict[int, int] = {}
@@ -80,17 +79,13 @@ class LocalBackend(JudgeBackend):
                     on_result(i, out[i])
             else:
                 costs[i] = n + self.max_tokens
-        params = SamplingParams(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            logprobs=True,
-            top_logprobs=20,  # the verdict token's alternatives: its probabilities, at no extra pass
-        )
+        params = [self._params(r) for r in requests]
         while costs:
             batch, refused = self._admit(costs, gate)
             results: list[Any] = []
             try:
-                results = self.engine.generate([prompts[i] for i in batch], params) if batch else []
+                chosen = [prompts[i] for i in batch], [params[i] for i in batch]
+                results = self.engine.generate(*chosen) if batch else []
             finally:
                 for n, i in enumerate(batch):
                     r = results[n] if n < len(results) else None
@@ -115,6 +110,24 @@ class LocalBackend(JudgeBackend):
                         on_result(i, out[i])
                 costs = {}
         return [c for c in out if c is not None]
+
+    def _params(self, request: ChatRequest) -> Any:
+        """Greedy judging with the verdict token's alternatives (its probabilities at no extra
+        pass); a structured verdict is decoded under its schema's grammar, so it always parses."""
+        from arenaflow.engine import SamplingParams
+
+        extra: dict[str, Any] = {}
+        if request.schema is not None:
+            from arenaflow.engine.constraints import Constraint
+
+            extra["constraint"] = Constraint.json_schema(request.schema)
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            logprobs=True,
+            top_logprobs=20,
+            **extra,
+        )
 
     def _candidate_ids(self, output_format: str) -> dict[str, int]:
         """Verdict tokens that are single tokens of this tokenizer (`10` usually is not)."""

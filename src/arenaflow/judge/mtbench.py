@@ -88,7 +88,8 @@ def make_item(
         user=user,
         **meta,
     )
-    return JudgeItem(key, ChatRequest(prompt["system_prompt"], user), prompt["output_format"])
+    request = ChatRequest(prompt["system_prompt"], user, prompt.get("response_schema"))
+    return JudgeItem(key, request, prompt["output_format"])
 
 
 def build_plan(
@@ -174,6 +175,8 @@ def _provenance(result: ItemResult) -> dict[str, Any]:
     out["attempts"] = result.attempts  # requests sent for it in this run (0: cached or not made)
     if result.error:
         out["error"] = result.error
+    elif result.verdict.error:
+        out["parse_error"] = result.verdict.error  # why the text held no verdict
     return out
 
 

@@ -2,22 +2,37 @@
 
 Prompts come from the MT-bench `judge_prompts.jsonl` (package data by default, or any fsspec URI);
 math, reasoning and coding questions are judged against a reference answer (GPT-4's by default),
-exactly as FastChat's `gen_judgment.py` pairs prompts with questions.
+exactly as FastChat's `gen_judgment.py` pairs prompts with questions. With `judge.structured` the
+same prompts ask for a JSON verdict instead of `[[rating]]` / `[[A]]` (`structured_prompts`).
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from arenaflow import io
+from arenaflow.judge.verdicts import verdict_schema
 
 log = logging.getLogger(__name__)
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
 PACKAGE = "package"
+
+# FastChat's closing instruction ("After providing your explanation, ... format: "[[rating]]" ...")
+# and the sentences that ask for written work before it: a JSON verdict has no room for either.
+FORMAT_SENTENCE = re.compile(r"After providing your explanation, [^\n]*")
+WRITTEN_WORK = re.compile(r" ?[^.\n]*(?:short explanation|Identify and correct any mistakes)\.")
+JSON_INSTRUCTION = {
+    "[[rating]]": "Output only your rating of the response on a scale of 1 to 10, as a JSON "
+    'object and nothing else, in this format: {"score": <rating>}, for example: {"score": 5}.',
+    "[[A]]": "Output only your final verdict, as a JSON object and nothing else, in this format: "
+    '{"winner": "A"} if assistant A is better, {"winner": "B"} if assistant B is better, and '
+    '{"winner": "tie"} for a tie.',
+}
 
 
 def package_data_dir() -> str:
@@ -40,6 +55,30 @@ def load_judge_prompts(uri: str = PACKAGE) -> dict[str, dict[str, Any]]:
     if not prompts:
         raise ValueError(f"no judge prompts in {uri}")
     return prompts
+
+
+def structured_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+    """A FastChat judge prompt that asks for a JSON verdict, with the schema it must follow
+    (`response_schema`); a prompt without FastChat's format sentence gets the instruction
+    appended to its system prompt."""
+    fmt = "[[rating]]" if prompt["output_format"] == "[[rating]]" else "[[A]]"
+    instruction = JSON_INSTRUCTION[fmt]
+    escaped = instruction.replace("{", "{{").replace("}", "}}")  # the template meets str.format
+    out = dict(prompt, response_schema=verdict_schema(fmt))
+    found = False
+    for field, said in (("system_prompt", instruction), ("prompt_template", escaped)):
+        if FORMAT_SENTENCE.search(prompt[field]):
+            found = True
+            asked = FORMAT_SENTENCE.sub(lambda _, said=said: said, prompt[field])
+            out[field] = WRITTEN_WORK.sub("", asked)
+    if not found:
+        out["system_prompt"] = f"{prompt['system_prompt'].rstrip()} {instruction}".lstrip()
+    return out
+
+
+def structured_prompts(prompts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every prompt of `load_judge_prompts`, asking for a JSON verdict (`judge.structured`)."""
+    return {name: structured_prompt(p) for name, p in prompts.items()}
 
 
 def reference_answer_uri(name: str, bench_name: str = "mt_bench") -> str:

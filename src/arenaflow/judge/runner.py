@@ -43,6 +43,11 @@ class JudgeItem:
     output_format: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def structured(self) -> bool:
+        """The judge was asked for a JSON verdict under a schema (`judge.structured`)."""
+        return self.request.schema is not None
+
 
 @dataclass
 class ItemResult:
@@ -66,7 +71,9 @@ class ItemResult:
         }
 
     @classmethod
-    def from_cache(cls, value: dict[str, Any], output_format: str) -> ItemResult:
+    def from_cache(
+        cls, value: dict[str, Any], output_format: str, structured: bool = False
+    ) -> ItemResult:
         """The stored reply, re-read: the text is parsed again (a verdict the parser of the time
         missed is found now), and the stored verdict is kept where the text still agrees."""
         stored = Verdict(
@@ -76,11 +83,12 @@ class ItemResult:
             expected_score=value.get("expected_score"),
             probs=value.get("probs"),
         )
-        reparsed = parse_verdict(value["judgment"], output_format)
+        reparsed = parse_verdict(value["judgment"], output_format, structured)
         agrees = (reparsed.score, reparsed.winner) == (stored.score, stored.winner)
         # the stored verdict while the text agrees, or holds none beside a logprob reading
         keep = agrees if stored.source == "text" else not reparsed.parsed
         verdict = stored if keep and stored.source != "none" else reparsed
+        verdict.error = reparsed.error  # why the text holds none, if it does not
         recovered = bool(value.get("recovered", stored.source == "logprobs"))
         return cls(value["judgment"], verdict, cached=True, recovered=recovered)
 
@@ -157,6 +165,7 @@ class RunStats:
     outcomes: Counter = field(
         default_factory=Counter
     )  # text | logprobs | parse_error | error | budget
+    parse_errors: Counter = field(default_factory=Counter)  # why a text held no verdict -> count
     budget_message: str | None = None
 
     def count(self, attempts: int, prompt_tokens: int, completion_tokens: int) -> None:
@@ -189,7 +198,7 @@ def run_items(
         if hit is None:
             pending[item.key] = item
             continue
-        result = ItemResult.from_cache(hit, item.output_format)
+        result = ItemResult.from_cache(hit, item.output_format, item.structured)
         results[item.key] = result
         stats.cached += 1
         if logprob_recovery and not result.verdict.parsed and not result.recovered:
@@ -210,10 +219,9 @@ def run_items(
             stats.outcomes["budget" if r.error.startswith("budget") else "error"] += 1
         elif r.verdict.source == "text":
             stats.outcomes["text"] += 1
-        elif r.verdict.source == "logprobs":
-            stats.outcomes["logprobs"] += 1
         else:
-            stats.outcomes["parse_error"] += 1
+            stats.outcomes["logprobs" if r.verdict.source == "logprobs" else "parse_error"] += 1
+            stats.parse_errors[r.verdict.error or "no verdict"] += 1
     if stats.outcomes["budget"]:
         stats.budget_message = (
             f"judge budget exhausted ({budget.exhausted()}); {stats.outcomes['budget']} "
@@ -268,8 +276,9 @@ def _judge_chunk(
             error = completion.error or "no reply"
             results[item.key] = ItemResult("", Verdict(), error=error, attempts=completion.attempts)
             return
-        verdict = parse_verdict(completion.text, item.output_format)
-        verdict = with_token_probabilities(verdict, completion.tokens, item.output_format)
+        verdict = parse_verdict(completion.text, item.output_format, item.structured)
+        if not item.structured:  # the alternatives of a `[[` verdict token
+            verdict = with_token_probabilities(verdict, completion.tokens, item.output_format)
         result = ItemResult(completion.text, verdict, attempts=completion.attempts)
         results[item.key] = result
         cache.put(item.key, backend.model_name, result.as_cache_value())  # paid: never lost
@@ -303,6 +312,7 @@ def _recover(
             if rec.top is not None:
                 verdict = verdict_from_logprobs(rec.top, fmt)
                 if verdict.parsed:
+                    verdict.error = result.verdict.error  # the text's parse failure stays told
                     result.verdict = verdict
             cache.put(item.key, backend.model_name, result.as_cache_value())
 

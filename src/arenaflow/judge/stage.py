@@ -29,7 +29,11 @@ from arenaflow.judge.calibration import (
     judge_calibration,
 )
 from arenaflow.judge.mtbench import Plan, build_plan, load_answers, pair_records, single_records
-from arenaflow.judge.prompts import load_judge_prompts, load_reference_answers
+from arenaflow.judge.prompts import (
+    load_judge_prompts,
+    load_reference_answers,
+    structured_prompts,
+)
 from arenaflow.judge.runner import Budget, ItemResult, JudgeItem, RunStats, run_items
 from arenaflow.judge.scores import (
     category_scores,
@@ -141,6 +145,8 @@ def plan_judgments(
 ) -> tuple[Plan, CalibrationPlan]:
     """The MT-bench plan (`judge.mode`, `judge.pairwise`) and the calibration plan beside it."""
     prompts = load_judge_prompts(str(j.prompt_file))
+    if j.structured:
+        prompts = structured_prompts(prompts)
     references = load_reference_answers(str(j.reference_file), bench)
     plan = build_plan(
         questions,
@@ -273,6 +279,8 @@ def judge(
     answers = {n: load_answers(list(io.read_jsonl(answer_uris[n])), n, skipped) for n in names}
     settings = {"temperature": float(j.temperature), "max_tokens": int(j.max_tokens)}
     settings |= {"backend": str(j.backend), "model": str(j.model)}
+    if j.structured:  # a JSON verdict is another request; unstructured keys stay as they were
+        settings["structured"] = True
     settings |= judge_identity(cfg, base_model_path)
     plan, calibration_plan = plan_judgments(
         j,
@@ -295,7 +303,11 @@ def judge(
     calibration = write_calibration(j, calibration_plan, results, calibration_uri, summary_uri)
     counts = run_counts(len(singles), len(pairs), len(calibration_plan.items), stats)
     cost = _cost(j.get("price_per_1k_tokens"), stats.prompt_tokens, stats.completion_tokens)
-    info = {"skipped": dict(skipped), "budget": stats.budget_message}
+    info = {
+        "skipped": dict(skipped),
+        "budget": stats.budget_message,
+        "parse_errors": dict(stats.parse_errors),
+    }
     with tracker_from_cfg(cfg).start_run("judge", cfg) as run:
         files = [single_uri, pair_uri, calibration_uri]
         log_judge_run(run, counts, health, cost, info, calibration, files)
@@ -306,6 +318,7 @@ def judge(
         "competitors": names,
         "counts": counts,
         "skipped": dict(skipped),
+        "parse_errors": dict(stats.parse_errors),
         "health": health,
         "calibration": calibration,
         "cost_usd": cost,

@@ -1,8 +1,10 @@
 """Read a judge's verdict out of its reply: MT-bench's `[[rating]]`, `[[A]]`/`[[B]]`/`[[C]]` and
-`[[a, b]]` formats (FastChat's regexes and backups), and, when the text holds none, from the
-probability the judge gave each verdict token after a forced verdict prefix. Where the reply came
-with its own per-token logprobs, the verdict token's alternatives give the verdict probabilities
-and the expected rating beside the argmax verdict.
+`[[a, b]]` formats (FastChat's regexes and backups), a structured JSON verdict
+(`{"score": 1..10}`, `{"winner": "A" | "B" | "tie"}`, validated against its schema), and, when the
+text holds none, from the probability the judge gave each verdict token after a forced verdict
+prefix. Where the reply came with its own per-token logprobs, the verdict token's alternatives
+give the verdict probabilities and the expected rating beside the argmax verdict. A reply without
+a verdict says why (`Verdict.error`), so parse failures are counted by reason.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 TIE_DELTA = 0.1  # [[a, b]] scores closer than this are a tie (FastChat)
 
@@ -34,6 +39,7 @@ class Verdict:
     source: str = "none"  # "text" | "logprobs" | "none"
     expected_score: float | None = None  # probability-weighted rating (logprob recovery)
     probs: dict[str, float] | None = None
+    error: str | None = None  # why the text held no verdict (kept when logprobs recover one)
 
     @property
     def parsed(self) -> bool:
@@ -66,13 +72,64 @@ def parse_pair(judgment: str, output_format: str = "[[A]]") -> str | None:
     return None
 
 
-def parse_verdict(judgment: str, output_format: str) -> Verdict:
-    """Parse a reply by the prompt's `output_format` ("[[rating]]", "[[A]]", "[[rating_a,rating_b]]")."""
+class ScoreVerdict(BaseModel):
+    """A structured single grading: the rating alone."""
+
+    model_config = ConfigDict(extra="forbid")
+    score: int = Field(ge=1, le=10)
+
+
+class WinnerVerdict(BaseModel):
+    """A structured pairwise verdict: A, B or a tie."""
+
+    model_config = ConfigDict(extra="forbid")
+    winner: Literal["A", "B", "tie"]
+
+
+def verdict_model(output_format: str) -> type[ScoreVerdict] | type[WinnerVerdict]:
+    """The structured verdict that stands for a FastChat output format."""
+    return ScoreVerdict if output_format == "[[rating]]" else WinnerVerdict
+
+
+def verdict_schema(output_format: str) -> dict:
+    """The JSON schema a structured judge answers with (OpenAI strict mode accepts it)."""
+    return verdict_model(output_format).model_json_schema()
+
+
+def parse_json_verdict(judgment: str, output_format: str) -> Verdict:
+    """A structured verdict, validated against its schema; an object that does not validate is
+    a parse failure whose `error` names the field and the rule (`score: Input should be ...`)."""
+    text = judgment.strip()
+    start, end = text.find("{"), text.rfind("}")
+    if (start, end) != (0, len(text) - 1) and -1 < start < end:
+        text = text[start : end + 1]  # prose or a code fence around the object
+    try:
+        parsed = verdict_model(output_format).model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return Verdict(error="not JSON")
+        where = ".".join(str(part) for part in first["loc"])
+        return Verdict(error=f"{where}: {first['msg']}" if where else first["msg"])
+    if isinstance(parsed, ScoreVerdict):
+        return Verdict(score=float(parsed.score), source="text")
+    return Verdict(winner=parsed.winner, source="text")
+
+
+def parse_verdict(judgment: str, output_format: str, structured: bool = False) -> Verdict:
+    """Parse a reply by the prompt's `output_format` ("[[rating]]", "[[A]]", "[[rating_a,rating_b]]"),
+    or as that format's JSON verdict when the judge was asked for one (`structured`)."""
+    if structured:
+        return parse_json_verdict(judgment, output_format)
     if output_format == "[[rating]]":
         score = parse_rating(judgment)
-        return Verdict(score=score, source="text" if score is not None else "none")
+        if score is None:
+            return Verdict(error="no [[rating]] in the reply")
+        return Verdict(score=score, source="text")
     winner = parse_pair(judgment, output_format)
-    return Verdict(winner=winner, source="text" if winner is not None else "none")
+    if winner is None:
+        return Verdict(error=f"no {output_format} verdict in the reply")
+    return Verdict(winner=winner, source="text")
 
 
 def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdict:
