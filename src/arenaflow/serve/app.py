@@ -29,6 +29,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from arenaflow.arena.routes import arena_router
 from arenaflow.engine import Engine, Scheduler
+from arenaflow.serve.adapters import load_group, plan_served_memory, shared_bases
 from arenaflow.serve.errors import ServeConfigError, install_error_handlers
 from arenaflow.serve.loading import (
     ServedModel,
@@ -38,7 +39,7 @@ from arenaflow.serve.loading import (
     model_specs,
     resolve_served_model,
 )
-from arenaflow.serve.memory import check_memory, plan_memory
+from arenaflow.serve.memory import check_memory
 from arenaflow.serve.metrics import ServeMetrics, batch_sampler
 from arenaflow.serve.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from arenaflow.serve.routes import openai_router
@@ -110,22 +111,31 @@ def create_app(
 async def load_models(
     state: ServeState, preloaded: dict[str, Engine], resolved: dict[str, ServedModel]
 ) -> None:
-    """Resolve every served model, check the set fits in memory, then load and slot each."""
+    """Resolve every served model, check the set fits in memory, then load and slot each; models
+    over one base (adapters, serve/adapters.py) share one copy of it and one scheduler."""
     cfg = state.cfg
     for spec in state.specs:
         if spec.name not in resolved:
             resolved[spec.name] = await asyncio.to_thread(resolve_served_model, cfg, spec)
-    paths = {spec.name: resolved[spec.name].path for spec in state.specs}
-    state.memory = await asyncio.to_thread(plan_memory, cfg, paths, set(preloaded))
+    served = {spec.name: resolved[spec.name] for spec in state.specs}
+    state.memory = await asyncio.to_thread(plan_served_memory, cfg, served, set(preloaded))
     check_memory(state.memory)
     state.metrics.set_memory(state.memory)
+    shared: dict[str, Any] = {}
+    for base, names in shared_bases(served, set(preloaded)).items():
+        shared.update(await asyncio.to_thread(load_group, cfg, base, names, served))
     for spec in state.specs:
-        sm = resolved[spec.name]
-        eng = preloaded.get(spec.name) or await asyncio.to_thread(load_engine, cfg, sm)
+        sm = served[spec.name]
+        if spec.name in shared:
+            eng, scheduler = shared[spec.name]
+        else:
+            eng = preloaded.get(spec.name) or await asyncio.to_thread(load_engine, cfg, sm)
+            scheduler = Scheduler(
+                eng,
+                max_batch_size=int(cfg.serve.max_batch_size),
+                max_queue=int(cfg.serve.max_queue),
+            )
         describe_engine(sm, eng)
-        scheduler = Scheduler(
-            eng, max_batch_size=int(cfg.serve.max_batch_size), max_queue=int(cfg.serve.max_queue)
-        )
         state.add(ModelSlot(name=spec.name, served=sm, engine=eng, scheduler=scheduler))
 
 

@@ -2,7 +2,9 @@
 
 The registry is the source of truth for what is served: a `models:/name@champion` URI is pinned to
 the version the alias names at start-up, and that version's tags become the card that
-`GET /v1/models` shows, so a client can see which run trained the model and how it scored.
+`GET /v1/models` shows, so a client can see which run trained the model and how it scored. An
+entry may name an adapter checkpoint (folder or registry version): its base is resolved here too,
+and adapters over one base are served on one copy of it (serve/adapters.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from arenaflow.adapters import AdapterCheckpoint
 from arenaflow.engine import Engine
 from arenaflow.serve.errors import ServeConfigError
 
@@ -34,6 +37,8 @@ class ServedModel:
     path: Path
     names: list[str]
     card: dict[str, Any] = field(default_factory=dict)
+    adapter: AdapterCheckpoint | None = None  # set when `path` is an adapter checkpoint
+    base: Path | None = None  # the adapter's base checkpoint folder (downloaded, checked)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,32 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
         card.update({"version": None, "lineage": {"run_uri": uri}, "results": {}})
     else:
         card.update({"version": None, "lineage": {"checkpoint": str(path)}, "results": {}})
-    return ServedModel(path=path, names=list(dict.fromkeys(names)), card=card)
+    served = ServedModel(path=path, names=list(dict.fromkeys(names)), card=card)
+    _resolve_base(cfg, spec, served)
+    return served
+
+
+def _resolve_base(cfg: DictConfig, spec: ModelSpec, served: ServedModel) -> None:
+    """An adapter's base: resolved like any served model (a folder, or downloaded once into the
+    cache), and checked to be the base the adapter was trained on."""
+    from arenaflow.adapters import ADAPTER_META, check_base, is_adapter, read_adapter
+    from arenaflow.models import local_checkpoint, model_identity
+
+    if not is_adapter(served.path):
+        return
+    where = f"{spec.origin} (the base in {ADAPTER_META})"
+    try:
+        adapter = read_adapter(served.path)
+        base, _ = local_checkpoint(adapter.base, cfg, where)
+        if not (base / "config.json").is_file():
+            raise ValueError(f"{where}={adapter.base} is an adapter; an adapter needs a full base")
+        tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+        check_base(adapter, model_identity(adapter.base, tracking_uri))
+    except ValueError as e:
+        raise ServeConfigError(f"{spec.origin}: {e}") from e
+    served.adapter, served.base = adapter, base
+    served.card["lineage"].setdefault("adapter", "true")
+    served.card["lineage"].setdefault("base_model", adapter.base)
 
 
 def _number(value: str) -> Any:

@@ -12,10 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from arenaflow.serve.adapters import plan_served_memory
 from arenaflow.serve.app import create_app
 from arenaflow.serve.errors import ServeConfigError
 from arenaflow.serve.loading import ServedModel, model_specs, resolve_served_model
-from arenaflow.serve.memory import MemoryPlan, check_memory, plan_memory
+from arenaflow.serve.memory import MemoryPlan, check_memory
 from arenaflow.serve.security import uvicorn_proxy_options
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 def preflight(cfg: DictConfig) -> tuple[dict[str, ServedModel], MemoryPlan]:
     """Resolve every served model and check that the set fits, before any weights load."""
     resolved = {spec.name: resolve_served_model(cfg, spec) for spec in model_specs(cfg)}
-    plan = plan_memory(cfg, {name: s.path for name, s in resolved.items()})
+    plan = plan_served_memory(cfg, resolved)  # a base that adapters share counts once
     check_memory(plan)
     return resolved, plan
 

@@ -1,0 +1,131 @@
+"""Served models over one shared base: adapters (and the base itself) on one copy of its weights.
+
+`serve.models` entries that name adapter checkpoints are grouped by the base folder they resolve to,
+together with a plain entry whose checkpoint is that base. A group loads the base once with every
+adapter (`arenaflow.engine.adapters.load_shared`) and runs one scheduler, so all its requests share
+decode steps (peft's mixed-adapter batches); each entry is still its own model in /v1/models,
+routed by name. Fine-tunes can meet in the arena for the memory of one model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from arenaflow.engine import Engine, SamplingParams, Scheduler, StreamEvent
+from arenaflow.engine.api import GenerationResult
+from arenaflow.serve.errors import ServeConfigError
+from arenaflow.serve.loading import ServedModel
+from arenaflow.serve.memory import (
+    DTYPE_BYTES,
+    MemoryPlan,
+    ModelMemory,
+    count_parameters,
+    plan_memory,
+    serving_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AdapterScheduler:
+    """One served adapter's side of the scheduler its base runs: its requests are made by the
+    adapter's engine view and decode in the base's batch; stats are the shared batch's."""
+
+    def __init__(self, shared: Scheduler, engine: Engine) -> None:
+        self.shared, self.engine = shared, engine
+
+    def start(self) -> None:
+        self.shared.start()
+
+    async def close(self) -> None:
+        await self.shared.close()
+
+    async def submit(self, prompt: str, params: SamplingParams) -> GenerationResult:
+        return await self.shared.submit(prompt, params, engine=self.engine)
+
+    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        return self.shared.stream(prompt, params, engine=self.engine)
+
+    def stats(self) -> dict[str, Any]:
+        return self.shared.stats()
+
+
+def shared_bases(
+    served: dict[str, ServedModel], preloaded: Collection[str] = ()
+) -> dict[Path, list[str]]:
+    """{base folder: served names on it, config order} for every base an adapter names; a plain
+    entry serving that folder joins its group. Preloaded engines keep their own weights."""
+    groups: dict[Path, list[str]] = {
+        sm.base.resolve(): [] for n, sm in served.items() if sm.base and n not in preloaded
+    }
+    for name, sm in served.items():
+        key = (sm.base or sm.path).resolve()
+        if name not in preloaded and key in groups:
+            groups[key].append(name)
+    return groups
+
+
+def load_group(
+    cfg: DictConfig, base: Path, names: list[str], served: dict[str, ServedModel]
+) -> dict[str, tuple[Engine, Scheduler | AdapterScheduler]]:
+    """(engine, scheduler) of each served name of one base: one model, one scheduler for all."""
+    from arenaflow.engine.adapters import load_shared
+
+    dtype, device = serving_dtype(cfg)
+    batch = int(cfg.serve.max_batch_size)
+    adapters = {n: served[n].path for n in names if served[n].adapter is not None}
+    try:
+        engine, views = load_shared(
+            base, adapters, dtype=dtype, device=device, max_batch_size=batch
+        )
+    except ValueError as e:
+        raise ServeConfigError(f"serving {', '.join(names)} over {base}: {e}") from e
+    scheduler = Scheduler(engine, max_batch_size=batch, max_queue=int(cfg.serve.max_queue))
+    out: dict[str, tuple[Engine, Scheduler | AdapterScheduler]] = {}
+    for name in names:
+        if name in views:
+            out[name] = (views[name], AdapterScheduler(scheduler, views[name]))
+        elif not engine.tokenizer.chat_template:
+            raise ServeConfigError(f"{name}: checkpoint {base} has no chat template to serve with")
+        else:
+            out[name] = (engine, scheduler)
+    log.info("serving %s on one copy of %s", ", ".join(names), base)
+    return out
+
+
+def plan_served_memory(
+    cfg: DictConfig, served: dict[str, ServedModel], preloaded: Collection[str] = ()
+) -> MemoryPlan:
+    """The memory plan with each shared base counted once (weights and the one KV cache of its
+    batch, under the group's first name) and every adapter's own weights on top."""
+    groups = shared_bases(served, preloaded)
+    grouped = {n: base for base, names in groups.items() for n in names}
+    paths: dict[str, Path] = {}
+    for name, sm in served.items():
+        if name not in grouped:  # a preloaded adapter is estimated as its base
+            paths[name] = sm.base or sm.path
+        elif groups[grouped[name]][0] == name:
+            paths[name] = grouped[name]
+    plan = plan_memory(cfg, paths, set(preloaded))
+    dtype, _ = serving_dtype(cfg)
+    by_name = {m.name: m for m in plan.models}
+    for name, sm in served.items():
+        if sm.adapter is None or name not in grouped:
+            continue
+        weights = count_parameters(sm.path, {}) * DTYPE_BYTES[dtype]
+        if name in by_name:
+            by_name[name].weights_bytes += weights
+            continue
+        first = by_name[groups[grouped[name]][0]]
+        plan.models.append(
+            ModelMemory(name, weights, 0, dtype, first.context_length, first.max_batch_size)
+        )
+    plan.models.sort(key=lambda m: list(served).index(m.name))
+    for base, names in groups.items():
+        plan.notes.append(f"{', '.join(names)} share one copy of {base} and its KV cache")
+    return plan

@@ -1,0 +1,129 @@
+"""Adapters served on a shared base: a real uvicorn server with the tiny base and two LoRA adapters.
+
+All three load from their folders in the app's lifespan (nothing preloaded), so the server's own
+resolution, grouping by base, memory plan and shared batch are what the answers go through.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from arenaflow.adapters import ADAPTER_META
+from arenaflow.engine import Engine, SamplingParams
+from arenaflow.serve import ServeConfigError, create_app, preflight
+from arenaflow.serve.adapters import AdapterScheduler
+from tests.engine.test_adapters import make_adapter
+from tests.serve.conftest import LiveServer, live_server
+
+NAMES = ["tiny-base", "lora-a", "lora-b"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("served-adapters")
+    return {
+        "lora-a": make_adapter(tiny_model_dir, root / "lora-a", seed=1),
+        "lora-b": make_adapter(tiny_model_dir, root / "lora-b", seed=2),
+    }
+
+
+def models_override(tiny_model_dir: Path, adapters: dict[str, Path]) -> str:
+    entries = [f"{{name: tiny-base, uri: {tiny_model_dir}}}"]
+    entries += [f"{{name: {n}, uri: {p}}}" for n, p in adapters.items()]
+    return f"serve.models=[{', '.join(entries)}]"
+
+
+@pytest.fixture(scope="module")
+def served(serve_cfg_factory, tiny_model_dir, adapter_dirs) -> Iterator[tuple[LiveServer, object]]:
+    cfg = serve_cfg_factory(models_override(tiny_model_dir, adapter_dirs))
+    app = create_app(cfg)
+    with live_server(app, cfg) as srv:
+        yield srv, app
+
+
+def chat(srv: LiveServer, model: str, content: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    body |= {"temperature": 0, "max_tokens": MAX_TOKENS}
+    r = httpx.post(f"{srv.v1}/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def alone(path: Path, content: str) -> str:
+    """The greedy answer of the checkpoint loaded on its own (an adapter: merged into its base)."""
+    engine = Engine.load(path)
+    prompt = engine.render_chat([{"role": "user", "content": content}])
+    params = SamplingParams(max_new_tokens=MAX_TOKENS)
+    return engine.generate([prompt], params)[0].choices[0].text
+
+
+def test_models_lists_every_adapter_with_its_base(served, adapter_dirs, tiny_model_dir) -> None:
+    srv, app = served
+    listed = httpx.get(f"{srv.v1}/models", timeout=30).json()["data"]
+    assert [m["id"] for m in listed] == NAMES
+    card = httpx.get(f"{srv.v1}/models/lora-b", timeout=30).json()
+    assert card["lineage"]["checkpoint"] == str(adapter_dirs["lora-b"])
+    assert card["lineage"]["base_model"] == str(tiny_model_dir)
+    slots = app.state.serve.models
+    # one copy of the base: the three names decode on one model object, in one scheduler
+    assert (
+        slots["lora-a"].engine.model
+        is slots["lora-b"].engine.model
+        is slots["tiny-base"].engine.model
+    )
+    assert isinstance(slots["lora-a"].scheduler, AdapterScheduler)
+    assert slots["lora-a"].scheduler.shared is slots["tiny-base"].scheduler
+
+
+def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
+    served, adapter_dirs, tiny_model_dir
+) -> None:
+    srv, app = served
+    question = "Write a short poem about the sea."
+    shared = app.state.serve.models["tiny-base"].scheduler
+    steps_before = shared.stats()["steps"]
+    with ThreadPoolExecutor(max_workers=len(NAMES)) as pool:
+        replies = dict(zip(NAMES, pool.map(lambda n: chat(srv, n, question), NAMES), strict=True))
+    paths = {"tiny-base": tiny_model_dir, **adapter_dirs}
+    answers = {n: r["choices"][0]["message"]["content"] for n, r in replies.items()}
+    assert answers == {n: alone(paths[n], question) for n in NAMES}
+    assert answers["lora-a"] != answers["lora-b"] != answers["tiny-base"]
+    tokens = sum(r["usage"]["completion_tokens"] for r in replies.values())
+    # one request per model: fewer decode steps than tokens means rows of different models shared steps
+    assert shared.stats()["steps"] - steps_before < tokens
+
+
+def test_the_memory_plan_counts_the_shared_base_once(served, adapter_dirs) -> None:
+    srv, app = served
+    plan = app.state.serve.memory
+    by_name = {m.name: m for m in plan.models}
+    base = by_name["tiny-base"]
+    assert base.kv_cache_bytes > 0 and base.weights_bytes > 0
+    for name in ("lora-a", "lora-b"):
+        lora = sum(p.numel() for n, p in slots_params(app) if f"{name}" in n and "lora_" in n)
+        assert (by_name[name].weights_bytes, by_name[name].kv_cache_bytes) == (lora * 4, 0)
+    assert plan.total_bytes < 2 * base.total_bytes
+    assert any("share one copy" in note for note in plan.notes)
+
+
+def slots_params(app) -> list:
+    return list(app.state.serve.models["lora-a"].engine.model.named_parameters())
+
+
+def test_an_adapter_over_another_base_is_refused_before_loading(
+    serve_cfg_factory, tmp_path: Path, adapter_dirs, tiny_model_dir
+) -> None:
+    moved = shutil.copytree(adapter_dirs["lora-a"], tmp_path / "lora-a")
+    meta = json.loads((moved / ADAPTER_META).read_text())
+    (moved / ADAPTER_META).write_text(json.dumps({**meta, "base_digest": "0123456789abcdef"}))
+    cfg = serve_cfg_factory(models_override(tiny_model_dir, {"lora-a": moved}))
+    with pytest.raises(ServeConfigError, match=r"serve.models\[1\].*was trained on"):
+        preflight(cfg)
