@@ -19,6 +19,8 @@ from arenaflow.serve.responses import ModelCard, ModelList
 from arenaflow.serve.schemas import ChatCompletionRequest, CompletionRequest
 from arenaflow.serve.security import KeyCheck
 from arenaflow.serve.slots import ServeState
+from arenaflow.serve.tools import ToolPlan, check_tools, render_chat, tool_chars
+from arenaflow.serve.upstream import forward, is_upstream
 
 
 def openai_router(state: ServeState, keys: KeyCheck) -> APIRouter:
@@ -41,15 +43,22 @@ def openai_router(state: ServeState, keys: KeyCheck) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_request(serve, body, rows=body.n)
         check_messages(serve, body)
+        check_tools(body)
         slot = state.slot(body.model)
-        prompt = render(slot.engine, body)
+        if is_upstream(slot):  # an engine process serves it (serve/upstream.py)
+            return await forward(state, slot, "/v1/chat/completions", request, _include_usage(body))
+        tools = ToolPlan.of(body)
+        prompt = render(slot.engine, body, tools)
         params = sampling_params(serve, slot.engine, body, prompt, logprobs=body.logprobs)
         params.top_logprobs = body.top_logprobs or 0
-        gen = Generation(state, slot, "/v1/chat/completions", chat=True)
+        if tools is not None:  # a forced call is decoded under its grammar
+            params.constraint = tools.constraint() or params.constraint
+            params.stop += tools.stops()
+        gen = Generation(state, slot, "/v1/chat/completions", chat=True, tools=tools)
         if body.stream:
             return await gen.stream([prompt], [params], _include_usage(body))
         results = await gen.run([prompt], [params], request)
-        return gen.body.chat(results[0])
+        return gen.body.chat(results[0], tools)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -61,6 +70,8 @@ def openai_router(state: ServeState, keys: KeyCheck) -> APIRouter:
                 "prompt", f"{total} characters", serve.max_input_chars, "max_input_chars"
             )
         slot = state.slot(body.model)
+        if is_upstream(slot):  # an engine process serves it (serve/upstream.py)
+            return await forward(state, slot, "/v1/completions", request, _include_usage(body))
         plist = [
             sampling_params(
                 serve, slot.engine, body, p, logprobs=body.logprobs is not None, param="prompt"
@@ -128,21 +139,20 @@ def check_messages(serve: DictConfig, body: ChatCompletionRequest) -> None:
         for m in body.messages
         if m.content
     )
+    total += tool_chars(body)
     if total > int(serve.max_input_chars):
         raise too_much("messages", f"{total} characters", serve.max_input_chars, "max_input_chars")
 
 
-def render(engine: Engine, body: ChatCompletionRequest) -> str:
-    """The chat prompt in the model's own template (`developer` is a system turn)."""
+def render(engine: Engine, body: ChatCompletionRequest, tools: ToolPlan | None = None) -> str:
+    """The chat prompt in the model's own template (`developer` is a system turn), with tools."""
     try:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
+        for m in body.messages:
+            m.text()
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
     try:
-        return engine.render_chat(messages)
+        return render_chat(engine.tokenizer, body.messages, tools)
     except Exception as e:  # a template that rejects the role order (e.g. two system turns)
         raise APIError(
             400,

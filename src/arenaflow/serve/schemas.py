@@ -3,15 +3,18 @@
 Requests are validated here, so every client mistake becomes a 400 that names the field. Fields
 OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) are accepted, so unmodified
 OpenAI clients work; a field that would change the answer and that this server does not implement
-(`tools`, `response_format`, `logit_bias`, a non-zero penalty, ...) is refused by `unsupported()`
-instead of silently ignored (its null or default value is fine).
+(`functions`, `logit_bias`, a non-zero penalty, ...) is refused by `unsupported()` instead of
+silently ignored (its null or default value is fine). Tool definitions are checked here (names,
+parameters schemas); how tools, tool choices and tool messages fit together is `tools.check_tools`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -21,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 128  # each stop string is matched against the tail of every row at every step
 
@@ -46,9 +49,6 @@ def _is_default(*defaults: Any) -> Callable[[Any], bool]:
 
 # field -> "this value asks for nothing the server would ignore"
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": _is_default([]),
-    "tool_choice": _is_default("none"),
-    "parallel_tool_calls": lambda v: True,  # only meaningful with tools
     "functions": _is_default([]),
     "function_call": _is_default("none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
@@ -71,11 +71,75 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if v.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON Schema of type object, not {v['type']!r}")
+        try:
+            validator_for(v).check_schema(v)
+        except SchemaError as e:
+            raise ValueError(f"parameters is not a valid JSON Schema: {e.message}") from None
+        return v
+
+    def schema(self) -> dict[str, Any]:
+        """The arguments' schema; none means a function without arguments (as OpenAI reads it)."""
+        if self.parameters is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return self.parameters
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Text
+    arguments: Text  # JSON text, as the assistant produced it
+
+
+class ToolCallIn(BaseModel):
+    """An assistant's earlier tool call, sent back in the history."""
+
+    model_config = ConfigDict(extra="allow")
+    id: Text
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages only
+    tool_call_id: Text | None = None  # tool messages: the call this is the result of
 
     @field_validator("role")
     @classmethod
@@ -83,6 +147,16 @@ class ChatMessage(BaseModel):
         if v not in ROLES:
             raise ValueError(f"unknown role {v!r}; expected one of {', '.join(ROLES)}")
         return v
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(
+                f"tool_calls belong to assistant messages, not to a {self.role} message"
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
         """The message text; content parts other than text are rejected (this is a text model)."""
@@ -151,6 +225,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod

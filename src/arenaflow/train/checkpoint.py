@@ -1,4 +1,5 @@
-"""The final model as one Hugging Face checkpoint folder (safetensors + config + tokenizer).
+"""The final model as one Hugging Face checkpoint folder (safetensors + config + tokenizer), or
+for LoRA the adapter checkpoint (`arenaflow.train.lora`), gathered the same way.
 
 Under FSDP every rank holds a shard; `get_model_state_dict(full_state_dict=True, cpu_offload=True)`
 all-gathers parameter by parameter and keeps the full tensors on rank 0 only, so no rank holds a
@@ -56,3 +57,20 @@ def save_full_checkpoint(
         log.info("full checkpoint written to %s (%d tensors)", out_dir, len(state))
     del state
     trainer.strategy.barrier("save_full_checkpoint")
+
+
+def save_adapter_checkpoint(
+    model: torch.nn.Module, tokenizer: Any, out_dir: Path, trainer: Any, base: dict[str, str] | None
+) -> None:
+    """Gather the adapter weights (the trainable parameters) and write the adapter checkpoint."""
+    from arenaflow.train.lora import save_adapter
+
+    state = full_state_dict(model, trainer.world_size > 1)
+    if trainer.global_rank == 0:
+        assert base is not None, "rank 0 resolves the base reference before training"
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        save_adapter(
+            model, {k: v for k, v in state.items() if k in names}, tokenizer, out_dir, base
+        )
+    del state
+    trainer.strategy.barrier("save_adapter_checkpoint")

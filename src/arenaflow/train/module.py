@@ -3,7 +3,8 @@
 The Hugging Face model is built in `configure_model` (after the process group exists) and, for
 `hardware.strategy=fsdp`, every decoder layer and then the root get `fully_shard` over the
 data-parallel mesh: parameters live sharded as DTensors, each layer is all-gathered only while
-it runs. The same module runs unsharded on one device for `strategy=single`.
+it runs. The same module runs unsharded on one device for `strategy=single`. With `train.lora`
+the model is peft's adapters over the frozen base (`arenaflow.train.lora`); only they train.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from arenaflow.data.sft import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from arenaflow.train.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,8 @@ class ChatLM(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        precision: str = "32-true",
     ) -> None:
         super().__init__()
         self.model_path = str(model_path)
@@ -185,6 +191,8 @@ class ChatLM(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compiled = compile
         self.trust_remote_code = trust_remote_code
+        self.lora = lora
+        self.precision = precision
         self.model: torch.nn.Module | None = None
         self.sharding: dict[str, int] = {}
         self.last_grad_norm: float | None = None
@@ -205,18 +213,14 @@ class ChatLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=torch.float32, trust_remote_code=self.trust_remote_code
-        )
+        model = self._load_model()
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode
         if self.activation_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        if self.strategy_name != "fsdp":
+        if self.strategy_name != "fsdp" and self.lora is None:  # LoRA: the embedding is frozen
             sparse_tied_embedding_grad(model)
         if self.compiled:  # after activation checkpointing, before sharding
             compile_layers(model)
@@ -229,6 +233,47 @@ class ChatLM(L.LightningModule):
             fully_shard(model, mesh=mesh)
         self.model = model
         self.sharding = sharding_summary(model)
+
+    def _load_model(self) -> torch.nn.Module:
+        """The model to train: the whole base, or (LoRA) peft adapters on the frozen base."""
+        if self.lora is not None:
+            from arenaflow.train.lora import load_base
+
+            return load_base(self.model_path, self.lora, self.precision, self.trust_remote_code)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=torch.float32, trust_remote_code=self.trust_remote_code
+        )
+
+    def _adapter_only_checkpoints(self) -> bool:
+        # FSDP's distributed checkpoint loads the module's whole state dict: it keeps the base
+        return self.lora is not None and self.strategy_name != "fsdp"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """LoRA on one device: checkpoints hold the adapters only; the frozen base (4-bit for
+        QLoRA, whose quantization state cannot be loaded back into a quantized model) comes from
+        `model_path` again on resume."""
+        if self._adapter_only_checkpoints():
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._adapter_only_checkpoints():
+            return
+        self.strict_loading = False  # the base's weights are not in it
+        missing = sorted(
+            n
+            for n, p in self.named_parameters()
+            if p.requires_grad and n not in checkpoint["state_dict"]
+        )
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} adapter weights of this run (e.g. "
+                f"{missing[0]}): it was not saved by this LoRA configuration; set "
+                "train.resume=false to start over"
+            )
 
     def on_train_epoch_start(self) -> None:
         # Lightning hands the epoch to a loader's sampler, never to its batch sampler; ours

@@ -5,6 +5,10 @@ keeps): weights 4 B, gradients 4 B, optimizer moments 8 B per parameter, divided
 size under FSDP (plus one gathered layer), and activations after Korthikanti et al. (2022):
 s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, one layer's worth plus the layer inputs when
 activation checkpointing is on, and the fp32 logits with their gradient.
+
+LoRA (`trainable` given): gradients and optimizer moments exist for the adapter parameters only,
+and the frozen base takes 4 B per parameter, or for QLoRA (`quantized`) ~0.53 B per decoder
+parameter (4-bit NF4 plus its double-quantized block scales) with the embeddings kept in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 HEADROOM = 0.9  # keep 10% for the allocator, CUDA context, buffers
+NF4_BYTES = 0.5 + 0.03  # 4 bits per weight + fp8 block scales per 64 (double quantization)
 
 
 class MemoryPreflightError(RuntimeError):
@@ -39,16 +44,27 @@ class MemoryEstimate:
         return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
-def estimate_memory(shape: ModelShape, hardware: Any, max_length: int) -> MemoryEstimate:
-    """Per-device memory: weights, gradients, optimizer states and activations."""
+def estimate_memory(
+    shape: ModelShape,
+    hardware: Any,
+    max_length: int,
+    trainable: int | None = None,
+    quantized: bool = False,
+) -> MemoryEstimate:
+    """Per-device memory: weights, gradients, optimizer states and activations.
+
+    `trainable`: the parameters that train (LoRA's adapters; default all of them)."""
     world = int(hardware.devices) * int(hardware.num_nodes)
     shards = world if hardware.strategy == "fsdp" else 1
     p = shape.n_params
-    layer_params = (p - shape.vocab_size * shape.hidden_size) / max(shape.n_layers, 1)
+    t = p if trainable is None else trainable
+    embed = shape.vocab_size * shape.hidden_size
+    layer_params = (p - embed) / max(shape.n_layers, 1)
     gathered = layer_params * 4 * 2 if shards > 1 else 0  # one layer all-gathered (+ prefetch)
-    params = p * 4 / shards + gathered
-    grads = p * 4 / shards
-    optimizer = p * 8 / shards
+    base = (p - embed) * NF4_BYTES + embed * 4 if quantized else p * 4
+    params = (base + (t if trainable is not None else 0) * 4) / shards + gathered
+    grads = t * 4 / shards
+    optimizer = t * 8 / shards
     act_bytes = 2 if sixteen_bit(hardware.precision) else 4
     s, b, h, a = max_length, int(hardware.micro_batch_size), shape.hidden_size, shape.n_heads
     per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
@@ -82,10 +98,15 @@ def check_accelerator(hardware: Any) -> None:
 
 
 def check_memory(
-    shape: ModelShape, hardware: Any, max_length: int, model_name: str
+    shape: ModelShape,
+    hardware: Any,
+    max_length: int,
+    model_name: str,
+    trainable: int | None = None,
+    quantized: bool = False,
 ) -> MemoryEstimate:
     """Raise `MemoryPreflightError` naming the numbers and the fixes when the run cannot fit."""
-    est = estimate_memory(shape, hardware, max_length)
+    est = estimate_memory(shape, hardware, max_length, trainable, quantized)
     log.info("memory preflight (GiB per device): %s", est.as_dict())
     if est.total_gb > est.available_gb * HEADROOM:
         raise MemoryPreflightError(
@@ -96,7 +117,8 @@ def check_memory(
             f"device(s), more than {HEADROOM:.0%} of hardware.memory_per_device_gb="
             f"{est.available_gb:g}. Fix: pick a sharded target with more devices (e.g. "
             f"hardware=a100_4x or hardware=h100_8x), lower hardware.micro_batch_size, set "
-            f"hardware.activation_checkpointing=true or lower train.max_length "
+            f"hardware.activation_checkpointing=true, lower train.max_length or train LoRA "
+            f"adapters (train=lora, train=qlora) "
             f"(train.preflight=false skips this check)."
         )
     return est

@@ -27,6 +27,12 @@ from arenaflow.models import chat_template_hash, load_tokenizer, resolve_model
 from arenaflow.tracking import Tracker, git_commit, tracker_from_cfg
 from arenaflow.train.allocator import retain_enabled, retained_heap
 from arenaflow.train.flops import ModelShape, model_shape, peak_flops
+from arenaflow.train.lora import (
+    LoraSettings,
+    base_reference,
+    check_supported,
+    trainable_parameters,
+)
 from arenaflow.train.preflight import check_accelerator, check_memory
 from arenaflow.train.results import FitOutcome, finish
 
@@ -54,6 +60,7 @@ class TrainPlan:
     shape: dict[str, int]
     memory: dict[str, float] = field(default_factory=dict)
     compile: bool = False
+    trainable_params: int | None = None  # LoRA: the adapters' parameters; None: all train
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +147,8 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 def plan(cfg: DictConfig) -> TrainPlan:
     check_accelerator(cfg.hardware)
+    lora = LoraSettings.from_cfg(cfg.train.get("lora"))
+    check_supported(lora, cfg.hardware)
     compiled = compile_enabled(cfg.train.compile, str(cfg.hardware.accelerator))
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
     ddir = data_dir(cfg)
@@ -147,13 +156,18 @@ def plan(cfg: DictConfig) -> TrainPlan:
     dhash = cfg.train.data_hash or dataset_hash(str(local))
     from transformers import AutoConfig
 
-    shape = model_shape(
-        AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    )
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    shape = model_shape(config)
+    trainable = trainable_parameters(config, lora) if lora else None
     memory = {}
     if cfg.train.preflight:
         memory = check_memory(
-            shape, cfg.hardware, int(cfg.train.max_length), cfg.model.name
+            shape,
+            cfg.hardware,
+            int(cfg.train.max_length),
+            cfg.model.name,
+            trainable=trainable,
+            quantized=bool(lora and lora.quantize),
         ).as_dict()
     return TrainPlan(
         model_path=str(model_path),
@@ -167,6 +181,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
         shape=asdict(shape),
         memory=memory,
         compile=compiled,
+        trainable_params=trainable,
     )
 
 
@@ -222,6 +237,8 @@ def build_module(cfg: DictConfig, p: TrainPlan) -> ChatLM:
         activation_checkpointing=bool(hw.activation_checkpointing),
         compile=p.compile,
         trust_remote_code=bool(cfg.model.trust_remote_code),
+        lora=LoraSettings.from_cfg(tr.get("lora")),
+        precision=str(hw.precision),
     )
 
 
@@ -258,7 +275,6 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
     import lightning as L
 
     from arenaflow.train.callbacks import PeriodicCheckpoint, StepMetrics, latest_checkpoint
-    from arenaflow.train.checkpoint import save_full_checkpoint
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw, tr = cfg.hardware, cfg.train
@@ -286,6 +302,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
     }
     # CPU: keep freed blocks in the heap, so steps stop re-faulting their large buffers
     retain = retain_enabled(hw.retain_freed_memory, str(hw.accelerator))
+    base = base_reference(cfg, p.model_path) if module.lora and rank == 0 else None
     with tracker.start_run("train", cfg, tags=tags) as run, retained_heap(retain) as retained:
         metrics = StepMetrics(
             run,
@@ -318,10 +335,31 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
             resumed_from=resume,
             retained_heap=retained,
         )
-        save_full_checkpoint(module.model, tokenizer, outcome.final_dir, trainer)
+        outcome.adapter_dir = save_final(module, tokenizer, out, trainer, base)
         result = finish(cfg, p, tracker, outcome) if trainer.global_rank == 0 else {}
         result = trainer.strategy.broadcast(result, src=0)
     return result
+
+
+def save_final(
+    module: ChatLM, tokenizer: Any, out: Path, trainer: L.Trainer, base: dict[str, str] | None
+) -> Path | None:
+    """`out/final`: the full checkpoint, or (LoRA) the adapter, or with `train.lora.merge` the
+    merged checkpoint with the adapter in `out/adapter`. Returns the adapter's folder."""
+    from arenaflow.train.checkpoint import save_adapter_checkpoint, save_full_checkpoint
+
+    if module.lora is None:
+        save_full_checkpoint(module.model, tokenizer, out / "final", trainer)
+        return None
+    adapter_dir = out / ("adapter" if module.lora.merge else "final")
+    save_adapter_checkpoint(module.model, tokenizer, adapter_dir, trainer, base)
+    if module.lora.merge:
+        if trainer.global_rank == 0:
+            from arenaflow.train.lora import merge_adapter
+
+            merge_adapter(adapter_dir, module.model_path, out / "final", module.trust_remote_code)
+        trainer.strategy.barrier("merge_adapter")
+    return adapter_dir
 
 
 def compile_enabled(setting: Any, accelerator: str) -> bool:

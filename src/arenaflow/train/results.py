@@ -1,7 +1,11 @@
 """What a finished run reports: its history across resumes, its throughput, and result.json.
 
 `fit` hands rank 0's `FitOutcome` to `finish`, which tracks the summary, registers and uploads the
-final model and writes the result every caller (CLI, Dagster asset, bench) reads.
+final model and writes the result every caller (CLI, Dagster asset, bench) reads. A LoRA run
+registers its adapter (tags `adapter=true`, `base_model=<base reference>`), or with
+`train.lora.merge=true` the merged full checkpoint instead, the adapter kept as the run's
+`adapter` artifact: one version per run either way, and the merged one loads anywhere a full
+checkpoint does (GGUF export, engines without LoRA support).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from omegaconf import DictConfig
 from arenaflow import io
 from arenaflow.tracking import Tracker
 from arenaflow.train.flops import best_cpu_peak_flops
+from arenaflow.train.lora import ADAPTER_META, LoraSettings
 
 if TYPE_CHECKING:
     from arenaflow.train.recipe import TrainPlan
@@ -39,6 +44,7 @@ class FitOutcome:
     data_counts: dict[str, Any]
     resumed_from: Path | None
     retained_heap: bool
+    adapter_dir: Path | None = None  # LoRA: the adapter checkpoint (final_dir unless merged)
 
 
 def read_history(out_dir: Path) -> list[dict[str, Any]]:
@@ -84,6 +90,41 @@ def _rated_summary(
     return summary, peak
 
 
+def adapter_summary(adapter_dir: Path | None, p: TrainPlan) -> dict[str, Any] | None:
+    """A LoRA run's adapter: its folder, its base (arenaflow_adapter.json), whether it was merged."""
+    if adapter_dir is None:
+        return None
+    meta = json.loads((Path(adapter_dir) / ADAPTER_META).read_text())
+    return {
+        "path": str(adapter_dir),
+        "base": meta["base"],
+        "base_digest": meta["base_digest"],
+        "merged": Path(adapter_dir) != Path(p.out_dir) / "final",
+    }
+
+
+def version_tags(
+    tags: dict[str, str], lora: Any, adapter: dict[str, Any] | None, model_name: str
+) -> dict[str, str]:
+    """The registered version's lineage tags. An adapter's `base_model` is its base's reference
+    (what a loader resolves; the name moves to `base_model_name`); a merged checkpoint is a full
+    model of the usual tags that records the adapter's base in `adapter_base`."""
+    if adapter is None:
+        return dict(tags)
+    settings = LoraSettings.from_cfg(lora)
+    extra = settings.tags() if settings else {}
+    if adapter["merged"]:
+        return {**tags, **extra, "merged_adapter": "true", "adapter_base": adapter["base"]}
+    return {
+        **tags,
+        **extra,
+        "adapter": "true",
+        "base_model": adapter["base"],
+        "base_model_name": model_name,
+        "base_digest": adapter["base_digest"],
+    }
+
+
 def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> dict[str, Any]:
     """Rank 0: track the summary, register and upload the final model, write result.json."""
     history = read_history(Path(p.out_dir))
@@ -95,8 +136,12 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
     version = None
     model_uri = None
     name = cfg.tracking.registered_model_name
+    adapter = adapter_summary(o.adapter_dir, p)
+    if adapter and adapter["merged"]:
+        o.run.log_artifact(o.adapter_dir, "adapter")  # the merged version is registered
     if cfg.train.register:
-        info = tracker.register_model(o.run, o.final_dir, name, tags=o.tags)
+        tags = version_tags(o.tags, cfg.train.get("lora"), adapter, cfg.model.name)
+        info = tracker.register_model(o.run, o.final_dir, name, tags=tags)
         if info is not None:
             version = info.version
             model_uri = f"models:/{name}/{version}"
@@ -126,6 +171,8 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
         "micro_batch_size": p.micro_batch_size,
         "accumulate": p.accumulate,
         "n_params": p.shape["n_params"],
+        "trainable_params": p.trainable_params or p.shape["n_params"],
+        "adapter": adapter,
         "memory_estimate_gb": p.memory,
         "data_counts": o.data_counts,
         "sharding": o.trainer.lightning_module.sharding,
