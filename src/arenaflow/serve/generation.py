@@ -29,6 +29,8 @@ from arenaflow.serve.errors import APIError, error_body
 from arenaflow.serve.responses import Body
 from arenaflow.serve.slots import ModelSlot, ServeState
 from arenaflow.serve.streams import merge_streams, sse_event
+from arenaflow.serve.tool_stream import ToolCallStream
+from arenaflow.serve.tools import ToolPlan, finish_for
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,16 @@ async def disconnected(http: Request) -> None:
 class Generation:
     """Generation for one request to one model slot, with its time limit and response bodies."""
 
-    def __init__(self, state: ServeState, slot: ModelSlot, endpoint: str, chat: bool) -> None:
+    def __init__(
+        self,
+        state: ServeState,
+        slot: ModelSlot,
+        endpoint: str,
+        chat: bool,
+        tools: ToolPlan | None = None,
+    ) -> None:
         self.state, self.slot, self.endpoint, self.chat = state, slot, endpoint, chat
+        self.tools = tools  # chat with tools: each choice's stream split into content and calls
         self.model = slot.name
         self.body = Body(
             id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -150,6 +160,7 @@ class Generation:
     async def _sse(self, opened: Opened, n: int) -> AsyncIterator[str]:
         stream = merge_streams(opened).__aiter__()
         prompt_tokens = completion_tokens = 0
+        splitters = [ToolCallStream(self.tools.names) for _ in range(n)] if self.tools else []
         try:
             if self.chat:
                 for j in range(n):
@@ -170,7 +181,10 @@ class Generation:
                 if item.prompt_tokens is not None:
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens or 0
-                if item.text or item.logprob is not None or item.finish_reason:
+                if splitters:
+                    for chunk in self._tool_chunks(splitters[item.index], item):
+                        yield sse_event(chunk)
+                elif item.text or item.logprob is not None or item.finish_reason:
                     index = item.index if self.chat else i * n + item.index
                     yield sse_event(self.body.event_chunk(item, index, self.chat))
             self.state.metrics.observe_usage(self.model, prompt_tokens, completion_tokens)
@@ -179,6 +193,15 @@ class Generation:
             yield "data: [DONE]\n\n"
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _tool_chunks(self, split: ToolCallStream, ev: StreamEvent) -> list[dict[str, Any]]:
+        """Content withheld while a tool call may be starting; calls as `delta.tool_calls`."""
+        deltas = split.feed(ev.text)
+        finish = None
+        if ev.finish_reason:
+            deltas += split.finish()
+            finish = finish_for(split.calls, ev.finish_reason)
+        return self.body.delta_chunks(ev, deltas, finish)
 
     def _observe_first(self, ev: StreamEvent) -> None:
         if self.first_token_at is None and ev.token_id is not None:

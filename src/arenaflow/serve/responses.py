@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from arenaflow.engine import GenerationResult, StreamEvent, TokenLogprob
+from arenaflow.serve.tools import ToolPlan
 
 
 class Usage(BaseModel):
@@ -80,9 +81,21 @@ class TextLogprobs(BaseModel):
         )
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -94,7 +107,7 @@ class ChatChoice(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role", "content"} first, then {"content"}, {} at the end
+    delta: dict[str, Any]  # {"role", "content"} first, then {"content"} or {"tool_calls"}, {} last
     logprobs: ChatLogprobs | None
     finish_reason: str | None
 
@@ -167,16 +180,24 @@ class Body:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    def chat(self, result: GenerationResult) -> dict[str, Any]:
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=ChatLogprobs.of(c.logprobs) if c.logprobs is not None else None,
-                finish_reason=c.finish_reason,
+    def chat(self, result: GenerationResult, tools: ToolPlan | None = None) -> dict[str, Any]:
+        """The answer; with tools, each choice's text split into content and tool calls."""
+        choices = []
+        for c in result.choices:
+            message, finish = AssistantMessage(content=c.text), c.finish_reason
+            if tools is not None:
+                content, calls, finish = tools.split(c.text, c.finish_reason)
+                message = AssistantMessage(
+                    content=content, tool_calls=[ToolCall(**t.as_dict()) for t in calls] or None
+                )
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=ChatLogprobs.of(c.logprobs) if c.logprobs is not None else None,
+                    finish_reason=finish,
+                )
             )
-            for c in result.choices
-        ]
         usage = Usage.of(result.prompt_tokens, result.completion_tokens)
         return ChatCompletion(**self._common(), choices=choices, usage=usage).model_dump()
 
@@ -225,6 +246,24 @@ class Body:
             finish_reason=ev.finish_reason,
         )
         return self._chunk(TextCompletion, [choice])
+
+    def delta_chunks(
+        self, ev: StreamEvent, deltas: list[dict[str, Any]], finish_reason: str | None
+    ) -> list[dict[str, Any]]:
+        """A chat event as chunks of the given deltas: logprobs on the first, the finish on the last."""
+        lps = ChatLogprobs.of([ev.logprob]) if ev.logprob is not None else None
+        if not deltas and (lps or finish_reason):
+            deltas = [{}]
+        choices = [
+            ChatChunkChoice(
+                index=ev.index,
+                delta=delta,
+                logprobs=lps if k == 0 else None,
+                finish_reason=finish_reason if k == len(deltas) - 1 else None,
+            )
+            for k, delta in enumerate(deltas)
+        ]
+        return [self._chunk(ChatCompletionChunk, [choice]) for choice in choices]
 
     def usage_chunk(self, chat: bool, prompt: int, completion: int) -> dict[str, Any]:
         """The last chunk of a stream with include_usage: no choices, the request's usage."""
