@@ -52,7 +52,7 @@ def openai_router(state: ServeState, keys: KeyCheck) -> APIRouter:
         params = sampling_params(serve, slot.engine, body, prompt, logprobs=body.logprobs)
         params.top_logprobs = body.top_logprobs or 0
         if tools is not None:  # a forced call is decoded under its grammar
-            params.constraint = tools.constraint() or params.constraint
+            params.constraint = tools.checked_constraint(slot.engine) or params.constraint
             params.stop += tools.stops()
         gen = Generation(state, slot, "/v1/chat/completions", chat=True, tools=tools)
         if body.stream:
