@@ -137,3 +137,35 @@ def test_a_server_without_structured_outputs_is_told_how_to_fix_it(
     assert out["counts"]["verdict_error"] == CALLS
     row = read_rows(out["single_uri"])[0]
     assert "400" in row["error"] and "set judge.structured=false" in row["error"]
+
+
+def test_the_local_judge_on_a_random_model_always_parses_when_structured(
+    make_cfg, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A random model writes no `[[rating]]`; under the schema's grammar it writes a verdict
+    every time (no logprob recovery, so the text alone counts)."""
+    inputs = write_inputs(tmp_path, question_ids=(81,))
+    kwargs = dict(
+        question_uri=inputs["question_uri"],
+        answer_uris=inputs["answer_uris"],
+        base_model_path=tiny_model_dir,
+    )
+    overrides = (
+        "judge.model=base",
+        "judge.model_name=tiny-judge",
+        "judge.logprob_recovery=false",
+        "judge.calibration.per_category=0",  # long reference prompts: seconds of prefill each
+    )
+    text = judge(make_cfg(*overrides), **kwargs)
+    assert text["health"]["parse_failures"] == text["health"]["replies"] == 8
+
+    out = judge(make_cfg(*overrides, "judge.structured=true"), **kwargs)
+
+    assert out["health"]["replies"] == 8 and out["health"]["parse_failures"] == 0
+    assert out["counts"]["verdict_text"] == 8 and out["parse_errors"] == {}
+    singles, pairs = read_rows(out["single_uri"]), read_rows(out["pair_uri"])
+    for r in singles:
+        assert r["verdict_source"] == "text" and 1 <= r["score"] <= 10
+        assert r["score"] == json.loads(r["judgment"])["score"]
+    for r in pairs:
+        assert {r["g1_winner"], r["g2_winner"]} <= {"model_1", "model_2", "tie"}

@@ -115,18 +115,15 @@ class LocalBackend(JudgeBackend):
         """Greedy judging with the verdict token's alternatives (its probabilities at no extra
         pass); a structured verdict is decoded under its schema's grammar, so it always parses."""
         from arenaflow.engine import SamplingParams
+        from arenaflow.engine.constraints import Constraint
 
-        extra: dict[str, Any] = {}
-        if request.schema is not None:
-            from arenaflow.engine.constraints import Constraint
-
-            extra["constraint"] = Constraint.json_schema(request.schema)
+        schema = request.schema
         return SamplingParams(
             max_new_tokens=self.max_tokens,
             temperature=self.temperature,
             logprobs=True,
             top_logprobs=20,
-            **extra,
+            constraint=Constraint.json_schema(schema) if schema is not None else None,
         )
 
     def _candidate_ids(self, output_format: str) -> dict[str, int]:
