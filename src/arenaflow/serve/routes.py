@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from omegaconf import DictConfig
 
-from arenaflow.engine import Engine, SamplingParams
+from arenaflow.engine import Constraint, Engine, InvalidConstraintError, SamplingParams
 from arenaflow.serve.errors import APIError
 from arenaflow.serve.generation import Generation
 from arenaflow.serve.responses import ModelCard, ModelList
@@ -204,4 +204,19 @@ def sampling_params(
         seed=body.seed,
         n=body.n,
         logprobs=logprobs,
+        constraint=response_constraint(engine, body),
     )
+
+
+def response_constraint(
+    engine: Engine, body: ChatCompletionRequest | CompletionRequest
+) -> Constraint | None:
+    """`response_format` as a constraint, compiled here (then cached) so a schema the grammar
+    library refuses is a 400 naming `response_format` before anything is queued."""
+    constraint = body.response_format.constraint() if body.response_format else None
+    if constraint is not None:
+        try:
+            engine.constraints.compile(constraint)
+        except InvalidConstraintError as e:
+            raise APIError(400, str(e), param="response_format", code="invalid_value") from e
+    return constraint

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from arenaflow.engine.constraints import Constraint
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 128  # each stop string is matched against the tail of every row at every step
@@ -51,7 +53,6 @@ def _is_default(*defaults: Any) -> Callable[[Any], bool]:
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": _is_default([]),
     "function_call": _is_default("none"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": _is_default({}),
     "presence_penalty": _is_default(0, 0.0),
     "frequency_penalty": _is_default(0, 0.0),
@@ -177,6 +178,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema every choice's output is decoded under."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the grammar enforces the schema either way
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            validator_for(v).check_schema(v)
+        except SchemaError as e:
+            raise ValueError(f"schema is not a valid JSON Schema: {e.message}") from None
+        return v
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object with its schema')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint.json_object()
+        if self.type == "json_schema" and self.json_schema is not None:
+            return Constraint.json_schema(self.json_schema.schema_)
+        return None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions, with OpenAI's ranges."""
 
@@ -190,6 +231,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
