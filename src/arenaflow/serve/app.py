@@ -45,6 +45,7 @@ from arenaflow.serve.middleware import BodyLimitMiddleware, RequestMetricsMiddle
 from arenaflow.serve.routes import openai_router
 from arenaflow.serve.security import KeyCheck, allowed_hosts, api_keys_from_cfg
 from arenaflow.serve.slots import ModelSlot, ServeState
+from arenaflow.serve.upstream import open_upstream, upstream_problems
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await load_models(state, preloaded, dict(served_models or {}))
-        try:
+        try:  # a model that fails to load stops the engine processes started before it
+            await load_models(state, preloaded, dict(served_models or {}))
             for slot in state.models.values():
                 slot.scheduler.start()
             state.ready = True
@@ -114,10 +115,11 @@ async def load_models(
     """Resolve every served model, check the set fits in memory, then load and slot each; models
     over one base (adapters, serve/adapters.py) share one copy of it and one scheduler."""
     cfg = state.cfg
-    for spec in state.specs:
+    local = [spec for spec in state.specs if spec.in_process]
+    for spec in local:
         if spec.name not in resolved:
             resolved[spec.name] = await asyncio.to_thread(resolve_served_model, cfg, spec)
-    served = {spec.name: resolved[spec.name] for spec in state.specs}
+    served = {spec.name: resolved[spec.name] for spec in local}
     state.memory = await asyncio.to_thread(plan_served_memory, cfg, served, set(preloaded))
     check_memory(state.memory)
     state.metrics.set_memory(state.memory)
@@ -125,6 +127,9 @@ async def load_models(
     for base, names in shared_bases(served, set(preloaded)).items():
         shared.update(await asyncio.to_thread(load_group, cfg, base, names, served))
     for spec in state.specs:
+        if not spec.in_process:  # an engine process serves it (serve/upstream.py)
+            state.add(await open_upstream(cfg, spec, resolved.get(spec.name)))
+            continue
         sm = served[spec.name]
         if spec.name in shared:
             eng, scheduler = shared[spec.name]
@@ -152,7 +157,12 @@ def status_router(state: ServeState, keys: KeyCheck) -> APIRouter:
     async def ready(request: Request) -> JSONResponse:
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        if not (public or keys.has_key(request)):  # load balancers see only the status
+        detailed = public or keys.has_key(request)  # load balancers see only the status
+        down = await upstream_problems(state)  # engine processes that cannot serve now
+        if down:
+            body = {"status": "engine_unavailable", **({"models": down} if detailed else {})}
+            return JSONResponse(body, status_code=503)
+        if not detailed:
             return JSONResponse({"status": "ready"})
         return JSONResponse(ready_details(state))
 

@@ -25,6 +25,7 @@ _TYPES = {
     429: "rate_limit_error",
     499: "invalid_request_error",
     500: "server_error",
+    502: "server_error",
     503: "server_error",
     504: "server_error",
 }

@@ -4,7 +4,9 @@ The registry is the source of truth for what is served: a `models:/name@champion
 the version the alias names at start-up, and that version's tags become the card that
 `GET /v1/models` shows, so a client can see which run trained the model and how it scored. An
 entry may name an adapter checkpoint (folder or registry version): its base is resolved here too,
-and adapters over one base are served on one copy of it (serve/adapters.py).
+and adapters over one base are served on one copy of it (serve/adapters.py). An entry may also be
+served by an engine process (serve/upstream.py): `upstream: {url, model, api_key_env}` names one
+that runs already, `engine: vllm` has the app launch `vllm serve` on the entry's checkpoint.
 """
 
 from __future__ import annotations
@@ -34,11 +36,23 @@ _RESULT_TAG = re.compile(
 class ServedModel:
     """What the app serves: the checkpoint folder, the names clients may ask for and the card."""
 
-    path: Path
+    path: Path | None  # None for a model an upstream engine process serves from its own files
     names: list[str]
     card: dict[str, Any] = field(default_factory=dict)
     adapter: AdapterCheckpoint | None = None  # set when `path` is an adapter checkpoint
     base: Path | None = None  # the adapter's base checkpoint folder (downloaded, checked)
+
+
+ENGINES = ("vllm",)  # `engine:` values of a serve.models entry: launched as a managed child
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """An OpenAI-compatible engine process that serves a model (vLLM's, llama.cpp's or ours)."""
+
+    url: str  # its base URL, http://host:port/v1
+    model: str  # the id it serves the model under
+    api_key_env: str | None = None  # the variable holding its key (the key itself is never config)
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,26 @@ class ModelSpec:
     """One model to serve: the name clients ask for and where it comes from."""
 
     name: str
-    uri: str  # a checkpoint folder, models:/name/3 | models:/name@alias or runs:/<run id>/<path>
+    uri: str | None  # a checkpoint folder, models:/name/3 | models:/name@alias or runs:/<id>/<path>
     origin: str  # the config entry it came from, for messages
+    upstream: UpstreamSpec | None = None  # served by an engine process that runs already
+    engine: str | None = None  # `vllm`: the app launches that engine process on `uri`
+
+    @property
+    def in_process(self) -> bool:
+        """Whether arenaflow's own engine serves it here (not an engine process)."""
+        return self.upstream is None and self.engine is None
+
+    def entry(self) -> dict[str, Any]:
+        """The `serve.models` entry that gives this spec back."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.uri is not None:
+            out["uri"] = self.uri
+        if self.engine is not None:
+            out["engine"] = self.engine
+        if self.upstream is not None:
+            out["upstream"] = {k: v for k, v in vars(self.upstream).items() if v is not None}
+        return out
 
 
 def model_specs(cfg: DictConfig) -> list[ModelSpec]:
@@ -72,17 +104,7 @@ def model_specs(cfg: DictConfig) -> list[ModelSpec]:
         entries = OmegaConf.to_container(entries, resolve=True)
     if not isinstance(entries, list):
         raise ServeConfigError("serve.models must be a list of {name, uri}")
-    for i, e in enumerate(entries):
-        where = f"serve.models[{i}]"
-        if not isinstance(e, dict) or not e.get("name") or not e.get("uri"):
-            raise ServeConfigError(
-                f"{where} must be a mapping with `name` (the id clients send as `model`) and `uri` "
-                f"(a checkpoint folder or models:/name@alias | models:/name/3), got {e!r}"
-            )
-        unknown = sorted(set(e) - {"name", "uri"})
-        if unknown:
-            raise ServeConfigError(f"{where} has unknown keys {unknown}; it takes `name` and `uri`")
-        specs.append(ModelSpec(str(e["name"]), str(e["uri"]), where))
+    specs += [_entry_spec(e, f"serve.models[{i}]") for i, e in enumerate(entries)]
     if not specs:
         specs = [ModelSpec(str(serve.served_model_name), str(serve.model_uri), "serve.model_uri")]
     seen: dict[str, ModelSpec] = {}
@@ -94,6 +116,44 @@ def model_specs(cfg: DictConfig) -> list[ModelSpec]:
             )
         seen[spec.name] = spec
     return specs
+
+
+def _entry_spec(e: Any, where: str) -> ModelSpec:
+    """One `serve.models` entry: `{name, uri}`, `{name, uri, engine: vllm}` or `{name, upstream}`."""
+    if not isinstance(e, dict) or not e.get("name") or not (e.get("uri") or e.get("upstream")):
+        raise ServeConfigError(
+            f"{where} must be a mapping with `name` (the id clients send as `model`) and `uri` "
+            f"(a checkpoint folder or models:/name@alias | models:/name/3) or `upstream` (an "
+            f"engine process: {{url, model, api_key_env}}), got {e!r}"
+        )
+    unknown = sorted(set(e) - {"name", "uri", "engine", "upstream"})
+    if unknown:
+        raise ServeConfigError(
+            f"{where} has unknown keys {unknown}; it takes `name` and `uri` (with `engine`) or "
+            "`upstream`"
+        )
+    name, engine, up = str(e["name"]), e.get("engine"), e.get("upstream")
+    if up is not None:
+        if e.get("uri") or engine:
+            raise ServeConfigError(
+                f"{where} ({name}): `upstream` names a running engine process; leave out `uri` "
+                "and `engine` (those launch one)"
+            )
+        fields = {"url", "model", "api_key_env"}
+        if not isinstance(up, dict) or not up.get("url") or not up.get("model") or set(up) - fields:
+            raise ServeConfigError(
+                f"{where}.upstream ({name}) must be {{url: http://host:port/v1, model: <the id "
+                f"it serves>, api_key_env: <variable with its key, optional>}}, got {up!r}"
+            )
+        key_env = str(up["api_key_env"]) if up.get("api_key_env") else None
+        upstream = UpstreamSpec(str(up["url"]).rstrip("/"), str(up["model"]), key_env)
+        return ModelSpec(name, None, where, upstream=upstream)
+    if engine is not None and str(engine) not in ENGINES:
+        raise ServeConfigError(
+            f"{where}.engine={engine!r} ({name}) is not an engine process arenaflow launches; "
+            f"use one of {list(ENGINES)}, or leave it out to serve in process"
+        )
+    return ModelSpec(name, str(e["uri"]), where, engine=str(engine) if engine else None)
 
 
 def model_aliases(cfg: DictConfig, specs: list[ModelSpec]) -> dict[str, str]:
@@ -156,6 +216,10 @@ def resolve_served_model(cfg: DictConfig, spec: ModelSpec | None = None) -> Serv
 
     if spec is None:
         spec = ModelSpec(str(cfg.serve.served_model_name), str(cfg.serve.model_uri), "serve")
+    if spec.uri is None:
+        raise ServeConfigError(
+            f"{spec.origin} ({spec.name}) has no checkpoint: an upstream serves it"
+        )
     uri, name = spec.uri, spec.name
     card: dict[str, Any] = {"id": name, "object": "model", "created": int(time.time())}
     card.update({"owned_by": "arenaflow", "root": uri})
