@@ -8,6 +8,7 @@ key. The gateway runs on another loopback port with its own keys and forwards to
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from arenaflow.serve import ServeConfigError, create_app
+from arenaflow.serve.deploy import server_config
 from arenaflow.serve.engine_process import (
     VLLM_KEY_ENV,
     EngineProcess,
@@ -222,8 +224,10 @@ def test_engine_errors_map_to_the_gateways() -> None:
 
 
 def test_serve_models_entries_for_engine_processes(serve_cfg_factory) -> None:
+    base = serve_cfg_factory()
+
     def specs(entries: list) -> list:
-        cfg = serve_cfg_factory()
+        cfg = base.copy()
         OmegaConf.update(cfg, "serve.models", entries, merge=False)
         return model_specs(cfg)
 
@@ -243,6 +247,21 @@ def test_serve_models_entries_for_engine_processes(serve_cfg_factory) -> None:
     for entry in bad:
         with pytest.raises(ServeConfigError, match=r"serve\.models\[0\]"):
             specs([entry])
+
+
+def test_a_deployment_carries_engine_entries_and_their_key_variable(
+    serve_cfg_factory, tiny_model_dir, monkeypatch
+) -> None:
+    cfg = serve_cfg_factory()
+    remote = {
+        "name": "remote",
+        "upstream": {"url": "http://h:1/v1", "model": "m", "api_key_env": KEY_ENV},
+    }
+    OmegaConf.update(cfg, "serve.models", [remote], merge=False)
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    config, env = server_config(cfg, str(tiny_model_dir), "127.0.0.1", 8000, [])
+    assert config["serve"]["models"] == [{"name": "tiny-chat", "uri": str(tiny_model_dir)}, remote]
+    assert env[KEY_ENV] == UPSTREAM_KEY and UPSTREAM_KEY not in json.dumps(config)
 
 
 def test_the_vllm_command_line_and_environment(monkeypatch) -> None:

@@ -150,7 +150,7 @@ def served_set(cfg: DictConfig, model_uri: str) -> dict[str, Any]:
     else:
         aliases[name] = champion.name
     ordered = [champion, *(s for s in specs if s is not champion)]
-    models = [{"name": s.name, "uri": s.uri} for s in ordered]
+    models = [s.entry() for s in ordered]
     return {"models": models, "models_from": None, "aliases": aliases}
 
 

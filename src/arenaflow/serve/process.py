@@ -141,6 +141,8 @@ def _env_names(section: dict[str, Any]) -> list[str]:
     for k, v in section.items():
         if isinstance(v, dict):
             names += _env_names(v)
+        elif isinstance(v, list):  # serve.models[i].upstream.api_key_env
+            names += [n for item in v if isinstance(item, dict) for n in _env_names(item)]
         elif str(k).endswith("_env") and v and k != "api_keys_env":
             names.append(str(v))
     return names
