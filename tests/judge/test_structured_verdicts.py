@@ -5,6 +5,7 @@ and a verdict that does not validate is a parse failure with its reason."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from judge_standin import GOOD, StandIn, api_overrides, read_rows, section, writ
 
 from arenaflow.judge import judge
 from arenaflow.judge.prompts import load_judge_prompts, single_user_prompt, structured_prompts
-from arenaflow.judge.verdicts import parse_verdict, verdict_schema
+from arenaflow.judge.verdicts import parse_verdict, verdict_schema, with_token_probabilities
 
 CALLS = 16  # 2 questions x 2 turns: 2 models single (8 calls) + 1 pair in both orders (8 calls)
 
@@ -40,6 +41,24 @@ def test_a_json_verdict_is_validated_against_its_schema(
     got = verdict.score if output_format == "[[rating]]" else verdict.winner
     assert got == expected and verdict.error == error
     assert verdict.source == ("text" if expected is not None else "none")
+
+
+def test_the_json_verdict_token_gives_the_verdict_probabilities() -> None:
+    """As with `[[7]]`, the alternatives of the verdict token inside the JSON give the verdict
+    probabilities and the expected rating; the argmax from the text stays the verdict."""
+
+    def tokens(*parts: str, at: str, top: dict[str, float]) -> list:
+        return [(p, {t: math.log(q) for t, q in top.items()} if p == at else {}) for p in parts]
+
+    score = parse_verdict('{"score": 7}', "[[rating]]", structured=True)
+    reply = tokens('{"', "score", '":', " ", "7", "}", at="7", top={"7": 0.6, "8": 0.4})
+    read = with_token_probabilities(score, reply, "[[rating]]", structured=True)
+    assert read.score == 7.0 and read.expected_score == pytest.approx(7.4)
+    winner = parse_verdict('{"winner": "tie"}', "[[A]]", structured=True)
+    top = {"tie": 0.5, "t": 0.1, "A": 0.3, "B": 0.1}  # `t` begins "tie" as well
+    reply = tokens('{"', "winner", '":', ' "', "tie", '"}', at="tie", top=top)
+    read = with_token_probabilities(winner, reply, "[[A]]", structured=True)
+    assert read.winner == "tie" and read.probs == pytest.approx({"A": 0.3, "B": 0.1, "C": 0.6})
 
 
 def test_every_prompt_asks_for_the_json_verdict_and_carries_its_schema() -> None:
@@ -164,8 +183,12 @@ def test_the_local_judge_on_a_random_model_always_parses_when_structured(
     assert out["health"]["replies"] == 8 and out["health"]["parse_failures"] == 0
     assert out["counts"]["verdict_text"] == 8 and out["parse_errors"] == {}
     singles, pairs = read_rows(out["single_uri"]), read_rows(out["pair_uri"])
-    for r in singles:
+    for r in singles:  # the engine's logprobs are those of the masked distribution
         assert r["verdict_source"] == "text" and 1 <= r["score"] <= 10
         assert r["score"] == json.loads(r["judgment"])["score"]
+        assert set(r["probs"]) <= {str(i) for i in range(1, 10)} and 1 <= r["expected_score"] <= 9
     for r in pairs:
         assert {r["g1_winner"], r["g2_winner"]} <= {"model_1", "model_2", "tie"}
+        for g in ("g1", "g2"):
+            assert set(r[f"{g}_probs"]) <= {"A", "B", "C"}
+            assert sum(r[f"{g}_probs"].values()) == pytest.approx(1.0)

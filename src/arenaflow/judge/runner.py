@@ -277,8 +277,9 @@ def _judge_chunk(
             results[item.key] = ItemResult("", Verdict(), error=error, attempts=completion.attempts)
             return
         verdict = parse_verdict(completion.text, item.output_format, item.structured)
-        if not item.structured:  # the alternatives of a `[[` verdict token
-            verdict = with_token_probabilities(verdict, completion.tokens, item.output_format)
+        verdict = with_token_probabilities(
+            verdict, completion.tokens, item.output_format, item.structured
+        )
         result = ItemResult(completion.text, verdict, attempts=completion.attempts)
         results[item.key] = result
         cache.put(item.key, backend.model_name, result.as_cache_value())  # paid: never lost

@@ -91,6 +91,13 @@ def verdict_model(output_format: str) -> type[ScoreVerdict] | type[WinnerVerdict
     return ScoreVerdict if output_format == "[[rating]]" else WinnerVerdict
 
 
+# where the verdict token of a JSON verdict starts
+JSON_VALUE = {
+    ScoreVerdict: re.compile(r'"score"\s*:\s*(\d)'),
+    WinnerVerdict: re.compile(r'"winner"\s*:\s*"(A|B|tie)"'),
+}
+
+
 def verdict_schema(output_format: str) -> dict:
     """The JSON schema a structured judge answers with (OpenAI strict mode accepts it)."""
     return verdict_model(output_format).model_json_schema()
@@ -132,8 +139,21 @@ def parse_verdict(judgment: str, output_format: str, structured: bool = False) -
     return Verdict(winner=winner, source="text")
 
 
-def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdict:
-    """Recover a verdict from the top logprobs of the token after a forced `[[` prefix.
+def _verdict_key(token: str, structured: bool) -> str:
+    """A candidate token as a verdict token: a JSON verdict's `"A"` / `"tie"` (or the `t` / `ti`
+    that begins it) read as A / C, quotes and braces around it ignored."""
+    key = token.strip()
+    if structured:
+        key = key.strip('"{}')
+        key = "C" if key and "tie".startswith(key) else key
+    return key
+
+
+def verdict_from_logprobs(
+    top: Mapping[str, float], output_format: str, structured: bool = False
+) -> Verdict:
+    """Recover a verdict from the top logprobs of the token after a forced `[[` prefix (or of the
+    verdict token of a JSON verdict, `structured`).
 
     `top` maps candidate token text to logprob. Single grading: the most probable rating is
     the score and the probability-weighted mean rating is kept as `expected_score`; a `1` token
@@ -142,7 +162,7 @@ def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdi
     wanted = RATING_TOKENS if output_format == "[[rating]]" else PAIR_TOKENS
     probs: dict[str, float] = {}
     for token, logprob in top.items():
-        key = token.strip()
+        key = _verdict_key(token, structured)
         if key in wanted:
             probs[key] = probs.get(key, 0.0) + math.exp(logprob)
     if not probs:
@@ -160,8 +180,12 @@ def verdict_from_logprobs(top: Mapping[str, float], output_format: str) -> Verdi
 TokenTop = tuple[str, Mapping[str, float]]
 
 
-def verdict_offset(judgment: str, output_format: str) -> int | None:
-    """Where the verdict token of the parsed verdict starts (just after its `[[`), or None."""
+def verdict_offset(judgment: str, output_format: str, structured: bool = False) -> int | None:
+    """Where the verdict token of the parsed verdict starts (just after its `[[`, or the value of
+    its JSON field), or None."""
+    if structured:
+        match = JSON_VALUE[verdict_model(output_format)].search(judgment)
+        return match.start(1) if match else None
     if output_format == "[[rating]]":
         match = ONE_SCORE.search(judgment)
         return match.start(1) if match else None
@@ -174,21 +198,24 @@ def verdict_offset(judgment: str, output_format: str) -> int | None:
 
 
 def with_token_probabilities(
-    verdict: Verdict, tokens: Sequence[TokenTop] | None, output_format: str
+    verdict: Verdict,
+    tokens: Sequence[TokenTop] | None,
+    output_format: str,
+    structured: bool = False,
 ) -> Verdict:
     """Add the verdict probabilities (and the expected rating) read at the verdict token of the
     reply's own logprobs; the argmax verdict from the text stays the verdict."""
     if not verdict.parsed or not tokens:
         return verdict
     text = "".join(tok for tok, _ in tokens)
-    spelled = parse_verdict(text, output_format)
-    at = verdict_offset(text, output_format)
+    spelled = parse_verdict(text, output_format, structured)
+    at = verdict_offset(text, output_format, structured)
     if at is None or (spelled.score, spelled.winner) != (verdict.score, verdict.winner):
         return verdict  # the tokens do not spell the verdict that was parsed
     offset = 0
     for tok, top in tokens:
         if offset == at:
-            read = verdict_from_logprobs(top, output_format)
+            read = verdict_from_logprobs(top, output_format, structured)
             if read.parsed:
                 verdict.expected_score, verdict.probs = read.expected_score, read.probs
             break
