@@ -246,6 +246,31 @@ def test_round_trip_streamed(client: OpenAI, serve_engine: Engine) -> None:
     assert streamed == engine_answer(serve_engine, request(messages=messages), 6)
 
 
+def test_each_streamed_choice_gets_its_own_calls_and_logprobs(client: OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-chat",
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            n=2,
+            temperature=1.0,
+            seed=5,
+            max_tokens=40,
+            logprobs=True,
+            stream=True,
+        )
+    )
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        parts = [tc for ch in mine for tc in ch.delta.tool_calls or []]
+        assert parts[0].id.startswith("call_")
+        check_call(parts[0].function.name, "".join(p.function.arguments or "" for p in parts))
+        assert sum(len(ch.logprobs.content) for ch in mine if ch.logprobs) >= len(parts) - 1
+        assert mine[-1].finish_reason == "tool_calls"
+
+
 def test_required_forces_a_valid_call_in_every_choice(client: OpenAI) -> None:
     out = client.chat.completions.create(
         model="tiny-chat",
