@@ -14,6 +14,7 @@ from judge_standin import GOOD, StandIn, api_overrides, read_rows, section, writ
 
 from arenaflow.judge import judge
 from arenaflow.judge.prompts import load_judge_prompts, single_user_prompt, structured_prompts
+from arenaflow.judge.tables import judgments_metadata
 from arenaflow.judge.verdicts import parse_verdict, verdict_schema, with_token_probabilities
 
 CALLS = 16  # 2 questions x 2 turns: 2 models single (8 calls) + 1 pair in both orders (8 calls)
@@ -142,6 +143,8 @@ def test_a_verdict_that_does_not_validate_is_a_parse_failure_with_its_reason(
     failed = [r for r in read_rows(out["single_uri"]) if r["score"] == -1]
     assert len(failed) == 4 and all(r["model"] == "finetuned" for r in failed)
     assert all(r["parse_error"] == reason and r["verdict_source"] == "none" for r in failed)
+    shown = judgments_metadata(out)["parse_failures"]  # what the Dagster asset shows
+    assert shown.rows == [{"reason": reason, "count": 4}]
     again = judge(cfg, question_uri=inputs["question_uri"], answer_uris=inputs["answer_uris"])
     assert again["counts"]["calls_made"] == 0 and again["parse_errors"] == {reason: 4}
 

@@ -70,6 +70,7 @@ def judgments_metadata(out: dict[str, Any]) -> dict[str, Any]:
         "counts": counts_table(counts, key="count", value="value"),
         "judge_health": metric_table(health),
         "skipped": counts_table(out["skipped"] or {"none": 0}),
+        "parse_failures": counts_table(out["parse_errors"] or {"none": 0}),  # why no verdict
         "budget": out["budget_message"] or "within budget",
         "sample_single_judgments": samples(out["single_uri"]),
         "judge_calibrated": calibration["passed"],
