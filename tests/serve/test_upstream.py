@@ -208,6 +208,17 @@ def test_an_engine_that_is_down_is_a_503_and_ready_says_so(serve_cfg_factory) ->
         assert metric(srv, "arenaflow_scheduler_failed_total", "gw-tiny") == 2
 
 
+def test_the_arena_battles_only_models_served_in_process(serve_cfg_factory, serve_engine) -> None:
+    cfg = serve_cfg_factory()
+    dead = {"url": f"http://127.0.0.1:{free_port()}/v1", "model": "m"}
+    entries = [{"name": "local", "uri": cfg.serve.model_uri}, {"name": "remote", "upstream": dead}]
+    OmegaConf.update(cfg, "serve.models", entries, merge=False)
+    with live_server(create_app(cfg, engines={"local": serve_engine}), cfg) as srv:
+        assert httpx.get(f"{srv.url}/arena/api/models").json() == {"models": ["local"]}
+        models = httpx.get(f"{srv.v1}/models").json()["data"]
+        assert [m["id"] for m in models] == ["local", "remote"]
+
+
 def test_engine_errors_map_to_the_gateways() -> None:
     up = Upstream("m", UpstreamSpec("http://e:1/v1", "x"), None, timeout_s=5, max_in_flight=0)
     busy = up.error(

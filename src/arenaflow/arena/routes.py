@@ -95,7 +95,10 @@ class Arena:
 
     # -- helpers -------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return list(getattr(self.state, "models", None) or {})
+        """The models that battle: those served in process (an engine process's has no template
+        here to render the arena's chat with)."""
+        models = getattr(self.state, "models", None) or {}
+        return [name for name, slot in models.items() if slot.engine is not None]
 
     def require_models(self) -> list[str]:
         names = self.model_names()
