@@ -135,12 +135,12 @@ MALFORMED = [
         "unsupported_parameter",
     ),
     (
-        "response_format",
+        "response_format of an unknown type",
         "/v1/chat/completions",
-        chat(response_format={"type": "json_object"}),
+        chat(response_format={"type": "json_objekt"}),
         400,
-        "response_format",
-        "unsupported_parameter",
+        "response_format.type",
+        "invalid_value",
     ),
     (
         "logit_bias",
