@@ -1,4 +1,4 @@
-"""Tool calling: tools in the prompt, calls split out of the text, forced calls through a real server."""
+"""Tool calling: tools in the prompt, calls split out of the text, forced calls, via a real server."""
 
 from __future__ import annotations
 

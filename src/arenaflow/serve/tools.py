@@ -1,4 +1,4 @@
-"""Tool calling on /v1/chat/completions: tools in the prompt, tool calls out of the text, forced calls.
+"""Tool calling on /v1/chat/completions: tools into the prompt, calls out of the text, forced calls.
 
 Prompt. Tools and the history's tool calls and results go through the model's own chat template
 (`apply_chat_template(tools=...)`) when that template shows tools to the model (found by rendering
@@ -16,7 +16,9 @@ Output format (what is parsed, and what a forced call is constrained to):
 one block per call; the text outside the blocks is the message content. `tool_choice: "required"`
 or a named function compile this format, with each function's parameters schema for its arguments,
 into a grammar (`tool_call_grammar`) the engine decodes under, so even a random model emits a valid
-call (a named function is called once; "required" allows several unless parallel calls are off). `"auto"` parses what the model wrote; `parallel_tool_calls: false` stops after one call.
+call (a named function is called once; "required" allows several unless parallel calls are off).
+`"auto"` parses what the model wrote; `parallel_tool_calls: false` stops it after one call. With a
+forced call, the call is the answer: a `response_format` of the same request is not applied.
 Splitting text into content and calls (`ToolCallStream`) is in tool_stream.py.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 
 from arenaflow.engine.constraints import Constraint, InvalidConstraintError
 from arenaflow.serve.errors import APIError
-from arenaflow.serve.schemas import ChatCompletionRequest, ChatMessage, ToolDef
+from arenaflow.serve.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice, ToolDef
 from arenaflow.serve.tool_stream import CLOSE, OPEN, ToolCall, ToolCallStream
 
 FALLBACK_PROMPT = """# Tools
@@ -131,17 +133,14 @@ def check_tools(body: ChatCompletionRequest) -> None:
             )
         seen.add(name)
     choice = body.tool_choice
-    if choice in ("required", None, "auto", "none"):
-        if choice == "required" and not seen:
-            raise _bad(
-                'tool_choice "required" needs tools; send tools or leave it out', "tool_choice"
-            )
-    elif choice.function.name not in seen:
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in seen:
         raise _bad(
             f"tool_choice names {choice.function.name!r}, which is not one of the tools "
             f"({', '.join(sorted(seen)) or 'none sent'})",
             "tool_choice",
         )
+    if choice == "required" and not seen:
+        raise _bad('tool_choice "required" needs tools; send tools or leave it out', "tool_choice")
     call_ids: set[str] = set()
     for i, m in enumerate(body.messages):
         call_ids.update(c.id for c in m.tool_calls or [])
@@ -158,7 +157,7 @@ def _bad(message: str, param: str) -> APIError:
 
 
 def tool_chars(body: ChatCompletionRequest) -> int:
-    """Characters of tool definitions and earlier calls (they count toward serve.max_input_chars)."""
+    """Characters of tool definitions and earlier calls (counted in serve.max_input_chars)."""
     tools = sum(len(t.model_dump_json()) for t in body.tools or [])
     calls = sum(len(c.function.arguments) for m in body.messages for c in m.tool_calls or [])
     return tools + calls
@@ -167,14 +166,13 @@ def tool_chars(body: ChatCompletionRequest) -> int:
 # -- grammar ---------------------------------------------------------------------------------------
 def tool_call_grammar(tools: list[ToolDef], parallel: bool) -> str:
     """A Lark grammar (llguidance's dialect) of one call, or several, of one of `tools`."""
+    tail = json.dumps("}\n" + CLOSE)
     rules = []
     for i, tool in enumerate(tools):
         schema = tool.function.schema()
         schema = {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
-        head = f'{OPEN}\n{{"name": "{tool.function.name}", "arguments": '
-        rules.append(
-            f"call_{i}: {json.dumps(head)} %json {json.dumps(schema)} {json.dumps('}' + chr(10) + CLOSE)}"
-        )
+        head = json.dumps(f'{OPEN}\n{{"name": "{tool.function.name}", "arguments": ')
+        rules.append(f"call_{i}: {head} %json {json.dumps(schema)} {tail}")
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     return "\n".join([start, "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules])
 
@@ -251,20 +249,25 @@ def _native_turn(m: ChatMessage, messages: list[ChatMessage]) -> dict[str, Any]:
 def _fallback_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Calls written into assistant turns as blocks; consecutive tool results as one user turn."""
     turns: list[dict[str, str]] = []
+    after_tool = False
     for m in messages:
         text = m.text()
         if m.role == "tool":
             block = f"<tool_response>\n{text}\n</tool_response>"
-            if turns and turns[-1].get("tool_results"):
+            if after_tool:
                 turns[-1]["content"] += "\n" + block
             else:
-                turns.append({"role": "user", "content": block, "tool_results": "1"})
+                turns.append({"role": "user", "content": block})
+            after_tool = True
             continue
-        for c in m.tool_calls or []:
-            call = {"name": c.function.name, "arguments": _arguments(c.function.arguments)}
-            text += f"{chr(10) if text else ''}{OPEN}\n{json.dumps(call)}\n{CLOSE}"
-        turns.append({"role": _role(m), "content": text})
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
+        blocks = [_call_block(c.function.name, c.function.arguments) for c in m.tool_calls or []]
+        turns.append({"role": _role(m), "content": "\n".join([text] * bool(text) + blocks)})
+        after_tool = False
+    return turns
+
+
+def _call_block(name: str, arguments: str) -> str:
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': _arguments(arguments)})}\n{CLOSE}"
 
 
 def _arguments(text: str) -> Any:
