@@ -324,16 +324,21 @@ class RunningBatch:
                 finished.append(s.request)
         if len(keep) == len(self.rows):
             return []
+        self._keep_rows(keep)
+        return finished
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows at indices `keep`: their positions, next tokens and cache (the
+        model-side part of dropping rows; another backend's batch replaces it)."""
         idx = torch.tensor(keep, dtype=torch.long)
         self.rows = [self.rows[i] for i in keep]
         self.positions = self.positions[idx]
         self.next_tokens = self.next_tokens[idx]
         if not self.rows:
             self.cache = None
-            return finished
+            return
         lead = self.cache.width - int(self.positions.max())  # columns that are padding in all rows
         self.cache.keep(keep, lead)
-        return finished
 
     def cancel_all(self, error: BaseException) -> list[Request]:
         """Abort every row (after a model error); returns the affected requests."""
