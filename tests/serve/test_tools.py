@@ -1,4 +1,4 @@
-"""Tool calling: tools in the prompt, calls split out of the text, forced calls, via a real server."""
+"""Tool calling: tools in the prompt, calls split from the text, forced calls, via a real server."""
 
 from __future__ import annotations
 
@@ -377,3 +377,11 @@ def test_invalid_tools_and_tool_messages_are_400s(server, what, change, param) -
     resp = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param, resp.json()
+
+
+def test_tool_definitions_count_toward_the_input_limit(start_server) -> None:
+    big = {"type": "function", "function": {"name": "f", "description": "x" * 500}}
+    with start_server("serve.max_input_chars=400") as srv:
+        body = {"model": "tiny-chat", "messages": ASK, "tools": [big], "max_tokens": 2}
+        resp = httpx.post(f"{srv.v1}/chat/completions", json=body, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "request_too_large"
