@@ -94,10 +94,10 @@ def base_folder(adapter: AdapterCheckpoint, tracking_uri: str | None = None) -> 
         tracking_uri = uri
     else:
         folder = Path(ref)
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None or not (folder / "config.json").is_file() or is_adapter(folder):
         raise ValueError(
-            f"adapter {adapter.path}: its base {ref} is not a checkpoint folder (no config.json); "
-            f"fix `base` in {ADAPTER_META}"
+            f"adapter {adapter.path}: its base {ref} is not a full checkpoint folder (no "
+            f"config.json, or an adapter itself); fix `base` in {ADAPTER_META}"
         )
     check_base(adapter, model_identity(ref, tracking_uri))
     return folder

@@ -54,8 +54,18 @@ def find_package_file(package: str, filename: str) -> Path:
     raise FileNotFoundError(f"{filename!r} not found in package {package!r}")
 
 
-def model_key(model_cfg: DictConfig) -> str:
+# model settings that do not change the checkpoint: which GGUF llama.cpp loads, which are exported
+SERVING_KEYS = ("quantization", "gguf_export")
+
+
+def weights_config(model_cfg: DictConfig) -> dict[str, Any]:
+    """The model section minus SERVING_KEYS: what checkpoint, base and run identities hash."""
     container = OmegaConf.to_container(model_cfg, resolve=True)
+    return {k: v for k, v in container.items() if k not in SERVING_KEYS}
+
+
+def model_key(model_cfg: DictConfig) -> str:
+    container = weights_config(model_cfg)
     digest = hashlib.sha256(repr(sorted(container.items())).encode()).hexdigest()[:10]
     return f"{model_cfg.name}-{digest}"
 
@@ -278,7 +288,10 @@ def resolve_reference(
 def model_identity(ref: str, tracking_uri: str | None) -> str:
     """What a resolved reference stands for now, for cache keys: the registry version an alias
     or number names (`models:/name/N`), a run artifact as it is (immutable), a folder's content
-    hash (`checkpoint_identity`). A moved alias or a replaced checkpoint changes it."""
+    hash (`checkpoint_identity`). A moved alias or a replaced checkpoint changes it; an adapter
+    folder that recorded no base_digest also changes with what its base reference names now."""
+    from arenaflow.adapters import is_adapter, read_adapter
+
     if ref.startswith("models:/"):
         from arenaflow.tracking import MlflowTracker
 
@@ -288,6 +301,9 @@ def model_identity(ref: str, tracking_uri: str | None) -> str:
         return f"models:/{info.name}/{info.version}"
     if ref.startswith("runs:/"):
         return ref
+    adapter = read_adapter(ref) if is_adapter(ref) else None
+    if adapter is not None and adapter.base_digest is None:
+        return f"{checkpoint_identity(ref)}+{model_identity(adapter.base, tracking_uri)}"
     return checkpoint_identity(ref)
 
 

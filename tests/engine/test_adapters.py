@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from arenaflow.adapters import ADAPTER_META, is_adapter, read_adapter
+from arenaflow.chat.backends import LocalChat
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.engine.adapters import load_shared
 from arenaflow.models import load_model, load_tokenizer, local_checkpoint, model_identity
@@ -118,6 +119,9 @@ def test_an_adapter_over_a_changed_base_is_refused(
     (moved / ADAPTER_META).write_text(json.dumps({**meta, "base_digest": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="was trained on .* identity 0123456789abcdef"):
         Engine.load(moved)
+    (moved / ADAPTER_META).write_text(json.dumps({"base": str(adapters["lora-b"])}))
+    with pytest.raises(ValueError, match="not a full checkpoint folder"):
+        Engine.load(moved)  # an adapter over an adapter
     (moved / ADAPTER_META).unlink()  # a plain peft folder: the base peft recorded
     assert (
         read_adapter(moved).base
@@ -131,14 +135,32 @@ def test_a_registered_adapter_over_a_registered_base_loads(
     """The registry holds the base and the adapter (tags adapter=true, base_model=<base URI>)."""
     cfg = make_cfg()
     tracker = tracker_from_cfg(cfg)
-    with tracker.start_run("test-register", cfg) as run:
+    with tracker.start_run("test-register-base", cfg) as run:
         base = tracker.register_model(run, tiny_model_dir, "tiny-chat")
-        base_uri = f"models:/tiny-chat/{base.version}"
-        folder = make_adapter(tiny_model_dir, tmp_path / "lora", seed=1, base_ref=base_uri)
-        tags = {"adapter": "true", "base_model": base_uri}
+    base_uri = f"models:/tiny-chat/{base.version}"
+    folder = make_adapter(tiny_model_dir, tmp_path / "lora", seed=1, base_ref=base_uri)
+    tags = {"adapter": "true", "base_model": base_uri}
+    with tracker.start_run("test-register-lora", cfg) as run:
         version = tracker.register_model(run, folder, "tiny-chat", tags=tags).version
     uri = f"models:/tiny-chat/{version}"
     path, info = local_checkpoint(uri, cfg)
     assert is_adapter(path) and info.tags["base_model"] == base_uri
     engine = Engine.load(uri, tracking_uri=cfg.tracking.tracking_uri)
-    assert greedy_ids(engine, "Hi") == greedy_ids(Engine.load(adapters["lora-a"]), "Hi")
+    expected = Engine.load(adapters["lora-a"])
+    assert greedy_ids(engine, "Hi") == greedy_ids(expected, "Hi")
+    cfg.chat.model_uri = uri  # the terminal chat: its base is downloaded through the registry too
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = "".join(LocalChat.from_cfg(cfg).stream(messages, temperature=0, max_tokens=8))
+    assert reply == expected.tokenizer.decode(greedy_ids(expected, "Hi"), skip_special_tokens=True)
+
+
+def test_an_adapter_without_a_base_digest_is_identified_with_its_base(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Cached answers and verdicts key on model_identity: a changed base must change it."""
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    folder = make_adapter(base, tmp_path / "lora", seed=1, base_ref=str(base))
+    assert read_adapter(folder).base_digest is None
+    before = model_identity(str(folder), None)
+    (base / "config.json").write_text((base / "config.json").read_text() + "\n")
+    assert model_identity(str(folder), None) != before

@@ -65,6 +65,7 @@ class LocalChat:
             path,
             dtype=str(cfg.hardware.dtype) if gpu else "float32",
             device="cuda" if gpu else "cpu",
+            tracking_uri=cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
         )
         _ = client.engine  # load now: the banner comes after the model is ready
         return cls(client, name=uri, where=str(path))

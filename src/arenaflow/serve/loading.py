@@ -263,7 +263,7 @@ def _resolve_base(cfg: DictConfig, spec: ModelSpec, served: ServedModel) -> None
     try:
         adapter = read_adapter(served.path)
         base, _ = local_checkpoint(adapter.base, cfg, where)
-        if not (base / "config.json").is_file():
+        if is_adapter(base) or not (base / "config.json").is_file():
             raise ValueError(f"{where}={adapter.base} is an adapter; an adapter needs a full base")
         tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
         check_base(adapter, model_identity(adapter.base, tracking_uri))

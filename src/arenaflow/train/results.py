@@ -90,6 +90,30 @@ def _rated_summary(
     return summary, peak
 
 
+def training_memory(module: Any, optimizer: Any) -> dict[str, float]:
+    """What training held besides the weights, measured on this rank at the end (GiB): a gradient
+    for every trainable parameter element, the optimizer's state tensors, and the process's peak
+    resident memory. Under FSDP, this rank's shards."""
+    import resource
+
+    import torch
+
+    def nbytes(t: Any) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    grads = sum(nbytes(p) for p in module.parameters() if p.requires_grad)
+    states = sum(
+        nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+    )
+    gib = 1024**3
+    return {
+        "grads_gb": grads / gib,
+        "optimizer_gb": states / gib,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib,
+    }
+
+
 def adapter_summary(adapter_dir: Path | None, p: TrainPlan) -> dict[str, Any] | None:
     """A LoRA run's adapter: its folder, its base (arenaflow_adapter.json), whether it was merged."""
     if adapter_dir is None:
@@ -131,7 +155,9 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
     summary, peak = _rated_summary(
         o.metrics.history, o.peak, o.peak_source, str(cfg.paths.cache_dir)
     )
+    memory = training_memory(o.trainer.lightning_module, o.trainer.optimizers[0])
     o.run.log_metrics({f"summary_{k}": v for k, v in summary.items() if v is not None})
+    o.run.log_metrics({f"summary_measured_{k}": v for k, v in memory.items()})
     o.run.log_dict({"plan": p.to_json(), "data_counts": o.data_counts}, "train_plan.json")
     version = None
     model_uri = None
@@ -140,7 +166,7 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
     if adapter and adapter["merged"]:
         o.run.log_artifact(o.adapter_dir, "adapter")  # the merged version is registered
     if cfg.train.register:
-        tags = version_tags(o.tags, cfg.train.get("lora"), adapter, cfg.model.name)
+        tags = version_tags(o.tags, cfg.train.lora, adapter, cfg.model.name)
         info = tracker.register_model(o.run, o.final_dir, name, tags=tags)
         if info is not None:
             version = info.version
@@ -174,6 +200,7 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
         "trainable_params": p.trainable_params or p.shape["n_params"],
         "adapter": adapter,
         "memory_estimate_gb": p.memory,
+        "memory_measured_gb": memory,
         "data_counts": o.data_counts,
         "sharding": o.trainer.lightning_module.sharding,
         "compiled": o.trainer.lightning_module.compiled,
