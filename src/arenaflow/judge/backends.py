@@ -3,11 +3,11 @@ the arenaflow engine in process.
 
 A backend turns (system, user) chats into replies (under the verdict's JSON schema when the chat
 carries one: OpenAI's `response_format`, the engine's grammar) and, where it can see token
-probabilities, reads the judge's distribution over verdict tokens after a forced `[[` prefix. The HTTP, retries,
-backoff and concurrency are the shared `arenaflow.clients.EndpointClient`; caching and budgets live
-in the runner, which is backend-agnostic: it hands a backend a `CallGate` that every request
-(retries included) must pass before it is sent, and an `on_result` callback that sees each reply
-the moment it returns.
+probabilities, reads the judge's distribution over verdict tokens after a forced `[[` prefix. The
+HTTP, retries, backoff and concurrency are the shared `arenaflow.clients.EndpointClient`; caching
+and budgets live in the runner, which is backend-agnostic: it hands a backend a `CallGate` that
+every request (retries included) must pass before it is sent, and an `on_result` callback that
+sees each reply the moment it returns.
 """
 
 from __future__ import annotations

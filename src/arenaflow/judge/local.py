@@ -4,7 +4,7 @@ read after a forced `[[` prefix."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arenaflow.clients.budget import NO_BUDGET, CallGate
 from arenaflow.judge.backends import (
@@ -16,6 +16,9 @@ from arenaflow.judge.backends import (
     Recovery,
 )
 from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS
+
+if TYPE_CHECKING:
+    from arenaflow.engine import SamplingParams
 
 
 class LocalBackend(JudgeBackend):
@@ -111,7 +114,7 @@ class LocalBackend(JudgeBackend):
                 costs = {}
         return [c for c in out if c is not None]
 
-    def _params(self, request: ChatRequest) -> Any:
+    def _params(self, request: ChatRequest) -> SamplingParams:
         """Greedy judging with the verdict token's alternatives (its probabilities at no extra
         pass); a structured verdict is decoded under its schema's grammar, so it always parses."""
         from arenaflow.engine import SamplingParams
