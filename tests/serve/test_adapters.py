@@ -127,3 +127,50 @@ def test_an_adapter_over_another_base_is_refused_before_loading(
     cfg = serve_cfg_factory(models_override(tiny_model_dir, {"lora-a": moved}))
     with pytest.raises(ServeConfigError, match=r"serve.models\[1\].*was trained on"):
         preflight(cfg)
+
+
+def test_a_streamed_adapter_answer_equals_its_plain_answer(served) -> None:
+    srv, _ = served
+    question = "Name a colour."
+    plain = chat(srv, "lora-b", question)["choices"][0]["message"]["content"]
+    body = {"model": "lora-b", "messages": [{"role": "user", "content": question}]}
+    body |= {"temperature": 0, "max_tokens": MAX_TOKENS, "stream": True}
+    text = ""
+    with httpx.stream("POST", f"{srv.v1}/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                text += delta.get("content") or ""
+    assert text == plain
+
+
+def test_a_registered_adapter_is_served_over_its_registered_base(
+    serve_cfg_factory, tmp_path: Path, tiny_model_dir: Path, adapter_dirs
+) -> None:
+    """A registry version tagged adapter=true whose base is a registry version: both resolve (the
+    base downloaded once into the cache), the card carries the lineage, the plan one base."""
+    from arenaflow.tracking import tracker_from_cfg
+
+    cfg = serve_cfg_factory("tracking=local", f"paths.home={tmp_path}")
+    tracker = tracker_from_cfg(cfg)
+    with tracker.start_run("base", cfg) as run:
+        base = tracker.register_model(run, tiny_model_dir, "tiny-chat")
+    base_uri = f"models:/tiny-chat/{base.version}"
+    folder = make_adapter(tiny_model_dir, tmp_path / "lora", seed=1, base_ref=base_uri)
+    with tracker.start_run("lora", cfg) as run:
+        tags = {"adapter": "true", "base_model": base_uri}
+        version = tracker.register_model(run, folder, "tiny-chat", tags=tags).version
+    entries = f"serve.models=[{{name: lora, uri: 'models:/tiny-chat/{version}'}}]"
+    resolved, plan = preflight(
+        serve_cfg_factory("tracking=local", f"paths.home={tmp_path}", entries)
+    )
+    card = resolved["lora"].card
+    assert card["version"] == version and card["lineage"]["base_model"] == base_uri
+    assert card["lineage"]["adapter"] == "true"
+    cache = Path(cfg.paths.cache_dir) / "serve"  # the base downloaded like any served model
+    assert (
+        resolved["lora"].base.relative_to(cache).parts[0].startswith(f"tiny-chat-v{base.version}-")
+    )
+    assert plan.models[0].name == "lora"
+    assert plan.models[0].kv_cache_bytes > 0  # the base (and its KV cache) under the adapter's name
