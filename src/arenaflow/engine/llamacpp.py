@@ -1,0 +1,242 @@
+"""The llama.cpp backend: a GGUF decoded by llama.cpp behind the same interface as `Engine`.
+
+`LlamaCppBatch` is a `RunningBatch` whose model part (prefill, one decode step for all rows,
+dropping rows) runs in llama.cpp, one KV stream per row (`GgufRuntime`); sampling, stop strings,
+seeds, logprobs, n, constraints and streaming are `RunningBatch`'s own code, so a request means
+the same thing on both backends. `LlamaCppEngine` is an `Engine` whose batches are those: the
+prompt is rendered by the checkpoint's Hugging Face tokenizer (its chat template), as everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arenaflow.engine.batch import _EMPTY, Request, RunningBatch
+from arenaflow.engine.constraints import ConstraintCompiler
+from arenaflow.engine.engine import Engine
+from arenaflow.engine.llamacpp_runtime import GgufRuntime
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppBatch(RunningBatch):
+    """Rows decoded together by llama.cpp; row i lives in KV stream `self.seqs[i]`."""
+
+    def __init__(self, engine: LlamaCppEngine) -> None:  # no torch model: RunningBatch's state only
+        self.runtime = engine.runtime
+        self.tokenizer = engine.tokenizer
+        self.eos_ids = engine.eos_ids
+        self.context_length = engine.context_length
+        self.max_batch_size = engine.max_batch_size
+        self.rows = []
+        self.cache = None
+        self.positions = _EMPTY
+        self.next_tokens = _EMPTY
+        self.last_batch_size = 0
+        self.steps = 0
+        self.tokens_generated = 0
+        self.peft = False
+        self.seqs: list[int] = []  # KV stream of each row
+        self.free = engine.free_streams  # the engine's streams no row of any batch holds
+
+    def admit(self, requests: list[Request]) -> list[Request]:
+        """Prefill each prompt into a free stream (its n choices get copies of it) and sample
+        every new row's first token; returns requests finished already (or failed alone)."""
+        ok, lasts, streams = [], [], []
+        for r in requests:
+            try:
+                taken = self._take(r)
+                lasts.append(torch.from_numpy(self._prefill_into(r.prompt_ids, taken)))
+                ok.append(r)
+                streams.extend(taken)
+            except Exception as e:  # no free stream, no KV slot: this request fails alone
+                r.fail(e)
+        failed = [r for r in requests if r.error is not None]
+        seqs = [s for r in ok for s in r.seqs]
+        if not seqs:
+            return failed
+        logits = torch.cat(
+            [last[None].expand(r.params.n, -1) for last, r in zip(lasts, ok, strict=True)]
+        )
+        lengths = torch.tensor([len(s.request.prompt_ids) for s in seqs], dtype=torch.long)
+        self.positions = torch.cat([self.positions, lengths])
+        self.rows.extend(seqs)
+        self.seqs.extend(streams)
+        self.next_tokens = torch.cat([self.next_tokens, self._sample(logits, seqs)])
+        return failed + self._finish_rows()
+
+    def _take(self, r: Request) -> list[int]:
+        if r.adapter is not None:
+            raise ValueError("the llama.cpp backend serves no LoRA adapters; use engine.backend=hf")
+        if r.params.n > len(self.free):
+            raise ValueError(
+                f"n={r.params.n} needs more rows than the {len(self.free)} free of "
+                f"{self.max_batch_size} (serve.max_batch_size)"
+            )
+        taken = self.free[: r.params.n]
+        del self.free[: r.params.n]
+        return taken
+
+    def _prefill_into(self, prompt_ids: list[int], streams: list[int]) -> Any:
+        try:
+            last = self.runtime.prefill(prompt_ids, streams[0])
+            for s in streams[1:]:
+                self.runtime.copy_seq(streams[0], s)
+        except BaseException:
+            for s in streams:
+                self.runtime.drop_seq(s)
+            self.free.extend(streams)
+            raise
+        return last
+
+    def step(self) -> list[Request]:
+        """Decode one token for every row; returns the requests that finished in this step."""
+        if not self.rows:
+            return []
+        logits = self.runtime.step(
+            self.next_tokens.tolist(), self.positions.tolist(), list(self.seqs)
+        )
+        self.positions = self.positions + 1
+        self.last_batch_size = len(self.rows)
+        self.steps += 1
+        self.next_tokens = self._sample(torch.from_numpy(logits), self.rows)
+        return self._finish_rows()
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        kept = set(keep)
+        for i, s in enumerate(self.seqs):
+            if i not in kept:
+                self.runtime.drop_seq(s)
+                self.free.append(s)
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.seqs = [self.seqs[i] for i in keep]
+        self.positions = self.positions[idx]
+        self.next_tokens = self.next_tokens[idx]
+
+    def cancel_all(self, error: BaseException) -> list[Request]:
+        for s in self.seqs:
+            self.runtime.drop_seq(s)
+        self.free.extend(self.seqs)
+        self.seqs = []
+        return super().cancel_all(error)
+
+
+class LlamaCppEngine(Engine):
+    """An `Engine` over a GGUF in llama.cpp: the same prompts, requests and results.
+
+    The context's `max_batch_size` KV streams are shared by all of this engine's batches (the
+    `Scheduler`'s, those of `generate` / `stream`): a row holds one while it decodes, and a
+    request finding none free fails alone with a ValueError."""
+
+    def __init__(
+        self,
+        gguf: str | Path,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_batch_size: int = 16,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        extra_buffers: bool = False,
+        eos_ids: set[int] | None = None,
+    ) -> None:
+        self.gguf = Path(gguf)
+        self.runtime = GgufRuntime(
+            gguf,
+            n_seq_max=max_batch_size,
+            n_ctx_seq=n_ctx,
+            n_threads=n_threads,
+            extra_buffers=extra_buffers,
+        )
+        self.model = None
+        self.adapter = None
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_batch_size = max_batch_size
+        self.context_length = self.runtime.n_ctx_seq
+        self.eos_ids = eos_ids or _gguf_eos_ids(tokenizer, self.runtime)
+        self.constraints = ConstraintCompiler(tokenizer, self.eos_ids, self.runtime.n_vocab)
+        self.lock = threading.RLock()  # llama.cpp's context: one decode at a time
+        self.free_streams = list(range(max_batch_size))
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls,
+        model: str | Path,
+        *,
+        gguf: str | Path | None = None,
+        tracking_uri: str | None = None,
+        max_batch_size: int = 16,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        extra_buffers: bool = False,
+        quantization: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> LlamaCppEngine:
+        """A checkpoint folder or registry URI on llama.cpp: its tokenizer (chat template) and
+        `gguf`, else the checkpoint's GGUF export (`backends.gguf_for`, made once, cached)."""
+        from arenaflow.engine.backends import gguf_for
+        from arenaflow.engine.engine import resolve_checkpoint
+        from arenaflow.models import load_tokenizer
+
+        path = resolve_checkpoint(model, tracking_uri)
+        tokenizer = load_tokenizer(path)
+        if not tokenizer.chat_template:
+            raise ValueError(f"checkpoint {path} has no chat template; save one with the tokenizer")
+        weights = Path(gguf) if gguf else gguf_for(path, quantization, cache_dir, tracking_uri)
+        log.info("engine loaded %s on llama.cpp from %s", model, weights)
+        return cls(
+            weights,
+            tokenizer,
+            model_id=str(model),
+            max_batch_size=max_batch_size,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            extra_buffers=extra_buffers,
+            eos_ids=_checkpoint_eos_ids(path, tokenizer),
+        )
+
+    def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
+        raise ValueError(
+            "the llama.cpp backend serves no LoRA adapters over a shared base; "
+            "serve adapters with engine.backend=hf"
+        )
+
+    def new_batch(self) -> LlamaCppBatch:
+        return LlamaCppBatch(self)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def _checkpoint_eos_ids(path: Path, tokenizer: Any) -> set[int]:
+    """The eos set the hf engine uses for this checkpoint (its config, generation config and
+    tokenizer), so a row ends on the same tokens in both backends."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from arenaflow.engine.engine import _eos_ids
+
+    try:
+        generation = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json
+        generation = None
+    model = SimpleNamespace(
+        config=AutoConfig.from_pretrained(str(path)), generation_config=generation
+    )
+    return _eos_ids(model, tokenizer)
+
+
+def _gguf_eos_ids(tokenizer: Any, runtime: GgufRuntime) -> set[int]:
+    """A bare GGUF's end tokens (eos, eot) and the tokenizer's eos."""
+    ids = set(runtime.eog_ids())
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,167 @@
+"""A GGUF model in llama.cpp (through llama-cpp-python's low-level API) with one KV stream per row.
+
+The high-level `llama_cpp.Llama` decodes one sequence at a time; here one `llama_decode` call
+advances every row of the running batch: each row owns a sequence id, and the context holds
+`n_seq_max` separate KV streams (`kv_unified=False`), so a row attends only to its own tokens
+and dropping a row is `llama_memory_seq_rm` on its stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a call (no KV slot, an invalid batch, a failed load)."""
+
+
+def available() -> bool:
+    """Whether llama-cpp-python imports (its native library loads)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # ImportError, or OSError from a library built for another machine
+        return False
+    return True
+
+
+class GgufRuntime:
+    """One loaded GGUF, its context of `n_seq_max` KV streams of `n_ctx_seq` tokens, one batch."""
+
+    def __init__(
+        self,
+        gguf: str | Path,
+        *,
+        n_seq_max: int,
+        n_ctx_seq: int | None = None,
+        n_threads: int | None = None,
+        extra_buffers: bool = False,
+    ) -> None:
+        import llama_cpp as lc
+        from llama_cpp import _logger
+
+        self.lc = lc
+        _logger.set_verbose(False)  # llama.cpp's load chatter goes nowhere; errors still print
+        lc.llama_backend_init()
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = extra_buffers
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), mp)
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp could not load {gguf} (not a GGUF it can read?)")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        train = int(lc.llama_model_n_ctx_train(self.model))
+        self.n_ctx_seq = min(train, n_ctx_seq) if n_ctx_seq else train
+        self.n_seq_max = n_seq_max
+        self.n_batch = min(512, self.n_ctx_seq)
+        threads = n_threads or len(os.sched_getaffinity(0))
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = self.n_ctx_seq * n_seq_max
+        cp.n_batch = cp.n_ubatch = max(self.n_batch, n_seq_max)
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = False
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise LlamaCppError(f"llama.cpp could not create a context for {gguf}")
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(cp.n_batch, 0, 1)
+        self.capacity = cp.n_batch
+        log.info(
+            "llama.cpp: %s, %d KV streams x %d tokens, %d thread(s)",
+            Path(gguf).name,
+            n_seq_max,
+            self.n_ctx_seq,
+            threads,
+        )
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own token ids of a rendered prompt (special tokens parsed, no BOS added)."""
+        raw = text.encode()
+        size = len(raw) + 8
+        buf = (self.lc.llama_token * size)()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, False, True)
+        if n < 0:
+            raise LlamaCppError(f"llama.cpp tokenizer needs {-n} slots for this text")
+        return list(buf[:n])
+
+    def eog_ids(self) -> set[int]:
+        """The model's end-of-generation tokens (eos, eot) as llama.cpp reads them from the GGUF."""
+        ids = {int(self.lc.llama_vocab_eos(self.vocab)), int(self.lc.llama_vocab_eot(self.vocab))}
+        return {i for i in ids if 0 <= i < self.n_vocab}
+
+    # -- decoding ------------------------------------------------------------------------------
+    def prefill(self, prompt_ids: list[int], seq: int) -> np.ndarray:
+        """Cache a prompt in stream `seq`; the logits after its last token (a copy)."""
+        for start in range(0, len(prompt_ids), self.n_batch):
+            chunk = prompt_ids[start : start + self.n_batch]
+            last = start + len(chunk) == len(prompt_ids)
+            positions = range(start, start + len(chunk))
+            self._fill(chunk, positions, [seq] * len(chunk), outputs="last" if last else "none")
+            self._decode()
+        return self._logits(1).copy()[0]
+
+    def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
+        """One token for each row (row i: `tokens[i]` at `positions[i]` in stream `seqs[i]`);
+        the logits of every row, [rows, n_vocab], valid until the next call."""
+        self._fill(tokens, positions, seqs, outputs="all")
+        self._decode()
+        return self._logits(len(tokens))
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Stream `dst` becomes a copy of stream `src` (the n choices of a request share a prefill)."""
+        self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def drop_seq(self, seq: int) -> None:
+        self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.memory, True)
+
+    def _fill(self, tokens: list[int], positions: Any, seqs: list[int], *, outputs: str) -> None:
+        """Write the batch; `outputs`: which tokens get logits (all | last | none)."""
+        b = self.batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i, (t, p, s) in enumerate(zip(tokens, positions, seqs, strict=True)):
+            b.token[i] = t
+            b.pos[i] = p
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s
+            b.logits[i] = outputs == "all" or (outputs == "last" and i == n - 1)
+
+    def _decode(self) -> None:
+        rc = self.lc.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            what = "no KV slot left for the batch" if rc == 1 else f"llama_decode returned {rc}"
+            raise LlamaCppError(f"llama.cpp decode failed: {what}")
+
+    def _logits(self, rows: int) -> np.ndarray:
+        ptr = self.lc.llama_get_logits(self.ctx)  # the outputs in batch order, contiguous
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+
+    def close(self) -> None:
+        lc = self.lc
+        if getattr(self, "batch", None) is not None:
+            lc.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: the library may be gone
+            self.close()

