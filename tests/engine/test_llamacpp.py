@@ -153,3 +153,20 @@ def test_backend_choice(tiny_model_dir: Path, packaged_gguf: Path) -> None:
     engine.close()
     hf = load_engine(tiny_model_dir, EngineSpec(backend="hf"))
     assert type(hf) is Engine
+
+
+def test_vllm_backend_greedy_answers(tiny_model_dir: Path) -> None:
+    """On a GPU with vLLM installed: `auto` picks vLLM, and its greedy answers are the hf engine's."""
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    assert choose_backend("auto", "cuda") == "vllm"
+    engine = load_engine(tiny_model_dir, EngineSpec(backend="vllm", device="cuda", dtype="float32"))
+    hf = Engine.load(tiny_model_dir)
+    prompt = hf.render_chat([{"role": "user", "content": QUESTIONS[1]}])
+    params = SamplingParams(max_new_tokens=8)
+    assert engine.generate([prompt], params)[0].choices[0].token_ids == (
+        hf.generate([prompt], params)[0].choices[0].token_ids
+    )
