@@ -32,7 +32,9 @@ class VllmEngine(Engine):
         self.model_id = model_id
         self.max_batch_size = 256  # vLLM schedules its own batch
         self.context_length = context_length
-        self.eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+        self.eos_ids = (
+            {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+        )
         self.constraints = None
         self.lock = threading.Lock()
 
@@ -96,7 +98,8 @@ class VllmEngine(Engine):
                 if seq.logprobs is not None and comp.logprobs:
                     k = r.params.top_logprobs
                     seq.logprobs = [
-                        _logprob(t, lp, k) for t, lp in zip(comp.token_ids, comp.logprobs)
+                        _logprob(t, lp, k)
+                        for t, lp in zip(comp.token_ids, comp.logprobs, strict=True)
                     ]
 
 
