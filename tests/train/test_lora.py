@@ -102,3 +102,22 @@ def test_qlora_under_fsdp_stops_before_anything_runs(make_cfg) -> None:
     check_supported(
         LoraSettings.from_cfg(make_cfg("train=lora", "hardware=cpu_fsdp").train.lora), cfg.hardware
     )
+
+
+def test_mfu_of_a_lora_step_counts_no_weight_gradients_of_the_frozen_base() -> None:
+    from arenaflow.train.flops import ModelShape, train_flops
+
+    shape = ModelShape(
+        n_params=1_200,
+        n_matmul_params=1_000,
+        n_layers=1,
+        hidden_size=10,
+        vocab_size=20,
+        n_heads=1,
+        intermediate_size=40,
+    )
+    attention = 12.0 * 10 * 100  # activation gradients still flow through attention
+    assert train_flops(shape, 10, 100, frozen_weights=True) == 4.0 * 1_000 * 10 + attention
+    assert train_flops(shape, 10, 100, head_tokens=3, frozen_weights=True) == (
+        4.0 * (800 * 10 + 200 * 3) + attention
+    )

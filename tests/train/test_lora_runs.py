@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from arenaflow.config import REPO_ROOT, compose_config
 from arenaflow.tracking import tracker_from_cfg
 from arenaflow.train import output_dir, run
+from arenaflow.train.tables import missing_checkpoint_files
 
 LORA = ["train=lora", "train.global_batch_size=4", "train.max_length=128", "train.compile=false"]
 
@@ -78,6 +80,10 @@ def test_killed_lora_run_resumes_and_registers_an_adapter_over_the_registered_ba
         p.name for p in final.iterdir()
     }
     assert not (final / "model.safetensors").exists()
+    assert missing_checkpoint_files(str(final)) == []  # the finetuned_model asset's check
+    (final / "adapter_model.safetensors").rename(final.parent / "moved")
+    assert missing_checkpoint_files(str(final)) == ["adapter_model.safetensors"]
+    (final.parent / "moved").rename(final / "adapter_model.safetensors")
     meta = json.loads((final / "arenaflow_adapter.json").read_text())
     tracker = tracker_from_cfg(cfg)
     base_version = meta["base"].removeprefix("models:/arenaflow-chat/")
@@ -94,6 +100,10 @@ def test_killed_lora_run_resumes_and_registers_an_adapter_over_the_registered_ba
     assert info.tags["base_model_name"] == "tiny-llama" and info.tags["lora_rank"] == "8"
     assert info.tags["data_hash"] == result["data_hash"]
     assert result["trainable_params"] < result["n_params"] / 100
+    # measured: AdamW's two fp32 moments and one fp32 gradient per adapter parameter, nothing more
+    measured = {k: v * 1024**3 for k, v in result["memory_measured_gb"].items()}
+    assert measured["optimizer_gb"] == pytest.approx(8 * result["trainable_params"], rel=0.01)
+    assert measured["grads_gb"] == 4 * result["trainable_params"]
 
     # peft loads it over the base; only the adapters were trained
     base = AutoModelForCausalLM.from_pretrained(cfg_base(cfg))

@@ -42,8 +42,10 @@ class StepMetrics(L.Callback):
         history_path: Path,
         log_every: int = 1,
         sink: Callable[[str], None] | None = None,
+        frozen_weights: bool = False,
     ) -> None:
         self.run = run
+        self.frozen_weights = frozen_weights  # LoRA: MFU counts no weight gradients of the base
         self.shape = shape
         self.peak = peak_flops_total
         self.history_path = history_path
@@ -80,7 +82,13 @@ class StepMetrics(L.Callback):
         loss_sum, micro, trained, inputs, attn_sq, dt_sum = t
         dt = dt_sum / trainer.world_size
         # the head runs only on labelled positions (module.labelled_loss_sum)
-        flops = train_flops(self.shape, int(inputs), int(attn_sq), head_tokens=int(trained))
+        flops = train_flops(
+            self.shape,
+            int(inputs),
+            int(attn_sq),
+            head_tokens=int(trained),
+            frozen_weights=self.frozen_weights,
+        )
         row = {
             "step": trainer.global_step,
             "loss": loss_sum / max(micro, 1),

@@ -60,16 +60,25 @@ def model_shape(config: Any) -> ModelShape:
 
 
 def train_flops(
-    shape: ModelShape, tokens: int, attn_sq: int, head_tokens: int | None = None
+    shape: ModelShape,
+    tokens: int,
+    attn_sq: int,
+    head_tokens: int | None = None,
+    frozen_weights: bool = False,
 ) -> float:
     """Forward+backward FLOPs for `tokens` non-padding tokens whose samples' squared lengths sum to
     `attn_sq`; the output head (hidden x vocab) runs on `head_tokens` of them (default all: a
-    recipe that projects only the labelled positions onto the vocabulary does less work)."""
+    recipe that projects only the labelled positions onto the vocabulary does less work).
+
+    `frozen_weights` (LoRA): the base's weights get no gradient, so its matmuls cost 4 FLOPs per
+    parameter per token (forward, and the backward to the inputs) instead of 6; the adapters'
+    own matmuls (~1% of the base's at rank 8) are not counted."""
     head = shape.hidden_size * shape.vocab_size
     head_tokens = tokens if head_tokens is None else head_tokens
+    per_param = 4.0 if frozen_weights else 6.0
     return (
-        6.0 * (shape.n_matmul_params - head) * tokens
-        + 6.0 * head * head_tokens
+        per_param * (shape.n_matmul_params - head) * tokens
+        + per_param * head * head_tokens
         + 12.0 * shape.n_layers * shape.hidden_size * attn_sq
     )
 

@@ -48,7 +48,7 @@ class LoraSettings:
         """None for full fine-tuning (`train.lora: null`)."""
         if section is None:
             return None
-        quantize = section.get("quantize")
+        quantize = section.quantize
         if quantize is not None and quantize not in QUANT_TYPES:
             raise ValueError(
                 f"train.lora.quantize={quantize!r} is not one of null, {', '.join(QUANT_TYPES)}"
@@ -64,7 +64,7 @@ class LoraSettings:
             dropout=float(section.dropout),
             target_modules=tuple(str(m) for m in section.target_modules),
             quantize=quantize,
-            merge=bool(section.get("merge", False)),
+            merge=bool(section.merge),
         )
 
     def peft_config(self) -> Any:

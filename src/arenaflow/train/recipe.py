@@ -147,7 +147,7 @@ def output_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 def plan(cfg: DictConfig) -> TrainPlan:
     check_accelerator(cfg.hardware)
-    lora = LoraSettings.from_cfg(cfg.train.get("lora"))
+    lora = LoraSettings.from_cfg(cfg.train.lora)
     check_supported(lora, cfg.hardware)
     compiled = compile_enabled(cfg.train.compile, str(cfg.hardware.accelerator))
     model_path = resolve_model(cfg.model, cfg.paths.cache_dir)
@@ -237,7 +237,7 @@ def build_module(cfg: DictConfig, p: TrainPlan) -> ChatLM:
         activation_checkpointing=bool(hw.activation_checkpointing),
         compile=p.compile,
         trust_remote_code=bool(cfg.model.trust_remote_code),
-        lora=LoraSettings.from_cfg(tr.get("lora")),
+        lora=LoraSettings.from_cfg(tr.lora),
         precision=str(hw.precision),
     )
 
@@ -311,6 +311,7 @@ def fit(cfg: DictConfig, p: TrainPlan, sink: Callable[[str], None] | None = None
             out / "metrics.jsonl",
             int(tr.log_every_n_steps),
             sink,
+            frozen_weights=module.lora is not None,
         )
         checkpoints = PeriodicCheckpoint(
             ckpt_dir, int(tr.checkpoint_every_n_steps), int(tr.keep_checkpoints)

@@ -21,6 +21,12 @@ BASE_ARCHITECTURE = (
 )
 FINETUNED_VALUE = ("path", "model_uri", "version", "run_id", "final_loss", "chat_template_hash")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+ADAPTER_FILES = (  # a LoRA run's checkpoint (arenaflow.train.lora)
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer_config.json",
+    "arenaflow_adapter.json",
+)
 STEP_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"]
 RESULT_FIGURES = {  # metadata key -> result.json key
     "final_loss": "final_loss",
@@ -37,6 +43,7 @@ RESULT_FIGURES = {  # metadata key -> result.json key
     "retained_heap": "retained_heap",
     "chat_template_hash": "chat_template_hash",
     "data_hash": "data_hash",
+    "trainable_params": "trainable_params",
 }
 
 
@@ -66,6 +73,7 @@ def finetuned_output(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         "resumed_from": result.get("resumed_from") or "(fresh start)",
         **{k: result.get(src) for k, src in RESULT_FIGURES.items()},
         "memory_estimate_gb": result.get("memory_estimate_gb") or {},
+        "memory_measured_gb": result.get("memory_measured_gb") or {},
         "data_counts": result.get("data_counts") or {},
     }
     if history:
@@ -75,9 +83,17 @@ def finetuned_output(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         meta["last_steps"] = Table(history[-10:], STEP_COLUMNS)
     if result.get("val_history"):
         meta["validation"] = Table(result["val_history"])
+    if result.get("adapter"):
+        adapter = result["adapter"]
+        meta["adapter"] = Path(adapter["path"])
+        meta["adapter_base"] = adapter["base"]
+        meta["adapter_merged"] = adapter["merged"]
     return value, meta
 
 
 def missing_checkpoint_files(path: str) -> list[str]:
-    """The files a loadable Hugging Face checkpoint needs that `path` lacks."""
-    return [f for f in CHECKPOINT_FILES if not (LocalPath(path) / f).exists()]
+    """The files a loadable Hugging Face checkpoint (or a LoRA adapter checkpoint, which names
+    its base in arenaflow_adapter.json) needs that `path` lacks."""
+    folder = LocalPath(path)
+    needed = ADAPTER_FILES if (folder / "arenaflow_adapter.json").exists() else CHECKPOINT_FILES
+    return [f for f in needed if not (folder / f).exists()]
