@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def client(base_url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
 
 
-def metric(srv: LiveServer, name: str, model: str) -> float:
-    text = httpx.get(f"{srv.url}/metrics", headers=_auth(), timeout=10).text
+def metric(srv: LiveServer, name: str, model: str, key: str = GATEWAY_KEY) -> float:
+    text = httpx.get(f"{srv.url}/metrics", headers=_auth(key), timeout=10).text
     label = f'model="{model}"'
     return sum(
         float(line.rsplit(" ", 1)[1])
@@ -187,6 +188,23 @@ def test_metrics_count_the_engines_requests(gateway) -> None:
     assert metric(gateway, "arenaflow_scheduler_completed_total", "gw-tiny") == before + 2
     assert metric(gateway, "arenaflow_generation_tokens_total", "gw-tiny") == tokens + 8
     assert metric(gateway, "arenaflow_time_to_first_token_seconds_count", "gw-tiny") >= 2
+
+
+def test_a_client_that_leaves_a_stream_frees_the_engines_rows(gateway, engine) -> None:
+    engine_srv = LiveServer(engine.url.removesuffix("/v1"), gateway.cfg)
+    before = metric(engine_srv, "arenaflow_scheduler_cancelled_total", "tiny-chat", UPSTREAM_KEY)
+    body = {"model": "gw-tiny", "messages": CHAT, "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{gateway.v1}/chat/completions", json=body, headers=_auth()) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")  # the stream runs; then the client goes
+    deadline = time.time() + 30
+    while (
+        metric(engine_srv, "arenaflow_scheduler_cancelled_total", "tiny-chat", UPSTREAM_KEY)
+        == before
+    ):
+        assert time.time() < deadline, "the engine kept decoding for a client that left"
+        time.sleep(0.2)
+    assert metric(gateway, "arenaflow_scheduler_cancelled_total", "gw-tiny") >= 1
 
 
 def test_an_engine_that_is_down_is_a_503_and_ready_says_so(serve_cfg_factory) -> None:
@@ -305,11 +323,23 @@ def test_the_vllm_command_line_and_environment(monkeypatch) -> None:
     assert "HF_TOKEN" not in env and not any("made-for-it" in a for a in argv)
 
 
-def test_vllm_launch_without_vllm_is_a_clear_error(serve_cfg_factory, tiny_model_dir) -> None:
+def test_what_no_engine_process_can_serve_with_is_refused_at_start(
+    serve_cfg_factory, tiny_model_dir, monkeypatch
+) -> None:
     if vllm_binary() is not None:
         pytest.skip("vLLM is installed here")
+    cfg = serve_cfg_factory()
+    entry = {"name": "v", "uri": str(tiny_model_dir), "engine": "vllm"}
+    OmegaConf.update(cfg, "serve.models", [entry], merge=False)
+    with pytest.raises(ServeConfigError, match=r"serve\.models\[0\] \(v\).*pip install vllm"):
+        create_app(cfg)
     with pytest.raises(ServeConfigError, match="pip install vllm"):
-        launch_vllm(serve_cfg_factory(), "chat", tiny_model_dir, "serve.models[0]")
+        launch_vllm(cfg, "v", tiny_model_dir, "serve.models[0]")
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    up = {"url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV}
+    OmegaConf.update(cfg, "serve.models", [{"name": "r", "upstream": up}], merge=False)
+    with pytest.raises(ServeConfigError, match=rf"\${KEY_ENV} is not set"):
+        create_app(cfg)
 
 
 def test_an_engine_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from arenaflow.serve.middleware import BodyLimitMiddleware, RequestMetricsMiddle
 from arenaflow.serve.routes import openai_router
 from arenaflow.serve.security import KeyCheck, allowed_hosts, api_keys_from_cfg
 from arenaflow.serve.slots import ModelSlot, ServeState
-from arenaflow.serve.upstream import open_upstream, upstream_problems
+from arenaflow.serve.upstream import check_engine_processes, open_upstream, upstream_problems
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def create_app(
     ModelsDoNotFitError in the lifespan, before any weights load.
     """
     specs = model_specs(cfg)
+    check_engine_processes(specs)  # vLLM installed, upstream keys set
     preloaded = dict(engines or {})
     unknown = sorted(set(preloaded) - {s.name for s in specs})
     if unknown:

@@ -185,14 +185,20 @@ def vllm_command(
     ]  # fmt: skip
 
 
-def launch_vllm(cfg: DictConfig, name: str, checkpoint: Path, where: str) -> EngineProcess:
-    """`vllm serve` for one served model as this app's child (ServeConfigError without vLLM)."""
+def require_vllm(name: str, where: str) -> str:
+    """The `vllm` command, or ServeConfigError saying how to get it."""
     binary = vllm_binary()
     if binary is None:
         raise ServeConfigError(
             f"{where} ({name}) has engine: vllm, but vLLM is not installed here; install it on "
             "the GPU machine (`pip install vllm`) or leave `engine` out to serve in process"
         )
+    return binary
+
+
+def launch_vllm(cfg: DictConfig, name: str, checkpoint: Path, where: str) -> EngineProcess:
+    """`vllm serve` for one served model as this app's child (ServeConfigError without vLLM)."""
+    binary = require_vllm(name, where)
     ep = cfg.serve.engine_process
     host = str(ep.host)
     port = free_port(host)

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from omegaconf import DictConfig
 
 from arenaflow.redact import redact
-from arenaflow.serve.engine_process import EngineProcess, launch_vllm
+from arenaflow.serve.engine_process import EngineProcess, launch_vllm, require_vllm
 from arenaflow.serve.errors import APIError, ServeConfigError, error_body
 from arenaflow.serve.generation import disconnected
 from arenaflow.serve.loading import ModelSpec, ServedModel, UpstreamSpec, resolve_served_model
@@ -252,6 +252,16 @@ async def open_upstream(cfg: DictConfig, spec: ModelSpec, served: ServedModel | 
     served.card = card
     log.info("serving %s through the engine process at %s", spec.name, upstream.shown_url)
     return ModelSlot(name=spec.name, served=served, engine=None, scheduler=upstream)  # type: ignore[arg-type]
+
+
+def check_engine_processes(specs: list[ModelSpec]) -> None:
+    """Refuse at start-up, before any model loads, an engine process that cannot be had: vLLM not
+    installed, an upstream key variable that is not set."""
+    for spec in specs:
+        if spec.upstream is not None:
+            _upstream_key(spec)
+        elif spec.engine == "vllm":
+            require_vllm(spec.name, spec.origin)
 
 
 def _upstream_key(spec: ModelSpec) -> str | None:
