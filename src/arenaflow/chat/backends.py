@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from arenaflow.clients.endpoint import EndpointClient
 from arenaflow.clients.engine import EngineClient
+from arenaflow.engine.backends import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,9 @@ class LocalChat:
             path, _ = local_checkpoint(resolve_reference(uri, cfg), cfg, "chat.model_uri")
         except ValueError as e:
             raise ChatError(str(e)) from e
-        gpu = cfg.hardware.accelerator == "gpu"
         client = EngineClient(
             path,
-            dtype=str(cfg.hardware.dtype) if gpu else "float32",
-            device="cuda" if gpu else "cpu",
+            spec=EngineSpec.from_cfg(cfg),
             tracking_uri=cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
         )
         _ = client.engine  # load now: the banner comes after the model is ready

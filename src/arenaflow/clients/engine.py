@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arenaflow.engine import Engine, SamplingParams
+from arenaflow.engine.backends import EngineSpec, load_engine
 
 
 @dataclass
@@ -25,29 +26,29 @@ class Reply:
 
 
 class EngineClient:
-    """Chats on an engine that is loaded on first use (`ref`: a checkpoint folder or registry URI)."""
+    """Chats on an engine that is loaded on first use (`ref`: a checkpoint folder or registry URI)
+    on the backend `spec` names (`EngineSpec.from_cfg`: engine.backend, hardware)."""
 
     def __init__(
         self,
         ref: str | Path | Engine,
         *,
         tracking_uri: str | None = None,
-        dtype: str = "float32",
-        device: str = "cpu",
+        spec: EngineSpec | None = None,
         batch_size: int = 8,
     ) -> None:
         self._engine = ref if isinstance(ref, Engine) else None
         self.ref = str(ref) if not isinstance(ref, Engine) else ref.model_id
-        self.tracking_uri, self.dtype, self.device = tracking_uri, dtype, device
+        self.tracking_uri = tracking_uri
+        self.spec = spec or EngineSpec()  # the backend (engine.backend), device and dtype
         self.batch_size = batch_size
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine.load(
+            self._engine = load_engine(
                 self.ref,
-                dtype=self.dtype,
-                device=self.device,
+                self.spec,
                 tracking_uri=self.tracking_uri,
                 max_batch_size=self.batch_size,
             )

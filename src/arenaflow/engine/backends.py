@@ -100,7 +100,7 @@ def load_engine(
     if backend == "llamacpp":
         try:
             return _load_llamacpp(ref, spec, tracking_uri, max_batch_size)
-        except (ValueError, NotImplementedError) as e:
+        except (ValueError, NotImplementedError, ImportError) as e:
             if spec.backend != "auto":
                 raise
             log.warning("%s stays on the hf engine: no llama.cpp model for it (%s)", ref, e)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from arenaflow.clients.endpoint import EndpointClient, EndpointError, UnreadableReplyError, describe
 from arenaflow.clients.engine import EngineClient
 from arenaflow.engine import SamplingParams
+from arenaflow.engine.backends import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,6 @@ def make_backend(cfg: DictConfig, competitor: Competitor, model_ref: str | None 
     return LocalCompetitor(
         model_ref or resolve_reference(str(competitor.local), cfg),
         tracking_uri=cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
-        dtype=str(cfg.hardware.dtype),
-        device="cuda" if cfg.hardware.accelerator == "gpu" else "cpu",
+        spec=EngineSpec.from_cfg(cfg),
         batch_size=int(e.batch_size),
     )

@@ -359,11 +359,11 @@ def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) ->
             logprobs=bool(j.logprob_recovery),
         )
     if j.backend == "local":
-        from arenaflow.engine import Engine
+        from arenaflow.engine.backends import EngineSpec, load_engine
 
         checkpoint = resolve_judge_checkpoint(cfg, base_model_path)
         tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
-        engine = Engine.load(checkpoint, tracking_uri=tracking_uri)
+        engine = load_engine(checkpoint, EngineSpec.from_cfg(cfg), tracking_uri=tracking_uri)
         from arenaflow.judge.local import LocalBackend
 
         return LocalBackend(

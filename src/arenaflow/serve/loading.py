@@ -282,13 +282,13 @@ def _number(value: str) -> Any:
 
 
 def load_engine(cfg: DictConfig, served: ServedModel) -> Engine:
-    """fp32 on CPU, the hardware's dtype (bf16) on GPU."""
-    gpu = cfg.hardware.accelerator == "gpu"
-    dtype = str(cfg.hardware.dtype) if gpu else "float32"
-    engine = Engine.load(
+    """On the backend engine.backend picks (`arenaflow.engine.backends`): fp32 on CPU, the
+    hardware's dtype (bf16) on GPU for hf."""
+    from arenaflow.engine import backends
+
+    engine = backends.load_engine(
         served.path,
-        dtype=dtype,
-        device="cuda" if gpu else "cpu",
+        backends.EngineSpec.from_cfg(cfg),
         max_batch_size=int(cfg.serve.max_batch_size),
     )
     log.info("serving %s (%s) from %s", served.names[0], served.card.get("version"), served.path)
