@@ -2,6 +2,7 @@
 model_max_length), on SmolLM2-135M at max length 512 with the same ShareGPT samples; plus MFU.
 
     python benchmarks/bench_train.py [--samples 48] [--variants padding,packing] [--rounds 2]
+    python benchmarks/bench_train.py --variants full,lora --no-fastchat   # LoRA vs full: speed, memory
 
 Both recipes see the same conversations: ShareGPT records with alternating human/gpt turns, split
 into pieces of at most 512 tokens (FastChat's split_long_conversation), tokenized with the
@@ -16,6 +17,11 @@ speed-up against its own round's FastChat run, then the median.
 
 It also prints the model FLOPs per trained token each recipe has to compute on these samples: their
 ratio is the speed-up the recipes would show at equal hardware efficiency.
+
+Each arenaflow variant trains in a fresh process; after the runs a table shows what each held
+besides the weights, measured after training (a gradient per trainable parameter, the optimizer's
+states) and its peak resident memory, and, for `full,lora`, LoRA's gradient + optimizer memory as a
+share of full fine-tuning's (target <= 10%).
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _train_fastchat import MAX_LENGTH, bench_fastchat, measure, trained_tokens
 from transformers import AutoConfig
 
 from arenaflow.config import compose_config
@@ -38,8 +44,6 @@ from arenaflow.data.sft import IGNORE_INDEX, encode_conversation, split_conversa
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.train.flops import measure_cpu_peak_flops, model_shape, train_flops
 from arenaflow.train.results import read_history
-
-MAX_LENGTH = 512
 
 
 def sharegpt_samples(tokenizer, n: int) -> list[dict]:
@@ -72,11 +76,6 @@ def sharegpt_samples(tokenizer, n: int) -> list[dict]:
     return out[:n]
 
 
-def trained_tokens(samples: list[dict]) -> int:
-    """Labelled next-token targets in the samples (the tokens a recipe trains on)."""
-    return sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples)
-
-
 def work_per_trained_token(samples: list[dict], shape) -> dict:
     """Model FLOPs per trained token that each recipe has to compute on these samples (attention
     counted over full T x T for both): FastChat pads every row to MAX_LENGTH and projects every
@@ -89,118 +88,15 @@ def work_per_trained_token(samples: list[dict], shape) -> dict:
     return {"fastchat": fastchat / trained, "arenaflow": ours / trained, "ratio": fastchat / ours}
 
 
-def _throughput(rows: list[dict], shape, peak: float, head_tokens: bool) -> dict:
-    """trained tok/s, tok/s and MFU over steps given as {seconds, trained, tokens, attn_sq}."""
-    dt = sum(r["seconds"] for r in rows)
-    trained = sum(r["trained"] for r in rows)
-    tokens = sum(r["tokens"] for r in rows)
-    flops = train_flops(
-        shape,
-        tokens,
-        sum(r["attn_sq"] for r in rows),
-        head_tokens=trained if head_tokens else None,
-    )
-    return {
-        "seconds": dt,
-        "trained_tokens_per_s": trained / dt,
-        "tokens_per_s": tokens / dt,
-        "mfu": flops / dt / peak,
-    }
-
-
-def _measure(rows: list[dict], per_epoch: int, shape, peak: float, head_tokens: bool) -> dict:
-    """The last epoch (steady state) as the result; the first epoch after its first step as cold."""
-    warm = _throughput(rows[-per_epoch:], shape, peak, head_tokens)
-    cold = _throughput(rows[1:per_epoch] or rows[:1], shape, peak, head_tokens)
-    return {**warm, "steps": len(rows), "cold": cold}
-
-
-def bench_fastchat(
-    model_dir: Path,
-    tokenizer,
-    samples: list[dict],
-    peak: float,
-    work: Path,
-    micro: int,
-    epochs: int,
-) -> dict:
-    """FastChat train.py's recipe: pad to model_max_length, HF Trainer, same optimizer settings."""
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    rows = []
-    for s in samples:
-        pad = MAX_LENGTH - len(s["input_ids"])
-        rows.append(
-            {
-                "input_ids": s["input_ids"] + [tokenizer.pad_token_id] * pad,
-                "labels": s["labels"] + [IGNORE_INDEX] * pad,
-                "attention_mask": [1] * len(s["input_ids"]) + [0] * pad,
-            }
-        )
-    ds = Dataset.from_list(rows).with_format("torch")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    shape = model_shape(model.config)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-    class InOrder(Trainer):
-        """Batches in sample order, so each timed step's samples are known (every row is padded
-        to the same length, so the order cannot change FastChat's speed)."""
-
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
-
-    timer = StepTimer()
-    args = TrainingArguments(
-        output_dir=str(work / "fastchat"),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=1,
-        num_train_epochs=epochs,
-        learning_rate=2e-5,
-        weight_decay=0.0,
-        warmup_steps=0.03,  # a ratio of the total steps
-        lr_scheduler_type="cosine",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        dataloader_drop_last=False,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    InOrder(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
-    batches = [samples[i : i + micro] for i in range(0, len(samples), micro)]
-    steps = [
-        {
-            "seconds": dt,
-            "trained": trained_tokens(batch),
-            "tokens": sum(len(s["input_ids"]) for s in batch),
-            "attn_sq": sum(len(s["input_ids"]) ** 2 for s in batch),
-        }
-        for dt, batch in zip(timer.times, batches * epochs, strict=True)
-    ]
-    result = _measure(steps, len(batches), shape, peak, head_tokens=False)
-    padded = sum(len(b) * MAX_LENGTH for b in batches)
-    result["padded_tokens_per_s"] = padded / sum(r["seconds"] for r in steps[-len(batches) :])
-    return {"recipe": "fastchat (HF Trainer, pad to 512)", **result}
-
-
 # a variant's modes (`padding-compiled-fsdp`, ...) and the settings each one changes
 VARIANT_MODES = {
     "compiled": ["train.compile=true"],
     "noretain": ["hardware.retain_freed_memory=false"],
     "fsdp": ["hardware=cpu_fsdp"],
+    "lora": ["train=lora"],
 }
+# `--variants full,lora`: full fine-tuning vs LoRA adapters, both packed
+VARIANT_ALIASES = {"full": "packing", "lora": "packing-lora"}
 
 
 def bench_arenaflow(
@@ -244,7 +140,7 @@ def bench_arenaflow(
             *(o for mode in modes for o in VARIANT_MODES[mode]),
         ]
     )
-    result = run(cfg)
+    result = _in_fresh_process(run, cfg)
     layout = "packing" if packing else "dynamic padding by length"
     steps = [
         {
@@ -261,10 +157,22 @@ def bench_arenaflow(
         label.append("glibc default heap")
     if ranks > 1:
         label.append(f"{ranks} ranks FSDP2")
+    if "lora" in modes:
+        label.append(f"LoRA r{cfg.train.lora.rank}")
     return {
         "recipe": f"arenaflow ({layout}, {', '.join(label)})",
-        **_measure(steps, per_epoch, shape, peak, head_tokens=True),
+        **measure(steps, per_epoch, shape, peak, head_tokens=True, frozen_weights="lora" in modes),
+        "trainable_params": result["trainable_params"],
+        "memory": result["memory_measured_gb"],
     }
+
+
+def _in_fresh_process(fn, *args):
+    """`fn(*args)` in a new process, so its peak resident memory is its own (the first rank's)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def _parse_args() -> tuple[argparse.Namespace, list[tuple[bool, list[str]]]]:
@@ -279,7 +187,8 @@ def _parse_args() -> tuple[argparse.Namespace, list[tuple[bool, list[str]]]]:
         help="padding | packing (train.compile as the recipe sets it: auto, eager on CPU), "
         "with -compiled for train.compile=true, -noretain for hardware.retain_freed_memory=false "
         "(glibc's default heap: large blocks unmapped on free) "
-        "and -fsdp for hardware=cpu_fsdp (2 ranks of one core each)",
+        "-fsdp for hardware=cpu_fsdp (2 ranks of one core each) and -lora for train=lora; "
+        "full and lora name packing and packing-lora",
     )
     parser.add_argument(
         "--rounds",
@@ -288,11 +197,18 @@ def _parse_args() -> tuple[argparse.Namespace, list[tuple[bool, list[str]]]]:
         help="run FastChat and the variants this many times in turn and print the median "
         "speed-up (on a shared machine one round can land in a slow spell)",
     )
+    parser.add_argument(
+        "--fastchat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run FastChat's recipe first, the reference of the speed-ups; --no-fastchat when "
+        "only the variants are compared (full,lora): speed-ups are then against the first variant",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     variants = []
     for variant in args.variants.split(","):
-        layout, *modes = variant.split("-")
+        layout, *modes = VARIANT_ALIASES.get(variant, variant).split("-")
         if layout not in ("padding", "packing") or set(modes) - set(VARIANT_MODES):
             parser.error(f"unknown variant {variant!r}")
         variants.append((layout == "packing", modes))
@@ -349,11 +265,12 @@ def main() -> None:
     for rnd in range(1, args.rounds + 1):
         # the machine may be shared: re-probe so each MFU is against the peak of its own time
         peak = measure_cpu_peak_flops(seconds=2.0)
-        baseline = bench_fastchat(
-            model_dir, tokenizer, samples, peak, home, args.micro_batch, args.epochs
-        )
-        results.append({"round": rnd, **baseline, "work_per_trained_token": work})
-        _report(results, args.out, peak)
+        if args.fastchat:
+            baseline = bench_fastchat(
+                model_dir, tokenizer, samples, peak, home, args.micro_batch, args.epochs
+            )
+            results.append({"round": rnd, **baseline, "work_per_trained_token": work})
+            _report(results, args.out, peak)
         for packing, modes in variants:
             peak = measure_cpu_peak_flops(seconds=2.0)
             ours = bench_arenaflow(
@@ -363,12 +280,42 @@ def main() -> None:
             _report(results, args.out, peak)
     if args.rounds > 1:
         _print_medians(results, args.rounds)
+    _print_memory(results)
+
+
+def _print_memory(results: list[dict]) -> None:
+    """Gradient + optimizer memory (measured after training) and peak RSS of each arenaflow run,
+    and LoRA's gradient + optimizer memory as a share of full fine-tuning's (target <= 10%)."""
+    rows = [r for r in results if "memory" in r]
+    if not rows:
+        return
+    print(
+        f"\n{'recipe':<52} {'trainable':>12} {'grads MiB':>10} {'optim MiB':>10} {'peak RSS GiB':>13}"
+    )
+    for r in rows:
+        m = r["memory"]
+        print(
+            f"{r['recipe']:<52} {r['trainable_params']:>12,} {m['grads_gb'] * 1024:>10.1f} "
+            f"{m['optimizer_gb'] * 1024:>10.1f} {m['peak_rss_gb']:>13.2f}"
+        )
+    full = [r for r in rows if "LoRA" not in r["recipe"]]
+    lora = [r for r in rows if "LoRA" in r["recipe"]]
+    if full and lora:
+        f, lo = full[-1]["memory"], lora[-1]["memory"]
+        share = (lo["grads_gb"] + lo["optimizer_gb"]) / (f["grads_gb"] + f["optimizer_gb"])
+        speed = lora[-1]["trained_tokens_per_s"] / full[-1]["trained_tokens_per_s"]
+        print(
+            f"LoRA vs full fine-tuning: gradient + optimizer memory {share:.2%} of full's "
+            f"(target <= 10%), peak RSS {lo['peak_rss_gb'] / f['peak_rss_gb']:.0%}, "
+            f"trained tokens/s {speed:.2f}x"
+        )
 
 
 def _report(results: list[dict], out: str | None, peak: float) -> None:
     """Print the newest row (a long run shows results as they come) and rewrite the JSON."""
     r = results[-1]
-    base = next(b for b in results if b["round"] == r["round"])  # this round's FastChat run
+    # this round's FastChat run (or with --no-fastchat its first variant)
+    base = next(b for b in results if b["round"] == r["round"])
     r["peak_gflops"] = peak / 1e9
     r["speedup"] = r["trained_tokens_per_s"] / base["trained_tokens_per_s"]
     cold = r["cold"]["trained_tokens_per_s"]
