@@ -1,6 +1,7 @@
 """How good a judge is SmolLM2-135M-Instruct (the offline default)? Judge health on real MT-bench items.
 
-    .venv/bin/python benchmarks/bench_judge.py [--questions 101 111 121] [--max-tokens 256]
+    .venv/bin/python benchmarks/bench_judge.py [--questions 101 111 121] [--max-tokens 256] \
+        [hydra overrides: experiment=demo judge.structured=true ...]
 
 Two competitors answer MT-bench math/reasoning/coding questions: `gpt-4` with GPT-4's reference
 answers (strong) and `idk` with "I don't know." (useless). The local judge grades both (single) and
@@ -26,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, nargs="+", default=[101, 111, 121])
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge.structured=true")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-judge-"))
     cfg = compose_config(
@@ -34,6 +36,7 @@ def main() -> None:
             "paths.cache_dir=.arenaflow/cache",
             "tracking=none",
             f"judge.max_tokens={args.max_tokens}",
+            *args.overrides,
         ]
     )
     wanted = set(args.questions)
@@ -73,6 +76,8 @@ def main() -> None:
     print(f"recovered from logprobs: {h['recovered_by_logprobs']}, unresolved: {h['unresolved']}")
     print(f"position consistency: {h['position_consistency']}")
     print(f"length bias (r): {h['length_bias']}")
+    print(f"text parse failures by reason: {out['parse_errors']}")
+    print(f"calibration: {out['calibration']['figures']}")
     for model, sc in s["scores"].items():
         print(f"score {model}: {sc}")
     for model, pw in s["pairwise"].items():
