@@ -10,9 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from arenaflow.config import config_hash
+from arenaflow.export.registry import attach_gguf
+from arenaflow.models import weights_config
 from arenaflow.tracking import tracker_from_cfg
 
 log = logging.getLogger(__name__)
@@ -53,24 +55,27 @@ def base_identity(cfg: DictConfig, info: dict[str, Any]) -> str:
         for p in Path(info["path"]).rglob("*")
         if p.is_file()
     )
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = weights_config(cfg.model)
     return config_hash({"model": model, "template": info["chat_template_hash"], "files": files})
 
 
 def register_base(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
     """The registry version of the base checkpoint, registered on first use (tag arenaflow.role=base).
 
-    Returns {version, model_uri}, both None when tracking is off. A base already registered with
-    the same identity is reused, so repeated runs add no versions and copy no weights again.
+    Returns {version, model_uri, gguf}, None / {} when tracking is off. A base already registered
+    with the same identity is reused, so repeated runs add no versions and copy no weights again;
+    it gets the GGUF files of `model.gguf_export` it lacks (`arenaflow.export.registry`).
     """
     tracker = tracker_from_cfg(cfg)
     if not tracker.enabled:
-        return {"version": None, "model_uri": None}
+        return {"version": None, "model_uri": None, "gguf": {}}
     name = str(cfg.tracking.registered_model_name)
     ident = base_identity(cfg, info)
+    formats = cfg.model.get("gguf_export") or ()
     for v in tracker.latest_versions(name):
         if v.tags.get(TAG_ROLE) == "base" and v.tags.get(TAG_BASE_ID) == ident:
-            return {"version": v.version, "model_uri": f"models:/{name}/{v.version}"}
+            gguf = attach_gguf(tracker, v, info["path"], formats)  # files it lacks, if any
+            return {"version": v.version, "model_uri": f"models:/{name}/{v.version}", "gguf": gguf}
     m = cfg.model
     source = m.path or (f"{m.package}:{m.gguf_file}" if m.source == "gguf_package" else m.source)
     tags = {
@@ -83,7 +88,9 @@ def register_base(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
     }
     with tracker.start_run("base_model", cfg, tags={TAG_ROLE: "base"}) as run:
         registered = tracker.register_model(run, info["path"], name, tags=tags)
+        gguf = attach_gguf(tracker, registered, info["path"], formats, run=run)
     log.info(
         "registered the base model %s as %s version %s", info["name"], name, registered.version
     )
-    return {"version": registered.version, "model_uri": f"models:/{name}/{registered.version}"}
+    uri = f"models:/{name}/{registered.version}"
+    return {"version": registered.version, "model_uri": uri, "gguf": gguf}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from arenaflow import io
+from arenaflow.export.registry import attach_gguf
 from arenaflow.tracking import Tracker
 from arenaflow.train.flops import best_cpu_peak_flops
 from arenaflow.train.lora import ADAPTER_META, LoraSettings
@@ -161,6 +162,7 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
     o.run.log_dict({"plan": p.to_json(), "data_counts": o.data_counts}, "train_plan.json")
     version = None
     model_uri = None
+    gguf: dict[str, str] = {}  # format -> runs:/ URI of the version's GGUF file
     name = cfg.tracking.registered_model_name
     adapter = adapter_summary(o.adapter_dir, p)
     if adapter and adapter["merged"]:
@@ -171,6 +173,9 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
         if info is not None:
             version = info.version
             model_uri = f"models:/{name}/{version}"
+        gguf = attach_gguf(
+            tracker, info, o.final_dir, cfg.model.get("gguf_export") or (), run=o.run
+        )
     uploaded = io.upload_dir(
         o.final_dir, io.artifact_uri(cfg, "models", "finetuned", Path(p.out_dir).name, "final")
     )
@@ -181,6 +186,7 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
         "model_uri": model_uri,
         "version": version,
         "registered_name": name if version else None,
+        "gguf": gguf,
         "run_id": o.run.run_id,
         "run_url": o.run.url,
         "final_loss": history[-1]["loss"] if history else None,

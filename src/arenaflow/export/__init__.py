@@ -1,0 +1,96 @@
+"""GGUF files of our checkpoints, for llama.cpp (and ollama, LM Studio, ...).
+
+- `gguf.write_gguf`: a Hugging Face Llama checkpoint -> one f16 (or f32) GGUF file, tokenizer, chat
+  template and lineage inside, written with the `gguf` package.
+- `quantize.quantize_gguf`: f16 -> q8_0 / q4_k_m with llama.cpp's own quantizer (llama-cpp-python).
+- `export_gguf`: a checkpoint -> the files of `model.gguf_export` in one folder.
+- `registry`: the GGUF files of a registered version (`attach_gguf` at registration, as artifacts of
+  the version's run under `gguf/`, tagged `arenaflow.gguf.<format>` on the version) and
+  `resolve_gguf`, the one answer to "which GGUF file does the llama.cpp backend load for this
+  checkpoint and `model.quantization`?".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from arenaflow.export.gguf import write_gguf
+from arenaflow.export.quantize import QUANTIZATIONS, llama_cpp_available, quantize_gguf
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("f16", *QUANTIZATIONS)  # what model.gguf_export may list
+
+
+def gguf_format(quantization: str | None) -> str:
+    """The GGUF format a `model.quantization` value selects: null -> f16, else q8_0 | q4_k_m."""
+    if quantization is None:
+        return "f16"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"model.quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} or null"
+        )
+    return str(quantization)
+
+
+def check_formats(formats: Iterable[str]) -> list[str]:
+    """`model.gguf_export` as a list, each a known format (ValueError naming the bad one)."""
+    out = [str(f) for f in formats]
+    bad = [f for f in out if f not in FORMATS]
+    if bad:
+        raise ValueError(f"model.gguf_export: {bad} not among {', '.join(FORMATS)}")
+    return out
+
+
+def gguf_name(fmt: str, stem: str = "model") -> str:
+    return f"{stem}-{fmt}.gguf"
+
+
+def export_gguf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    formats: Iterable[str] = FORMATS,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Path]:
+    """The GGUF files of `checkpoint` in `out_dir` (`model-<format>.gguf`), one per format: f16
+    written from the weights, each quantized format from that f16 file. Quantized formats need
+    llama-cpp-python; without it they are left out with a warning (the f16 file is still written)."""
+    wanted = check_formats(formats)
+    if not wanted:
+        return {}
+    out_dir = Path(out_dir)
+    f16 = write_gguf(
+        checkpoint, out_dir / gguf_name("f16"), metadata=metadata, tracking_uri=tracking_uri
+    )
+    files = {"f16": f16}
+    quantized = [f for f in wanted if f != "f16"]
+    if quantized and not llama_cpp_available():
+        log.warning(
+            "GGUF %s not written: quantizing needs llama-cpp-python (`make install`)",
+            ", ".join(quantized),
+        )
+        quantized = []
+    for fmt in quantized:
+        files[fmt] = quantize_gguf(f16, out_dir / gguf_name(fmt), fmt)
+    if "f16" not in wanted:
+        f16.unlink()
+        del files["f16"]
+    return files
+
+
+__all__ = [
+    "FORMATS",
+    "QUANTIZATIONS",
+    "check_formats",
+    "export_gguf",
+    "gguf_format",
+    "gguf_name",
+    "llama_cpp_available",
+    "quantize_gguf",
+    "write_gguf",
+]
