@@ -63,6 +63,31 @@ def test_mixed_batch_leaves_unconstrained_rows_alone(
     assert mixed[3].choices[0].finish_reason == "stop"
 
 
+def test_eos_is_allowed_only_where_the_grammar_accepts(
+    tiny_engine: Engine, chat_prompts: list[str]
+) -> None:
+    """With the output layer biased towards eos, a free row stops at once; a constrained row
+    cannot end before its JSON is complete, then ends on eos."""
+    import torch
+
+    eos = tiny_engine.tokenizer.eos_token_id
+    head = tiny_engine.model.get_output_embeddings()
+    saved = head.weight.data[eos].clone()
+    head.weight.data[eos] = head.weight.data.abs().max() * 50
+    params = [
+        SamplingParams(max_new_tokens=60),
+        SamplingParams(max_new_tokens=60, constraint=PERSON),
+    ]
+    try:
+        with torch.inference_mode():
+            free, constrained = tiny_engine.generate(chat_prompts[:2], params)
+    finally:
+        head.weight.data[eos] = saved
+    assert free.choices[0].token_ids == [] and free.choices[0].finish_reason == "stop"
+    Person.model_validate_json(constrained.choices[0].text)
+    assert constrained.choices[0].finish_reason == "stop"
+
+
 def test_stream_lark_stop_strings_and_length(tiny_engine: Engine, chat_prompts: list[str]) -> None:
     verdict = Constraint.lark('start: "[[" ("A" | "B" | "tie") "]]"')
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=2, constraint=verdict)

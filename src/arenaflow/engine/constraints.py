@@ -32,6 +32,7 @@ KINDS = ("json_object", "json_schema", "lark", "regex")
 # its whole token budget on newlines, and the output tokenizes the way training data did.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _ANY_OBJECT = '{"type":"object"}'
+_CACHED_GRAMMARS = 128  # per engine: a server sees few distinct schemas, each a few kB compiled
 
 
 class InvalidConstraintError(ValueError):
@@ -90,13 +91,13 @@ class Grammar:
 class ConstraintCompiler:
     """Compiles constraints for one tokenizer; compiled grammars are cached per (kind, spec)."""
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], vocab_size: int, cache_size: int = 128):
+    def __init__(self, tokenizer: Any, eos_ids: set[int], vocab_size: int) -> None:
         self.hf_tokenizer = tokenizer
         self.eos_ids = sorted(eos_ids)
         self.vocab_size = vocab_size
         self._lock = threading.Lock()
         self._tokenizer: Any = None
-        self.compile = functools.lru_cache(maxsize=cache_size)(self._compile)
+        self.compile = functools.lru_cache(maxsize=_CACHED_GRAMMARS)(self._compile)
 
     @property
     def tokenizer(self) -> Any:
