@@ -19,7 +19,7 @@ from arenaflow.adapters import ADAPTER_META
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.serve import ServeConfigError, create_app, preflight
 from arenaflow.serve.adapters import AdapterScheduler
-from tests.engine.test_adapters import make_adapter
+from tests.engine.test_engine_adapters import make_adapter
 from tests.serve.conftest import LiveServer, live_server
 
 NAMES = ["tiny-base", "lora-a", "lora-b"]
