@@ -22,7 +22,13 @@ QUESTIONS = [81, 111, 121]
 
 
 def base_overrides(home: Path, cache: Path) -> list[str]:
-    return ["experiment=test", f"paths.home={home}", f"paths.cache_dir={cache}"]
+    # the stand-in checkpoint holds no weights: nothing to export to GGUF
+    return [
+        "experiment=test",
+        f"paths.home={home}",
+        f"paths.cache_dir={cache}",
+        "model.gguf_export=[]",
+    ]
 
 
 def pair_rows(winner_by_q: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:

@@ -123,6 +123,7 @@ class EndpointChat:
             self._client.model = self.name
         elif models and self.name not in models:
             log.warning("%s does not list %r (it lists %s)", self.where, self.name, models)
+        _build_chunk_models()
         return models
 
     def stream(
@@ -155,6 +156,24 @@ class EndpointChat:
         if isinstance(error, httpx.HTTPError):  # the connection broke mid-stream
             return f"the connection to {url} broke: {error}"
         raise error
+
+
+def _build_chunk_models() -> None:
+    """Build the openai client's streamed-chunk models before the first prompt: pydantic builds
+    them on first use, and a Ctrl-C landing inside that build comes out as pydantic's
+    SchemaError instead of KeyboardInterrupt, which would end the chat instead of the answer."""
+    from openai._models import construct_type
+    from openai.types.chat import ChatCompletionChunk
+
+    delta = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    chunk = {
+        "id": "",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "",
+        "choices": [delta],
+    }
+    construct_type(type_=ChatCompletionChunk, value=chunk)
 
 
 def backend_from_cfg(cfg: DictConfig) -> ChatBackend:

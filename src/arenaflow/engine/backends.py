@@ -42,7 +42,7 @@ class EngineSpec:
             backend=str(engine.get("backend", "auto")),
             device="cuda" if gpu else "cpu",
             dtype=str(cfg.hardware.dtype) if gpu else "float32",
-            quantization=cfg.model.get("quantization"),
+            quantization=cfg.model.quantization,
             cache_dir=str(cfg.paths.cache_dir),
             llamacpp=OmegaConf.to_container(engine.get("llamacpp") or {}, resolve=True),
         )

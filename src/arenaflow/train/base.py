@@ -71,7 +71,7 @@ def register_base(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         return {"version": None, "model_uri": None, "gguf": {}}
     name = str(cfg.tracking.registered_model_name)
     ident = base_identity(cfg, info)
-    formats = cfg.model.get("gguf_export") or ()
+    formats = cfg.model.gguf_export or ()
     for v in tracker.latest_versions(name):
         if v.tags.get(TAG_ROLE) == "base" and v.tags.get(TAG_BASE_ID) == ident:
             gguf = attach_gguf(tracker, v, info["path"], formats)  # files it lacks, if any

@@ -173,9 +173,7 @@ def finish(cfg: DictConfig, p: TrainPlan, tracker: Tracker, o: FitOutcome) -> di
         if info is not None:
             version = info.version
             model_uri = f"models:/{name}/{version}"
-        gguf = attach_gguf(
-            tracker, info, o.final_dir, cfg.model.get("gguf_export") or (), run=o.run
-        )
+        gguf = attach_gguf(tracker, info, o.final_dir, cfg.model.gguf_export or (), run=o.run)
     uploaded = io.upload_dir(
         o.final_dir, io.artifact_uri(cfg, "models", "finetuned", Path(p.out_dir).name, "final")
     )
