@@ -30,7 +30,13 @@ def edit(path: Path) -> None:
 def test_an_edit_in_the_code_an_asset_runs_changes_its_version(library: Path, tmp_path) -> None:
     asset = tmp_path / "asset.py"
     asset.write_text("from arenaflow.judge import judge\n")
-    assert versions.stage_packages(str(asset)) == ["clients", "engine", "evaluate", "export", "judge"]
+    assert versions.stage_packages(str(asset)) == [
+        "clients",
+        "engine",
+        "evaluate",
+        "export",
+        "judge",
+    ]
     v0 = versions.source_version(str(asset))
     edit(library / "train" / "recipe.py")  # not reached from the judge
     assert versions.source_version(str(asset)) == v0
