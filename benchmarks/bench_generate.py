@@ -160,7 +160,7 @@ def raw_llama_cpp(gguf: str, prompt_ids: list[list[int]], max_new: int, threads:
 
     default = high_level.llama_cpp.llama_model_default_params
 
-    def no_amx():  # as engine.llamacpp.extra_buffers=false (the class has no switch for it)
+    def no_amx():  # as GgufRuntime, which turns them off (the class has no switch for it)
         p = default()
         p.use_extra_bufts = False
         return p

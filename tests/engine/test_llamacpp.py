@@ -66,7 +66,7 @@ def test_greedy_tokens_equal_raw_llama_cpp(
 
     default = high_level.llama_cpp.llama_model_default_params
 
-    def no_amx():  # the high-level class has no switch for it (see engine.llamacpp.extra_buffers)
+    def no_amx():  # the high-level class has no switch for it (as GgufRuntime, which turns them off)
         p = default()
         p.use_extra_bufts = False
         return p

@@ -143,7 +143,6 @@ class LlamaCppEngine(Engine):
         max_batch_size: int = 16,
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        extra_buffers: bool = False,
         eos_ids: set[int] | None = None,
     ) -> None:
         self.gguf = Path(gguf)
@@ -152,7 +151,6 @@ class LlamaCppEngine(Engine):
             n_seq_max=max_batch_size,
             n_ctx_seq=n_ctx,
             n_threads=n_threads,
-            extra_buffers=extra_buffers,
         )
         self.model = None
         self.adapter = None
@@ -175,7 +173,6 @@ class LlamaCppEngine(Engine):
         max_batch_size: int = 16,
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        extra_buffers: bool = False,
         quantization: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> LlamaCppEngine:
@@ -198,7 +195,6 @@ class LlamaCppEngine(Engine):
             max_batch_size=max_batch_size,
             n_ctx=n_ctx,
             n_threads=n_threads,
-            extra_buffers=extra_buffers,
             eos_ids=_checkpoint_eos_ids(path, tokenizer),
         )
 
