@@ -218,9 +218,12 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     tracking_uri: str | None = None,
+    quantization: str | None = None,
 ) -> Any:
     """The model of a checkpoint folder; an adapter folder gives its base with the adapter merged in
-    (the base named by arenaflow_adapter.json, downloaded through `tracking_uri` when a registry URI)."""
+    (the base named by arenaflow_adapter.json, downloaded through `tracking_uri` when a registry URI).
+    `quantization` (model.quantization) loads the weights through bitsandbytes: q8_0 as LLM.int8,
+    q4_k_m as 4-bit NF4 (double-quantized, computing in `dtype`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -228,13 +231,37 @@ def load_model(
 
     adapter = read_adapter(path) if is_adapter(path) else None
     weights = base_folder(adapter, tracking_uri) if adapter is not None else Path(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(weights), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    ).to(device)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "trust_remote_code": trust_remote_code,
+    }
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(str(weights), **kwargs).to(device)
+    else:
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, kwargs["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(str(weights), device_map=device, **kwargs)
+        log.info("%s loaded %s through bitsandbytes", weights, quantization)
     if adapter is not None:
         model = merged_model(model, adapter.path)
         log.info("adapter %s merged into its base %s", adapter.path, adapter.base)
     return model.eval()
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: Any) -> Any:
+    """transformers' BitsAndBytesConfig for a model.quantization name (the GGUF names llama.cpp
+    takes, mapped to the closest bitsandbytes format)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "q8_0":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "q4_k_m":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    raise ValueError(f"model.quantization={quantization!r} is not one of null, q8_0, q4_k_m")
 
 
 def checkpoint_identity(path: str | Path, head_bytes: int = 1 << 20) -> str:

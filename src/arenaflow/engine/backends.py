@@ -28,7 +28,8 @@ class EngineSpec:
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str | None = None  # model.quantization: the GGUF llama.cpp loads (null: f16)
+    quantization: str | None = None  # model.quantization: the GGUF llama.cpp loads (null: f16),
+    # or bitsandbytes 8-/4-bit weights on the hf engine
     cache_dir: str | None = None  # where GGUF exports are cached (paths.cache_dir)
     llamacpp: dict[str, Any] = field(default_factory=dict)  # engine.llamacpp
 
@@ -114,6 +115,7 @@ def load_engine(
         device=spec.device,
         tracking_uri=tracking_uri,
         max_batch_size=max_batch_size,
+        quantization=spec.quantization,
     )
 
 

@@ -53,9 +53,11 @@ class Engine:
         device: str = "cpu",
         tracking_uri: str | None = None,
         max_batch_size: int = 16,
+        quantization: str | None = None,
     ) -> Engine:
         """Load a checkpoint folder or an MLflow registry URI (`models:/name/3`, `models:/name@alias`);
-        an adapter checkpoint loads as its base with the adapter merged in (`models.load_model`)."""
+        an adapter checkpoint loads as its base with the adapter merged in (`models.load_model`);
+        `quantization` (q8_0 | q4_k_m) loads 8-/4-bit weights through bitsandbytes."""
         from arenaflow.models import load_model, load_tokenizer
 
         model_id = str(model)
@@ -66,8 +68,11 @@ class Engine:
                 f"checkpoint {path} has no chat template; save one with the tokenizer "
                 "(arenaflow.models.resolve_model does this via model.chat_template)"
             )
-        lm = load_model(path, dtype=dtype, device=device, tracking_uri=tracking_uri)
-        log.info("engine loaded %s (%s on %s) from %s", model_id, dtype, device, path)
+        lm = load_model(
+            path, dtype=dtype, device=device, tracking_uri=tracking_uri, quantization=quantization
+        )
+        how = f"{dtype}, {quantization} weights" if quantization else dtype
+        log.info("engine loaded %s (%s on %s) from %s", model_id, how, device, path)
         return cls(lm, tokenizer, model_id=model_id, max_batch_size=max_batch_size)
 
     def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
