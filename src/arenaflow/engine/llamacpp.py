@@ -204,6 +204,20 @@ class LlamaCppEngine(Engine):
             "serve adapters with engine.backend=hf"
         )
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> torch.Tensor:
+        """The full next-token distribution after `prompt_ids`, prefilled into a free KV stream
+        that is cleared again."""
+        with self.lock:
+            if not self.free_streams:
+                raise ValueError(f"all {self.max_batch_size} KV streams are busy")
+            seq = self.free_streams.pop()
+            try:
+                logits = self.runtime.prefill(prompt_ids, seq)
+            finally:
+                self.runtime.drop_seq(seq)
+                self.free_streams.append(seq)
+        return torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)
+
     def new_batch(self) -> LlamaCppBatch:
         return LlamaCppBatch(self)
 

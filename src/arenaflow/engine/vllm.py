@@ -61,6 +61,12 @@ class VllmEngine(Engine):
     def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
         raise ValueError("the vllm backend serves no adapters here; use engine.backend=hf")
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> Any:
+        raise NotImplementedError(
+            "vLLM returns the top-k alternatives only, not the whole next-token distribution; "
+            "the judge keeps the verdicts the top-20 logprobs of its replies give"
+        )
+
     def new_batch(self) -> Any:
         raise ValueError(
             "the vllm backend generates whole batches only; serve with `vllm serve` as an engine "

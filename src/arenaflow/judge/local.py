@@ -162,8 +162,6 @@ class LocalBackend(JudgeBackend):
     def _logprobs_one(
         self, request: ChatRequest, judgment: str, output_format: str, gate: CallGate
     ) -> Recovery:
-        import torch
-
         prefix = VERDICT_PREFIX[output_format]
         candidates = self._candidate_ids(output_format)
         head = self.engine.render_chat(request.messages())
@@ -176,13 +174,13 @@ class LocalBackend(JudgeBackend):
         refused = gate.reserve(len(ids) + 1)
         if refused is not None:
             return Recovery(None, attempts=0, error=f"budget: {refused}")
+        used = len(ids) + 1
         try:
-            device = next(self.engine.model.parameters()).device
-            with self.engine.lock, torch.no_grad():
-                ids_t = torch.tensor([ids], device=device)
-                logits = self.engine.model(ids_t, logits_to_keep=1).logits[0, -1]
+            logprobs = self.engine.next_token_logprobs(ids)
+        except NotImplementedError as e:  # a backend without the full distribution (vLLM)
+            used = 0
+            return Recovery(None, attempts=0, error=str(e))
         finally:
-            gate.settle(len(ids) + 1, len(ids) + 1)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+            gate.settle(len(ids) + 1, used)
         top = {tok: float(logprobs[i]) for tok, i in candidates.items()}
         return Recovery(top, prompt_tokens=len(ids), completion_tokens=1)
