@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def test_resume_produces_only_missing_answers(make_cfg, tiny_model_dir: Path) ->
         make_cfg(_local(tiny_model_dir), "evaluate.max_new_tokens=4", "tracking=none"), "tiny"
     )
     assert (changed["generated"], changed["stale_regenerated"]) == (3, 3)
+
+    other_engine = make_cfg(  # 8-bit weights (bitsandbytes) answer differently: not reused
+        _local(tiny_model_dir),
+        "evaluate.max_new_tokens=4",
+        "tracking=none",
+        "model.quantization=q8_0",
+    )
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        requantized = answer_competitor(other_engine, "tiny")
+        assert (requantized["generated"], requantized["stale_regenerated"]) == (3, 3)
 
 
 def test_openai_compatible_competitor_against_local_server(

@@ -136,3 +136,19 @@ def test_checkpoint_identity_follows_the_content(tmp_path) -> None:
     assert checkpoint_identity(ckpt) == first
     (ckpt / "model.safetensors").write_bytes(b"\1" + b"\0" * 4095)  # same size, new weights
     assert checkpoint_identity(ckpt) != first
+
+
+def test_the_local_judges_identity_names_its_engine(make_cfg, tiny_model_dir) -> None:
+    """Verdicts from another engine or precision are other judgments: another cache key."""
+    from arenaflow.judge.backends import judge_identity
+
+    ids = {
+        judge_identity(make_cfg(*o), tiny_model_dir)["engine"]
+        for o in (
+            ["engine.backend=hf"],
+            ["engine.backend=hf", "model.quantization=q8_0"],
+            ["engine.backend=llamacpp"],
+            ["engine.backend=llamacpp", "model.quantization=q4_k_m"],
+        )
+    }
+    assert ids == {"hf:float32", "hf:float32:q8_0", "llamacpp:f16", "llamacpp:q4_k_m"}

@@ -85,6 +85,17 @@ def choose_backend(backend: str, device: str = "cpu") -> str:
     return backend
 
 
+def engine_identity(spec: EngineSpec) -> str:
+    """What runs a local model, for cache keys: the backend `spec` resolves to on its device and
+    the weights it reads. Answers and verdicts from another engine or precision are other results,
+    so they are never reused in its place."""
+    backend = choose_backend(spec.backend, spec.device)
+    if backend == "llamacpp":
+        return f"llamacpp:{spec.quantization or 'f16'}"
+    quantized = f":{spec.quantization}" if spec.quantization and backend == "hf" else ""
+    return f"{backend}:{spec.dtype}{quantized}"
+
+
 def load_engine(
     ref: str | Path,
     spec: EngineSpec | None = None,

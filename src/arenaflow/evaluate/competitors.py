@@ -126,10 +126,12 @@ class LocalCompetitor(Backend):
     """The arenaflow engine over a checkpoint folder or MLflow URI (`EngineClient`), loaded on first use."""
 
     def __init__(self, ref: str, *, tracking_uri: str | None, **engine: Any) -> None:
+        from arenaflow.engine.backends import EngineSpec, engine_identity
         from arenaflow.models import model_identity
 
         self.client = EngineClient(ref, tracking_uri=tracking_uri, **engine)
-        self.fingerprint = model_identity(ref, tracking_uri)
+        spec = engine.get("spec") or EngineSpec()
+        self.fingerprint = f"{model_identity(ref, tracking_uri)}|{engine_identity(spec)}"
 
     def prepare(self) -> None:
         _ = self.client.engine

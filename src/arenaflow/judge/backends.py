@@ -324,16 +324,20 @@ def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None
 
 def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
     """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
-    judge, the registry version an alias names now, or the checkpoint folder's content hash. A
-    moved alias, a new base_url or a replaced checkpoint never reuses old verdicts."""
+    judge, the registry version an alias names now, or the checkpoint folder's content hash, and
+    the engine that runs it. A moved alias, a new base_url, a replaced checkpoint or another engine
+    or precision never reuses old verdicts."""
     from arenaflow.models import model_identity
 
     j = cfg.judge
     if j.backend != "local":
         return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
+    from arenaflow.engine.backends import EngineSpec, engine_identity
+
     ref = resolve_judge_checkpoint(cfg, base_model_path)
     tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
-    return {"checkpoint": model_identity(ref, tracking_uri)}
+    engine = engine_identity(EngineSpec.from_cfg(cfg))
+    return {"checkpoint": model_identity(ref, tracking_uri), "engine": engine}
 
 
 def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) -> JudgeBackend:
