@@ -71,6 +71,10 @@ class GgufRuntime:
         cp.n_batch = cp.n_ubatch = max(self.n_batch, n_seq_max)
         cp.n_seq_max = n_seq_max
         cp.kv_unified = False
+        # Flash attention off: over separate KV streams its CPU kernel slows decoding as the
+        # context grows (SmolLM2-135M f16, 8 rows at 1000 tokens: 137 ms a step on, 67 ms off;
+        # 16 rows at 500: 143 vs 80 ms), for 17-23% faster prefill and ~2 ms a step on short ones.
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.n_threads = cp.n_threads_batch = threads
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
