@@ -98,6 +98,26 @@ def test_mixed_batch_rows_equal_their_solo_runs(
     assert len(llama_engine.free_streams) == llama_engine.max_batch_size  # every stream given back
 
 
+def test_rows_in_streams_out_of_order_get_their_own_logits(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    """Rows hold streams in any order once rows finish and streams are reused; the batch is sent
+    to llama.cpp sorted by stream and each row must still get its own logits back."""
+    greedy = SamplingParams(max_new_tokens=10)
+    in_order = llama_engine.generate(prompts, greedy)
+    free = llama_engine.free_streams
+    assert sorted(free) == [0, 1, 2, 3]
+    free[:] = [2, 0, 1, 3]  # rows 0, 1, 2 take streams 2, 0, 1 (not its own inverse)
+    try:
+        reversed_streams = llama_engine.generate(prompts, greedy)
+    finally:
+        free.sort()
+    assert [r.choices[0].token_ids for r in reversed_streams] == [
+        r.choices[0].token_ids for r in in_order
+    ]
+    assert len({tuple(r.choices[0].token_ids) for r in in_order}) > 1  # the rows do differ
+
+
 def test_stop_seed_n_logprobs_and_stream(llama_engine: LlamaCppEngine, prompts: list[str]) -> None:
     full = llama_engine.generate([prompts[1]], SamplingParams(max_new_tokens=16))[0].choices[0]
     assert "Paris" in full.text

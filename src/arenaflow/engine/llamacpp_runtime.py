@@ -120,10 +120,25 @@ class GgufRuntime:
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
         """One token for each row (row i: `tokens[i]` at `positions[i]` in stream `seqs[i]`);
-        the logits of every row, [rows, n_vocab], valid until the next call."""
-        self._fill(tokens, positions, seqs, outputs="all")
+        the logits of every row, [rows, n_vocab], in row order, valid until the next call.
+
+        The batch goes to llama.cpp in ascending stream order: streams out of order (as rows
+        finish and free streams are reused) made each decode step 2.3x slower (16 rows of
+        SmolLM2-135M f16: 68 vs 155 tok/s)."""
+        order = np.argsort(seqs, kind="stable")
+        self._fill(
+            [tokens[i] for i in order],
+            [positions[i] for i in order],
+            [seqs[i] for i in order],
+            outputs="all",
+        )
         self._decode()
-        return self._logits(len(tokens))
+        logits = self._logits(len(tokens))
+        if np.all(order[:-1] < order[1:]):  # already in order: llama.cpp's buffer, no copy
+            return logits
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return logits[back]
 
     def copy_seq(self, src: int, dst: int) -> None:
         """Stream `dst` becomes a copy of stream `src` (the n choices of a request share a prefill)."""
