@@ -34,12 +34,13 @@ from arenaflow.evaluate.questions import load_questions, question_source
 from arenaflow.models import resolve_model
 
 CONCURRENCY = (1, 16)
-# an answer string the model fills until max_tokens, so both modes generate about as many tokens
+# an answer string the model must fill until max_tokens (it cannot close it earlier), so both modes
+# generate as many tokens and a step costs the same rows in each
 ANSWER_SCHEMA = {
     "type": "object",
     "properties": {
         "confidence": {"type": "integer", "minimum": 1, "maximum": 10},
-        "answer": {"type": "string"},
+        "answer": {"type": "string", "minLength": 1000},  # longer than max_tokens can write
     },
     "required": ["confidence", "answer"],
     "additionalProperties": False,
