@@ -162,18 +162,12 @@ def _build_chunk_models() -> None:
     """Build the openai client's streamed-chunk models before the first prompt: pydantic builds
     them on first use, and a Ctrl-C landing inside that build comes out as pydantic's
     SchemaError instead of KeyboardInterrupt, which would end the chat instead of the answer."""
-    from openai._models import construct_type
-    from openai.types.chat import ChatCompletionChunk
+    import pydantic
+    from openai.types.chat import chat_completion_chunk
 
-    delta = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    chunk = {
-        "id": "",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "",
-        "choices": [delta],
-    }
-    construct_type(type_=ChatCompletionChunk, value=chunk)
+    for model in vars(chat_completion_chunk).values():  # the chunk, its choices, deltas, usage
+        if isinstance(model, type) and issubclass(model, pydantic.BaseModel):
+            model.model_rebuild()  # builds only what is not built yet
 
 
 def backend_from_cfg(cfg: DictConfig) -> ChatBackend:
