@@ -59,3 +59,17 @@ def smollm_dir(model_cache: Path) -> Path:
 
     cfg = compose_config(["model=smollm2_135m", f"paths.cache_dir={model_cache}"])
     return resolve_model(cfg.model, cfg.paths.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> dict[str, Path]:
+    """Two LoRA adapter checkpoints over the tiny Llama (read-only: copy one to change it)."""
+    from tests.adapter_checkpoints import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "lora-a": make_adapter(tiny_model_dir, root / "lora-a", seed=1),
+        "lora-b": make_adapter(tiny_model_dir, root / "lora-b", seed=2),
+    }

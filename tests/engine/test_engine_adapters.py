@@ -11,46 +11,23 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from arenaflow.adapters import ADAPTER_META, is_adapter, read_adapter
 from arenaflow.chat.backends import LocalChat
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.engine.adapters import load_shared
-from arenaflow.models import load_model, load_tokenizer, local_checkpoint, model_identity
+from arenaflow.models import load_model, local_checkpoint, model_identity
 from arenaflow.tracking import tracker_from_cfg
+from tests.adapter_checkpoints import make_adapter
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(max_new_tokens=8)
 
 
-def make_adapter(base: Path, out: Path, seed: int, base_ref: str | None = None) -> Path:
-    """A LoRA adapter checkpoint as training saves it: peft's files, the tokenizer, arenaflow_adapter.json."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    model = get_peft_model(load_model(base), config)
-    model.save_pretrained(out)
-    load_tokenizer(base).save_pretrained(out)
-    ref = base_ref or str(base)
-    meta = {"base": ref, "base_digest": model_identity(str(base), None) if not base_ref else None}
-    (out / ADAPTER_META).write_text(json.dumps(meta))
-    return out
-
-
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        "lora-a": make_adapter(tiny_model_dir, root / "lora-a", seed=1),
-        "lora-b": make_adapter(tiny_model_dir, root / "lora-b", seed=2),
-    }
-
-
-@pytest.fixture(scope="module")
-def shared(tiny_model_dir: Path, adapters: dict[str, Path]) -> tuple[Engine, dict[str, Engine]]:
-    return load_shared(tiny_model_dir, adapters)
+def shared(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> tuple[Engine, dict[str, Engine]]:
+    return load_shared(tiny_model_dir, tiny_adapters)
 
 
 def greedy_ids(engine: Engine, question: str) -> list[int]:
@@ -59,24 +36,24 @@ def greedy_ids(engine: Engine, question: str) -> list[int]:
 
 
 def test_engine_loads_an_adapter_folder_as_the_merged_model(
-    tiny_model_dir: Path, adapters: dict[str, Path], tiny_engine: Engine
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tiny_engine: Engine
 ) -> None:
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(load_model(tiny_model_dir), str(adapters["lora-a"]))
+    merged = PeftModel.from_pretrained(load_model(tiny_model_dir), str(tiny_adapters["lora-a"]))
     expected = Engine(merged.merge_and_unload(), tiny_engine.tokenizer, model_id="merged")
-    engine = Engine.load(adapters["lora-a"])
-    assert read_adapter(adapters["lora-a"]).base == str(tiny_model_dir)
+    engine = Engine.load(tiny_adapters["lora-a"])
+    assert read_adapter(tiny_adapters["lora-a"]).base == str(tiny_model_dir)
     assert greedy_ids(engine, "Name a colour.") == greedy_ids(expected, "Name a colour.")
     assert greedy_ids(engine, "Name a colour.") != greedy_ids(tiny_engine, "Name a colour.")
 
 
 def test_two_adapters_on_one_base_answer_with_their_own_weights(
-    shared: tuple[Engine, dict[str, Engine]], adapters: dict[str, Path], tiny_engine: Engine
+    shared: tuple[Engine, dict[str, Engine]], tiny_adapters: dict[str, Path], tiny_engine: Engine
 ) -> None:
     base, views = shared
     q = "What is the capital of France?"
-    alone = {name: greedy_ids(Engine.load(path), q) for name, path in adapters.items()}
+    alone = {name: greedy_ids(Engine.load(path), q) for name, path in tiny_adapters.items()}
     assert {name: greedy_ids(v, q) for name, v in views.items()} == alone
     assert alone["lora-a"] != alone["lora-b"]
     assert greedy_ids(base, q) == greedy_ids(tiny_engine, q)  # the base rows see no adapter
@@ -112,14 +89,14 @@ def test_a_mixed_batch_gives_every_row_its_own_adapter(
 
 
 def test_an_adapter_over_a_changed_base_is_refused(
-    tmp_path: Path, adapters: dict[str, Path]
+    tmp_path: Path, tiny_adapters: dict[str, Path]
 ) -> None:
-    moved = shutil.copytree(adapters["lora-a"], tmp_path / "lora-a")
+    moved = shutil.copytree(tiny_adapters["lora-a"], tmp_path / "lora-a")
     meta = json.loads((moved / ADAPTER_META).read_text())
     (moved / ADAPTER_META).write_text(json.dumps({**meta, "base_digest": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="was trained on .* identity 0123456789abcdef"):
         Engine.load(moved)
-    (moved / ADAPTER_META).write_text(json.dumps({"base": str(adapters["lora-b"])}))
+    (moved / ADAPTER_META).write_text(json.dumps({"base": str(tiny_adapters["lora-b"])}))
     with pytest.raises(ValueError, match="not a full checkpoint folder"):
         Engine.load(moved)  # an adapter over an adapter
     (moved / ADAPTER_META).unlink()  # a plain peft folder: the base peft recorded
@@ -130,7 +107,7 @@ def test_an_adapter_over_a_changed_base_is_refused(
 
 
 def test_a_registered_adapter_over_a_registered_base_loads(
-    make_cfg, tmp_path: Path, tiny_model_dir: Path, adapters: dict[str, Path]
+    make_cfg, tmp_path: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
 ) -> None:
     """The registry holds the base and the adapter (tags adapter=true, base_model=<base URI>)."""
     cfg = make_cfg()
@@ -146,7 +123,7 @@ def test_a_registered_adapter_over_a_registered_base_loads(
     path, info = local_checkpoint(uri, cfg)
     assert is_adapter(path) and info.tags["base_model"] == base_uri
     engine = Engine.load(uri, tracking_uri=cfg.tracking.tracking_uri)
-    expected = Engine.load(adapters["lora-a"])
+    expected = Engine.load(tiny_adapters["lora-a"])
     assert greedy_ids(engine, "Hi") == greedy_ids(expected, "Hi")
     cfg.chat.model_uri = uri  # the terminal chat: its base is downloaded through the registry too
     messages = [{"role": "user", "content": "Hi"}]

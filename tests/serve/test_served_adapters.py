@@ -19,20 +19,11 @@ from arenaflow.adapters import ADAPTER_META
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.serve import ServeConfigError, create_app, preflight
 from arenaflow.serve.adapters import AdapterScheduler
-from tests.engine.test_engine_adapters import make_adapter
+from tests.adapter_checkpoints import make_adapter
 from tests.serve.conftest import LiveServer, live_server
 
 NAMES = ["tiny-base", "lora-a", "lora-b"]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("served-adapters")
-    return {
-        "lora-a": make_adapter(tiny_model_dir, root / "lora-a", seed=1),
-        "lora-b": make_adapter(tiny_model_dir, root / "lora-b", seed=2),
-    }
 
 
 def models_override(tiny_model_dir: Path, adapters: dict[str, Path]) -> str:
@@ -42,8 +33,8 @@ def models_override(tiny_model_dir: Path, adapters: dict[str, Path]) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(serve_cfg_factory, tiny_model_dir, adapter_dirs) -> Iterator[tuple[LiveServer, object]]:
-    cfg = serve_cfg_factory(models_override(tiny_model_dir, adapter_dirs))
+def served(serve_cfg_factory, tiny_model_dir, tiny_adapters) -> Iterator[tuple[LiveServer, object]]:
+    cfg = serve_cfg_factory(models_override(tiny_model_dir, tiny_adapters))
     app = create_app(cfg)
     with live_server(app, cfg) as srv:
         yield srv, app
@@ -65,12 +56,12 @@ def alone(path: Path, content: str) -> str:
     return engine.generate([prompt], params)[0].choices[0].text
 
 
-def test_models_lists_every_adapter_with_its_base(served, adapter_dirs, tiny_model_dir) -> None:
+def test_models_lists_every_adapter_with_its_base(served, tiny_adapters, tiny_model_dir) -> None:
     srv, app = served
     listed = httpx.get(f"{srv.v1}/models", timeout=30).json()["data"]
     assert [m["id"] for m in listed] == NAMES
     card = httpx.get(f"{srv.v1}/models/lora-b", timeout=30).json()
-    assert card["lineage"]["checkpoint"] == str(adapter_dirs["lora-b"])
+    assert card["lineage"]["checkpoint"] == str(tiny_adapters["lora-b"])
     assert card["lineage"]["base_model"] == str(tiny_model_dir)
     slots = app.state.serve.models
     # one copy of the base: the three names decode on one model object, in one scheduler
@@ -84,7 +75,7 @@ def test_models_lists_every_adapter_with_its_base(served, adapter_dirs, tiny_mod
 
 
 def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
-    served, adapter_dirs, tiny_model_dir
+    served, tiny_adapters, tiny_model_dir
 ) -> None:
     srv, app = served
     question = "Write a short poem about the sea."
@@ -92,7 +83,7 @@ def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
     steps_before = shared.stats()["steps"]
     with ThreadPoolExecutor(max_workers=len(NAMES)) as pool:
         replies = dict(zip(NAMES, pool.map(lambda n: chat(srv, n, question), NAMES), strict=True))
-    paths = {"tiny-base": tiny_model_dir, **adapter_dirs}
+    paths = {"tiny-base": tiny_model_dir, **tiny_adapters}
     answers = {n: r["choices"][0]["message"]["content"] for n, r in replies.items()}
     assert answers == {n: alone(paths[n], question) for n in NAMES}
     assert answers["lora-a"] != answers["lora-b"] != answers["tiny-base"]
@@ -101,7 +92,7 @@ def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
     assert shared.stats()["steps"] - steps_before < tokens
 
 
-def test_the_memory_plan_counts_the_shared_base_once(served, adapter_dirs) -> None:
+def test_the_memory_plan_counts_the_shared_base_once(served, tiny_adapters) -> None:
     srv, app = served
     plan = app.state.serve.memory
     by_name = {m.name: m for m in plan.models}
@@ -119,9 +110,9 @@ def slots_params(app) -> list:
 
 
 def test_an_adapter_over_another_base_is_refused_before_loading(
-    serve_cfg_factory, tmp_path: Path, adapter_dirs, tiny_model_dir
+    serve_cfg_factory, tmp_path: Path, tiny_adapters, tiny_model_dir
 ) -> None:
-    moved = shutil.copytree(adapter_dirs["lora-a"], tmp_path / "lora-a")
+    moved = shutil.copytree(tiny_adapters["lora-a"], tmp_path / "lora-a")
     meta = json.loads((moved / ADAPTER_META).read_text())
     (moved / ADAPTER_META).write_text(json.dumps({**meta, "base_digest": "0123456789abcdef"}))
     cfg = serve_cfg_factory(models_override(tiny_model_dir, {"lora-a": moved}))
@@ -146,7 +137,7 @@ def test_a_streamed_adapter_answer_equals_its_plain_answer(served) -> None:
 
 
 def test_a_registered_adapter_is_served_over_its_registered_base(
-    serve_cfg_factory, tmp_path: Path, tiny_model_dir: Path, adapter_dirs
+    serve_cfg_factory, tmp_path: Path, tiny_model_dir: Path, tiny_adapters
 ) -> None:
     """A registry version tagged adapter=true whose base is a registry version: both resolve (the
     base downloaded once into the cache), the card carries the lineage, the plan one base."""
