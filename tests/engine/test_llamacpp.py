@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("llama_cpp")
 
@@ -95,7 +96,7 @@ def test_mixed_batch_rows_equal_their_solo_runs(
     mixed = llama_engine.generate(prompts, plist)
     for a, b in zip(solo, mixed, strict=True):
         assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
-    assert len(llama_engine.free_streams) == llama_engine.max_batch_size  # every stream given back
+    assert len(llama_engine.streams.free) == llama_engine.max_batch_size  # every stream given back
 
 
 def test_rows_in_streams_out_of_order_get_their_own_logits(
@@ -105,17 +106,91 @@ def test_rows_in_streams_out_of_order_get_their_own_logits(
     to llama.cpp sorted by stream and each row must still get its own logits back."""
     greedy = SamplingParams(max_new_tokens=10)
     in_order = llama_engine.generate(prompts, greedy)
-    free = llama_engine.free_streams
-    assert sorted(free) == [0, 1, 2, 3]
-    free[:] = [2, 0, 1, 3]  # rows 0, 1, 2 take streams 2, 0, 1 (not its own inverse)
+    pool = llama_engine.streams
+    assert sorted(pool.free) == [0, 1, 2, 3]
+    pool.cached.clear()  # no stream holds a prompt's prefix: they are taken in list order
+    pool.free[:] = [2, 0, 1, 3]  # rows 0, 1, 2 take streams 2, 0, 1 (not its own inverse)
     try:
         reversed_streams = llama_engine.generate(prompts, greedy)
     finally:
-        free.sort()
+        pool.free.sort()
     assert [r.choices[0].token_ids for r in reversed_streams] == [
         r.choices[0].token_ids for r in in_order
     ]
     assert len({tuple(r.choices[0].token_ids) for r in in_order}) > 1  # the rows do differ
+
+
+def test_prompt_extending_a_finished_row_prefills_only_its_new_tokens(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    """A finished row's stream keeps its prompt and reply cached: the next prompt that extends them
+    (a verdict after the judge's reply, turn 2 after turn 1) is prefilled from where they differ,
+    and decodes the tokens a cold prefill gives."""
+    pool = llama_engine.streams
+    greedy = SamplingParams(max_new_tokens=12)
+    reply = llama_engine.generate([prompts[2]], greedy)[0].choices[0]
+    turn2 = llama_engine.render_chat(
+        [
+            {"role": "user", "content": QUESTIONS[2]},
+            {"role": "assistant", "content": reply.text},
+            {"role": "user", "content": "Now make it rhyme."},
+        ]
+    )
+    ids = llama_engine.encode(turn2)
+    held = _shared(llama_engine.encode(prompts[2]) + reply.token_ids, ids)
+    assert held > len(llama_engine.encode(prompts[2]))  # turn 2 repeats turn 1's reply
+    before = pool.reused_tokens
+    warm = llama_engine.generate([turn2], greedy)[0].choices[0].token_ids
+    assert pool.reused_tokens - before >= held - 1  # the reply's last token may not be in the KV
+    warm_logprobs = llama_engine.next_token_logprobs(ids + warm)
+
+    def cold_prompt_logprobs(prompt_ids: list[int]) -> torch.Tensor:
+        pool.cached.clear()
+        return llama_engine.next_token_logprobs(prompt_ids)
+
+    assert pool.reused_tokens - before >= held - 1 + len(ids)  # the verdict-style read reuses too
+
+    pool.cached.clear()  # cold: every stream is prefilled from position 0
+    before = pool.reused_tokens
+    cold = llama_engine.generate([turn2], greedy)[0].choices[0].token_ids
+    cold_logprobs = cold_prompt_logprobs(ids + cold)
+    assert pool.reused_tokens == before
+    assert warm == cold
+    # a reply's KV was written a token a step (llama.cpp's vector kernels), a cold prefill's in one
+    # batch (its matrix kernels), which round this Q4_1 file's activations differently: the same
+    # top tokens, log-probabilities 0.1 apart on average (on an f16 file: 0.014 at most)
+    assert torch.equal(warm_logprobs.topk(5).indices, cold_logprobs.topk(5).indices)
+    assert (warm_logprobs - cold_logprobs).abs().mean() < 0.25
+
+    # a prefix cached by a prefill continues exactly as one prefill of the whole prompt
+    pool.cached.clear()
+    llama_engine.next_token_logprobs(ids[:20])
+    before = pool.reused_tokens
+    assert torch.equal(llama_engine.next_token_logprobs(ids), cold_prompt_logprobs(ids))
+    assert pool.reused_tokens - before == 20  # all of ids[:20] was in the KV
+    assert len(pool.free) == llama_engine.max_batch_size
+
+
+def test_copies_of_a_cached_prefix_sample_from_the_same_prefill(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    """n choices over a prompt whose prefix is cached: the copies overwrite whatever other streams
+    held, so a seeded request gives the same choices warm and cold."""
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, n=3)
+    for p in prompts:  # every stream now caches some other prompt
+        llama_engine.generate([p], SamplingParams(max_new_tokens=4))
+    warm = llama_engine.generate([prompts[1]], sampled)[0]
+    llama_engine.streams.cached.clear()
+    cold = llama_engine.generate([prompts[1]], sampled)[0]
+    assert [c.token_ids for c in warm.choices] == [c.token_ids for c in cold.choices]
+    assert len({tuple(c.token_ids) for c in warm.choices}) > 1
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def test_stop_seed_n_logprobs_and_stream(llama_engine: LlamaCppEngine, prompts: list[str]) -> None:
@@ -155,7 +230,7 @@ def test_request_that_cannot_get_rows_fails_alone(
             batch.step()
     assert ok.error is None and len(ok.build_result().choices) == 3
     assert "free" in str(too_many.error.__cause__)
-    assert len(llama_engine.free_streams) == llama_engine.max_batch_size
+    assert len(llama_engine.streams.free) == llama_engine.max_batch_size
     with pytest.raises(ValueError, match="adapters"):
         llama_engine.with_adapter("a", llama_engine.tokenizer, model_id="a")
 

@@ -24,6 +24,56 @@ from arenaflow.engine.llamacpp_runtime import GgufRuntime
 log = logging.getLogger(__name__)
 
 
+class StreamPool:
+    """The context's KV streams that no row holds, oldest release first.
+
+    A stream given back keeps its KV and the tokens it holds (a finished row's prompt and reply),
+    and a prompt that starts with them is prefilled only from where they differ: the local judge's
+    verdict read after its own reply, MT-bench's turn 2 after turn 1, a chat's next message
+    (llama.cpp's server does this with `cache_prompt`, vLLM with prefix caching). On the demo's
+    judging it halves what is prefilled, since nearly every verdict is read that way."""
+
+    def __init__(self, n: int) -> None:
+        self.free = list(range(n))
+        self.cached: dict[int, list[int]] = {}  # stream -> the tokens its KV holds, from position 0
+        self.reused_tokens = 0  # prompt tokens not prefilled again, since the start
+
+    def take(self, prompt_ids: list[int], n: int = 1) -> tuple[list[int], int]:
+        """`n` free streams for a prompt, and how many of its tokens the first already holds.
+
+        The first is the stream whose cached tokens share the longest prefix with the prompt (the
+        oldest release on a tie, so recent replies stay cached longest); it is reused up to all
+        but the prompt's last token, whose logits are needed. The others become its copies."""
+        if n > len(self.free):
+            raise ValueError(f"{n} streams asked for, {len(self.free)} free")
+        first, shared = self.free[0], 0
+        for s in self.free:
+            k = _shared_prefix(self.cached.get(s, ()), prompt_ids)
+            if k > shared:
+                first, shared = s, k
+        taken = [first] + [s for s in self.free if s != first][: n - 1]
+        self.free = [s for s in self.free if s not in taken]
+        for s in taken:
+            self.cached.pop(s, None)
+        shared = min(shared, len(prompt_ids) - 1)
+        self.reused_tokens += shared
+        return taken, shared
+
+    def give_back(self, seq: int, cached: list[int] | None = None) -> None:
+        """Free `seq`; `cached`: the tokens its KV holds (None: it holds nothing to reuse)."""
+        self.free.append(seq)
+        if cached:
+            self.cached[seq] = cached
+
+
+def _shared_prefix(a: Any, b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class LlamaCppBatch(RunningBatch):
     """Rows decoded together by llama.cpp; row i lives in KV stream `self.seqs[i]`."""
 
@@ -42,7 +92,7 @@ class LlamaCppBatch(RunningBatch):
         self.tokens_generated = 0
         self.peft = False
         self.seqs: list[int] = []  # KV stream of each row
-        self.free = engine.free_streams  # the engine's streams no row of any batch holds
+        self.pool = engine.streams  # the engine's streams no row of any batch holds
 
     def admit(self, requests: list[Request]) -> list[Request]:
         """Prefill each prompt into a free stream (its n choices get copies of it) and sample
@@ -50,8 +100,8 @@ class LlamaCppBatch(RunningBatch):
         ok, lasts, streams = [], [], []
         for r in requests:
             try:
-                taken = self._take(r)
-                lasts.append(torch.from_numpy(self._prefill_into(r.prompt_ids, taken)))
+                taken, cached = self._take(r)
+                lasts.append(torch.from_numpy(self._prefill_into(r.prompt_ids, taken, cached)))
                 ok.append(r)
                 streams.extend(taken)
             except Exception as e:  # no free stream, no KV slot: this request fails alone
@@ -70,27 +120,25 @@ class LlamaCppBatch(RunningBatch):
         self.next_tokens = torch.cat([self.next_tokens, self._sample(logits, seqs)])
         return failed + self._finish_rows()
 
-    def _take(self, r: Request) -> list[int]:
+    def _take(self, r: Request) -> tuple[list[int], int]:
         if r.adapter is not None:
             raise ValueError("the llama.cpp backend serves no LoRA adapters; use engine.backend=hf")
-        if r.params.n > len(self.free):
+        if r.params.n > len(self.pool.free):
             raise ValueError(
-                f"n={r.params.n} needs more rows than the {len(self.free)} free of "
+                f"n={r.params.n} needs more rows than the {len(self.pool.free)} free of "
                 f"{self.max_batch_size} (serve.max_batch_size)"
             )
-        taken = self.free[: r.params.n]
-        del self.free[: r.params.n]
-        return taken
+        return self.pool.take(r.prompt_ids, r.params.n)
 
-    def _prefill_into(self, prompt_ids: list[int], streams: list[int]) -> Any:
+    def _prefill_into(self, prompt_ids: list[int], streams: list[int], cached: int) -> Any:
         try:
-            last = self.runtime.prefill(prompt_ids, streams[0])
+            last = self.runtime.prefill(prompt_ids, streams[0], start=cached)
             for s in streams[1:]:
                 self.runtime.copy_seq(streams[0], s)
         except BaseException:
             for s in streams:
                 self.runtime.drop_seq(s)
-            self.free.extend(streams)
+                self.pool.give_back(s)
             raise
         return last
 
@@ -109,10 +157,15 @@ class LlamaCppBatch(RunningBatch):
 
     def _keep_rows(self, keep: list[int]) -> None:
         kept = set(keep)
-        for i, s in enumerate(self.seqs):
-            if i not in kept:
+        for i, (s, row) in enumerate(zip(self.seqs, self.rows, strict=True)):
+            if i in kept:
+                continue
+            if row.request.error is not None:  # its KV is not trusted: nothing stays cached
                 self.runtime.drop_seq(s)
-                self.free.append(s)
+                self.pool.give_back(s)
+                continue
+            prompt = row.request.prompt_ids  # the KV holds the prompt and every token fed back
+            self.pool.give_back(s, prompt + row.token_ids[: int(self.positions[i]) - len(prompt)])
         idx = torch.tensor(keep, dtype=torch.long)
         self.rows = [self.rows[i] for i in keep]
         self.seqs = [self.seqs[i] for i in keep]
@@ -122,7 +175,7 @@ class LlamaCppBatch(RunningBatch):
     def cancel_all(self, error: BaseException) -> list[Request]:
         for s in self.seqs:
             self.runtime.drop_seq(s)
-        self.free.extend(self.seqs)
+            self.pool.give_back(s)
         self.seqs = []
         return super().cancel_all(error)
 
@@ -161,7 +214,7 @@ class LlamaCppEngine(Engine):
         self.eos_ids = eos_ids or _gguf_eos_ids(tokenizer, self.runtime)
         self.constraints = ConstraintCompiler(tokenizer, self.eos_ids, self.runtime.n_vocab)
         self.lock = threading.RLock()  # llama.cpp's context: one decode at a time
-        self.free_streams = list(range(max_batch_size))
+        self.streams = StreamPool(max_batch_size)
 
     @classmethod
     def load(  # type: ignore[override]
@@ -208,14 +261,16 @@ class LlamaCppEngine(Engine):
         """The full next-token distribution after `prompt_ids`, prefilled into a free KV stream
         that is cleared again."""
         with self.lock:
-            if not self.free_streams:
+            if not self.streams.free:
                 raise ValueError(f"all {self.max_batch_size} KV streams are busy")
-            seq = self.free_streams.pop()
+            [seq], cached = self.streams.take(prompt_ids)
             try:
-                logits = self.runtime.prefill(prompt_ids, seq)
-            finally:
+                logits = self.runtime.prefill(prompt_ids, seq, start=cached)
+            except BaseException:
                 self.runtime.drop_seq(seq)
-                self.free_streams.append(seq)
+                self.streams.give_back(seq)
+                raise
+            self.streams.give_back(seq, list(prompt_ids))
         return torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)
 
     def new_batch(self) -> LlamaCppBatch:

@@ -108,12 +108,16 @@ class GgufRuntime:
         return {i for i in ids if 0 <= i < self.n_vocab}
 
     # -- decoding ------------------------------------------------------------------------------
-    def prefill(self, prompt_ids: list[int], seq: int) -> np.ndarray:
-        """Cache a prompt in stream `seq`; the logits after its last token (a copy)."""
-        for start in range(0, len(prompt_ids), self.n_batch):
-            chunk = prompt_ids[start : start + self.n_batch]
-            last = start + len(chunk) == len(prompt_ids)
-            positions = range(start, start + len(chunk))
+    def prefill(self, prompt_ids: list[int], seq: int, start: int = 0) -> np.ndarray:
+        """Cache a prompt in stream `seq`, whose KV already holds its first `start` tokens (the
+        rest of the stream is cleared); the logits after its last token (a copy)."""
+        if not 0 <= start < len(prompt_ids):
+            raise ValueError(f"prefill from {start} of a {len(prompt_ids)}-token prompt")
+        self.lc.llama_memory_seq_rm(self.memory, seq, start, -1)
+        for begin in range(start, len(prompt_ids), self.n_batch):
+            chunk = prompt_ids[begin : begin + self.n_batch]
+            last = begin + len(chunk) == len(prompt_ids)
+            positions = range(begin, begin + len(chunk))
             self._fill(chunk, positions, [seq] * len(chunk), outputs="last" if last else "none")
             self._decode()
         return self._logits(1).copy()[0]
@@ -142,6 +146,7 @@ class GgufRuntime:
 
     def copy_seq(self, src: int, dst: int) -> None:
         """Stream `dst` becomes a copy of stream `src` (the n choices of a request share a prefill)."""
+        self.drop_seq(dst)
         self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def drop_seq(self, seq: int) -> None:
