@@ -111,7 +111,7 @@ def plan_served_memory(
             paths[name] = sm.base or sm.path
         elif groups[grouped[name]][0] == name:
             paths[name] = grouped[name]
-    plan = plan_memory(cfg, paths, set(preloaded))
+    plan = plan_memory(cfg, paths, set(preloaded), on_hf=set(grouped))  # groups run on hf
     dtype, _ = serving_dtype(cfg)
     by_name = {m.name: m for m in plan.models}
     for name, sm in served.items():

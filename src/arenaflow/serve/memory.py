@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from arenaflow.adapters import is_adapter
 from arenaflow.serve.errors import ServeConfigError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,65 @@ def estimate_model_memory(
     )
 
 
+# Bytes per weight in the GGUF formats llama.cpp loads: q8_0 blocks are 34 bytes per 32 weights;
+# q4_k_m is llama.cpp's mix of q4_K with q6_K for some tensors, about 4.9 bits a weight on
+# Llama-shaped models. K-quants need rows a multiple of 256 wide; other rows fall back to q5_0 /
+# q8_0 blocks, counted at q8_0's size (SmolLM2-135M's 576-wide rows are such).
+GGUF_WEIGHT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_k_m": 4.9 / 8}
+K_QUANT_ROW = 256
+LLAMACPP_KV_BYTES = 2  # llama.cpp's KV cache is f16 unless told otherwise
+
+
+def estimate_llamacpp_memory(
+    name: str,
+    path: str | Path,
+    *,
+    quantization: str | None,
+    n_ctx: int | None,
+    max_batch_size: int,
+    gguf: Path | None = None,
+) -> ModelMemory:
+    """Bytes to serve the checkpoint at `path` on llama.cpp, from its files alone.
+
+    weights  = the size of `gguf` (engine.llamacpp.gguf) when given, else parameters x
+               GGUF_WEIGHT_BYTES[format] (the export model.quantization picks)
+    KV cache = 2 x layers x kv_heads x head_dim x n_ctx x max_batch_size x 2 (f16), where n_ctx is
+    engine.llamacpp.n_ctx capped at the trained context: llama.cpp allocates every row's stream up
+    front, so the whole cache counts even while its pages are untouched. The logits buffer (512 x
+    vocabulary floats) and compute buffers are what serve.memory_headroom leaves room for."""
+    from arenaflow.export import gguf_format
+
+    fmt = gguf.name if gguf else gguf_format(quantization)
+    base = estimate_model_memory(name, path, dtype="float32", max_batch_size=max_batch_size)
+    if gguf:
+        weights = gguf.stat().st_size
+    else:
+        shapes = _tensor_shapes(Path(path))
+        weights = sum(_gguf_tensor_bytes(s, fmt) for s in shapes) if shapes else (
+            base.weights_bytes // 4 * GGUF_WEIGHT_BYTES[fmt]
+        )
+    context = min(base.context_length, n_ctx) if n_ctx else base.context_length
+    per_token = base.kv_cache_bytes // (base.context_length * max_batch_size * 4)
+    return ModelMemory(
+        name=name,
+        weights_bytes=int(weights),
+        kv_cache_bytes=per_token * context * max_batch_size * LLAMACPP_KV_BYTES,
+        dtype=f"llama.cpp {fmt}",
+        context_length=context,
+        max_batch_size=max_batch_size,
+    )
+
+
+def _gguf_tensor_bytes(shape: list[int], fmt: str) -> float:
+    """A tensor's bytes in a GGUF of format `fmt`: 1-D tensors (norms, biases) stay f32."""
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return 4 * n
+    if fmt == "q4_k_m" and shape[-1] % K_QUANT_ROW:
+        return n * GGUF_WEIGHT_BYTES["q8_0"]
+    return n * GGUF_WEIGHT_BYTES[fmt]
+
+
 def count_parameters(path: Path, config: dict[str, Any]) -> int:
     """Parameters stored in a checkpoint folder, without loading a tensor."""
     shards = sorted(path.glob("*.safetensors"))
@@ -184,10 +244,24 @@ def count_parameters(path: Path, config: dict[str, Any]) -> int:
     )
 
 
-def _safetensors_numel(file: Path) -> int:
+def _safetensors_header(file: Path) -> dict[str, Any]:
     with file.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        return json.loads(f.read(header_len))
+
+
+def _tensor_shapes(path: Path) -> list[list[int]]:
+    """The shapes of a checkpoint's safetensors tensors (none for pytorch .bin weights)."""
+    return [
+        info["shape"]
+        for f in sorted(path.glob("*.safetensors"))
+        for key, info in _safetensors_header(f).items()
+        if key != "__metadata__"
+    ]
+
+
+def _safetensors_numel(file: Path) -> int:
+    header = _safetensors_header(file)
     total = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -243,9 +317,14 @@ def available_memory(cfg: DictConfig) -> tuple[int, str]:
 
 
 def plan_memory(
-    cfg: DictConfig, paths: dict[str, Path], preloaded: set[str] | frozenset[str] = frozenset()
+    cfg: DictConfig,
+    paths: dict[str, Path],
+    preloaded: set[str] | frozenset[str] = frozenset(),
+    on_hf: set[str] | frozenset[str] = frozenset(),
 ) -> MemoryPlan:
-    """Estimate every model (name -> checkpoint folder) against the usable memory."""
+    """Estimate every model (name -> checkpoint folder) against the usable memory, each on the
+    engine it loads on: llama.cpp where engine.backend picks it (but the names `on_hf`, and
+    adapters), else the hf engine."""
     headroom = float(cfg.serve.get("memory_headroom", 0.9))
     if not 0 < headroom <= 1:
         raise ServeConfigError(
@@ -255,8 +334,12 @@ def plan_memory(
     dtype, device = serving_dtype(cfg)
     batch = int(cfg.serve.max_batch_size)
     models = []
+    llamacpp = _llamacpp_options(cfg)
     for name, path in paths.items():
-        m = estimate_model_memory(name, path, dtype=dtype, max_batch_size=batch)
+        if llamacpp is not None and name not in on_hf and not is_adapter(Path(path)):
+            m = estimate_llamacpp_memory(name, path, max_batch_size=batch, **llamacpp)
+        else:
+            m = estimate_model_memory(name, path, dtype=dtype, max_batch_size=batch)
         m.preloaded = name in preloaded
         models.append(m)
     available, source = available_memory(cfg)
@@ -266,6 +349,24 @@ def plan_memory(
             f"already loaded, not checked: {sorted(preloaded)} (the available memory excludes them)"
         )
     return plan
+
+
+def _llamacpp_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """What sizes a model on llama.cpp, when engine.backend picks it here; else None."""
+    from arenaflow.engine.backends import EngineSpec, choose_backend
+
+    spec = EngineSpec.from_cfg(cfg)
+    try:
+        if choose_backend(spec.backend, spec.device) != "llamacpp":
+            return None
+    except ValueError as e:
+        raise ServeConfigError(str(e)) from e
+    gguf = spec.llamacpp.get("gguf")
+    return {
+        "quantization": spec.quantization,
+        "n_ctx": spec.llamacpp.get("n_ctx"),
+        "gguf": Path(gguf) if gguf else None,
+    }
 
 
 def check_memory(plan: MemoryPlan) -> None:
