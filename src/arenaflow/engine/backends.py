@@ -105,8 +105,9 @@ def load_engine(
 ) -> Engine:
     """The engine of a checkpoint folder or registry URI on the backend `spec` picks.
 
-    `auto` serves an adapter folder, or a checkpoint that has no GGUF export (an architecture or
-    tokenizer the writer does not take), on `hf`, saying so; an explicit `llamacpp` raises."""
+    `auto` serves a checkpoint that has no GGUF export (an architecture or tokenizer the writer
+    does not take, an adapter llama.cpp cannot apply) on `hf`, saying so; an explicit `llamacpp`
+    raises."""
     spec = spec or EngineSpec()
     backend = choose_backend(spec.backend, spec.device)
     if backend == "llamacpp":
@@ -133,18 +134,15 @@ def load_engine(
 def _load_llamacpp(
     ref: str | Path, spec: EngineSpec, tracking_uri: str | None, max_batch_size: int
 ) -> Engine:
-    from arenaflow.adapters import is_adapter
     from arenaflow.engine.llamacpp import LlamaCppEngine
 
-    opts = dict(spec.llamacpp)
-    gguf = opts.pop("gguf", None)
-    path = resolve_checkpoint(ref, tracking_uri)
-    if gguf is None:
-        if is_adapter(path):
-            raise ValueError("an adapter checkpoint runs on the hf engine (merged or shared)")
-        gguf = gguf_for(path, spec.quantization, spec.cache_dir, tracking_uri)
     return LlamaCppEngine.load(
-        path, gguf=gguf, tracking_uri=tracking_uri, max_batch_size=max_batch_size, **opts
+        resolve_checkpoint(ref, tracking_uri),
+        tracking_uri=tracking_uri,
+        max_batch_size=max_batch_size,
+        quantization=spec.quantization,
+        cache_dir=spec.cache_dir,
+        **spec.llamacpp,
     )
 
 

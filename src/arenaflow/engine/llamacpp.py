@@ -19,7 +19,7 @@ import torch
 from arenaflow.engine.batch import _EMPTY, Request, RunningBatch
 from arenaflow.engine.constraints import ConstraintCompiler
 from arenaflow.engine.engine import Engine
-from arenaflow.engine.llamacpp_runtime import GgufRuntime
+from arenaflow.engine.llamacpp_runtime import GgufModel, GgufRuntime
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class LlamaCppEngine(Engine):
 
     def __init__(
         self,
-        gguf: str | Path,
+        gguf: str | Path | GgufModel,
         tokenizer: Any,
         *,
         model_id: str,
@@ -197,14 +197,13 @@ class LlamaCppEngine(Engine):
         n_ctx: int | None = None,
         n_threads: int | None = None,
         eos_ids: set[int] | None = None,
+        lora: str | Path | None = None,
     ) -> None:
-        self.gguf = Path(gguf)
         self.runtime = GgufRuntime(
-            gguf,
-            n_seq_max=max_batch_size,
-            n_ctx_seq=n_ctx,
-            n_threads=n_threads,
+            gguf, n_seq_max=max_batch_size, n_ctx_seq=n_ctx, n_threads=n_threads, lora=lora
         )
+        self.gguf = self.runtime.weights.path
+        self.lora = Path(lora) if lora else None
         self.model = None
         self.adapter = None
         self.tokenizer = tokenizer
@@ -223,38 +222,89 @@ class LlamaCppEngine(Engine):
         *,
         gguf: str | Path | None = None,
         tracking_uri: str | None = None,
+        **options: Any,
+    ) -> LlamaCppEngine:
+        """A checkpoint folder or registry URI on llama.cpp: its tokenizer (chat template) and
+        `gguf`, else the checkpoint's GGUF export (`backends.gguf_for`, made once, cached). An
+        adapter folder runs as its base's GGUF with the adapter's GGUF LoRA applied.
+        `options`: max_batch_size, n_ctx, n_threads, quantization, cache_dir."""
+        from arenaflow.adapters import base_folder, is_adapter, read_adapter
+        from arenaflow.engine.engine import resolve_checkpoint
+
+        path = resolve_checkpoint(model, tracking_uri)
+        if not is_adapter(path):
+            base, adapter = path, None
+        else:
+            base, adapter = base_folder(read_adapter(path), tracking_uri), path
+        engines = cls.group(
+            base, {str(model): adapter}, gguf=gguf, tracking_uri=tracking_uri, **options
+        )
+        return engines[str(model)]
+
+    @classmethod
+    def group(
+        cls,
+        base: Path,
+        models: dict[str, Path | None],
+        *,
+        gguf: str | Path | None = None,
+        tracking_uri: str | None = None,
         max_batch_size: int = 16,
         n_ctx: int | None = None,
         n_threads: int | None = None,
         quantization: str | None = None,
         cache_dir: str | Path | None = None,
-    ) -> LlamaCppEngine:
-        """A checkpoint folder or registry URI on llama.cpp: its tokenizer (chat template) and
-        `gguf`, else the checkpoint's GGUF export (`backends.gguf_for`, made once, cached)."""
+    ) -> dict[str, LlamaCppEngine]:
+        """{name: engine} over one copy of the base checkpoint folder `base`'s GGUF (`gguf`, else
+        its export at `quantization`): for each name an adapter folder (its GGUF LoRA applied
+        in the engine's own context) or None (the base itself). Each engine has its own KV
+        streams and batch; llama.cpp applies one adapter set per context, so rows of different
+        adapters do not share a decode step as they do in the hf engine."""
         from arenaflow.engine.backends import gguf_for
-        from arenaflow.engine.engine import resolve_checkpoint
+        from arenaflow.export.registry import resolve_lora_gguf
         from arenaflow.models import load_tokenizer
 
-        path = resolve_checkpoint(model, tracking_uri)
-        tokenizer = load_tokenizer(path)
-        if not tokenizer.chat_template:
-            raise ValueError(f"checkpoint {path} has no chat template; save one with the tokenizer")
-        weights = Path(gguf) if gguf else gguf_for(path, quantization, cache_dir, tracking_uri)
-        log.info("engine loaded %s on llama.cpp from %s", model, weights)
-        return cls(
-            weights,
-            tokenizer,
-            model_id=str(model),
-            max_batch_size=max_batch_size,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            eos_ids=_checkpoint_eos_ids(path, tokenizer),
-        )
+        base_tok = load_tokenizer(base)
+        tokenizers = {n: load_tokenizer(a) if a else base_tok for n, a in models.items()}
+        for name, tok in tokenizers.items():
+            where = models[name] or base
+            if not tok.chat_template:
+                raise ValueError(f"checkpoint {where} has no chat template; save one with it")
+            if tok is not base_tok and tok.get_vocab() != base_tok.get_vocab():
+                raise ValueError(
+                    f"adapter {where} has another vocabulary than its base {base}; serve it merged"
+                )
+        path = Path(gguf) if gguf else gguf_for(base, quantization, cache_dir, tracking_uri)
+        weights = GgufModel(path)
+        eos = _checkpoint_eos_ids(base, base_tok)
+        out: dict[str, LlamaCppEngine] = {}
+        try:
+            for name, adapter in models.items():
+                lora = adapter and resolve_lora_gguf(adapter, base, cache_dir or adapter.parent)
+                out[name] = cls(
+                    weights,
+                    tokenizers[name],
+                    model_id=name,
+                    max_batch_size=max_batch_size,
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    eos_ids=eos,
+                    lora=lora,
+                )
+        except BaseException:
+            for engine in out.values():
+                engine.close()
+            raise
+        finally:
+            if not out:
+                weights.release()
+        log.info("llama.cpp: %s over one copy of %s", ", ".join(out), path)
+        return out
 
     def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
         raise ValueError(
-            "the llama.cpp backend serves no LoRA adapters over a shared base; "
-            "serve adapters with engine.backend=hf"
+            "llama.cpp applies one adapter set per context: its adapters are engines of their own "
+            "over shared weights (LlamaCppEngine.group), not rows of one batch"
         )
 
     def next_token_logprobs(self, prompt_ids: list[int]) -> torch.Tensor:

@@ -154,3 +154,20 @@ def _converted(checkpoint: Path, folder: Path, fmt: str, tracking_uri: str | Non
         if fmt != "f16":
             quantize_gguf(f16, target, fmt)
     return target
+
+
+def resolve_lora_gguf(adapter: str | Path, base: str | Path, cache_dir: str | Path) -> Path:
+    """The GGUF LoRA file of the adapter folder `adapter` over its base checkpoint folder `base`:
+    converted once, cached under `cache_dir/gguf/<the adapter folder's content hash>`."""
+    from transformers import AutoConfig
+
+    from arenaflow.export.lora import LORA_GGUF, write_lora_gguf
+    from arenaflow.models import checkpoint_identity
+
+    folder = Path(cache_dir) / "gguf" / checkpoint_identity(adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / LORA_GGUF
+    with FileLock(str(folder / ".lock")):
+        if not target.exists():
+            write_lora_gguf(adapter, AutoConfig.from_pretrained(str(base)), target)
+    return target
