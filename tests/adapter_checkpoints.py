@@ -28,3 +28,10 @@ def make_adapter(base: Path, out: Path, seed: int, base_ref: str | None = None) 
     meta = {"base": ref, "base_digest": model_identity(str(base), None) if not base_ref else None}
     (out / ADAPTER_META).write_text(json.dumps(meta))
     return out
+
+
+def models_override(base: Path, adapters: dict[str, Path]) -> str:
+    """The `serve.models` override serving `base` as tiny-base and each adapter under its name."""
+    entries = [f"{{name: tiny-base, uri: {base}}}"]
+    entries += [f"{{name: {n}, uri: {p}}}" for n, p in adapters.items()]
+    return f"serve.models=[{', '.join(entries)}]"

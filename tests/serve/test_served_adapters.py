@@ -19,17 +19,11 @@ from arenaflow.adapters import ADAPTER_META
 from arenaflow.engine import Engine, SamplingParams
 from arenaflow.serve import ServeConfigError, create_app, preflight
 from arenaflow.serve.adapters import AdapterScheduler
-from tests.adapter_checkpoints import make_adapter
+from tests.adapter_checkpoints import make_adapter, models_override
 from tests.serve.conftest import LiveServer, live_server
 
 NAMES = ["tiny-base", "lora-a", "lora-b"]
 MAX_TOKENS = 12
-
-
-def models_override(tiny_model_dir: Path, adapters: dict[str, Path]) -> str:
-    entries = [f"{{name: tiny-base, uri: {tiny_model_dir}}}"]
-    entries += [f"{{name: {n}, uri: {p}}}" for n, p in adapters.items()]
-    return f"serve.models=[{', '.join(entries)}]"
 
 
 @pytest.fixture(scope="module")

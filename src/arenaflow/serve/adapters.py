@@ -1,10 +1,12 @@
 """Served models over one shared base: adapters (and the base itself) on one copy of its weights.
 
 `serve.models` entries that name adapter checkpoints are grouped by the base folder they resolve to,
-together with a plain entry whose checkpoint is that base. A group loads the base once with every
-adapter (`arenaflow.engine.adapters.load_shared`) and runs one scheduler, so all its requests share
-decode steps (peft's mixed-adapter batches); each entry is still its own model in /v1/models,
-routed by name. Fine-tunes can meet in the arena for the memory of one model.
+together with a plain entry whose checkpoint is that base. On the hf engine a group loads the base
+once with every adapter (`arenaflow.engine.adapters.load_shared`) and runs one scheduler, so all its
+requests share decode steps (peft's mixed-adapter batches). On llama.cpp the base's GGUF is loaded
+once and each entry is a context of its own over it, an adapter as its GGUF LoRA file
+(`LlamaCppEngine.group`), with its own KV cache and scheduler. Either way each entry is its own
+model in /v1/models, routed by name: fine-tunes meet in the arena for the weights of one model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from arenaflow.serve.memory import (
     MemoryPlan,
     ModelMemory,
     count_parameters,
+    llamacpp_options,
     plan_memory,
     serving_dtype,
 )
@@ -73,7 +76,44 @@ def shared_bases(
 def load_group(
     cfg: DictConfig, base: Path, names: list[str], served: dict[str, ServedModel]
 ) -> dict[str, tuple[Engine, Scheduler | AdapterScheduler]]:
-    """(engine, scheduler) of each served name of one base: one model, one scheduler for all."""
+    """(engine, scheduler) of each served name of one base, on one copy of its weights: on
+    llama.cpp (when engine.backend picks it) an engine and scheduler per name, each adapter a
+    GGUF LoRA in its own context; on the hf engine one model and one scheduler for all."""
+    if llamacpp_options(cfg) is not None:
+        try:
+            return _llamacpp_group(cfg, base, names, served)
+        except ValueError as e:  # an adapter llama.cpp cannot apply
+            if cfg.engine.backend != "auto":
+                raise ServeConfigError(f"serving {', '.join(names)} over {base}: {e}") from e
+            log.warning("%s stay on the hf engine: %s", ", ".join(names), e)
+    return _hf_group(cfg, base, names, served)
+
+
+def _llamacpp_group(
+    cfg: DictConfig, base: Path, names: list[str], served: dict[str, ServedModel]
+) -> dict[str, tuple[Engine, Scheduler | AdapterScheduler]]:
+    from arenaflow.engine.backends import EngineSpec
+    from arenaflow.engine.llamacpp import LlamaCppEngine
+
+    spec = EngineSpec.from_cfg(cfg)
+    batch = int(cfg.serve.max_batch_size)
+    models = {n: served[n].path if served[n].adapter is not None else None for n in names}
+    engines = LlamaCppEngine.group(
+        base,
+        models,
+        max_batch_size=batch,
+        quantization=spec.quantization,
+        cache_dir=spec.cache_dir,
+        **spec.llamacpp,
+    )
+    log.info("serving %s on llama.cpp over one copy of %s", ", ".join(names), base)
+    queue = int(cfg.serve.max_queue)
+    return {n: (e, Scheduler(e, max_batch_size=batch, max_queue=queue)) for n, e in engines.items()}
+
+
+def _hf_group(
+    cfg: DictConfig, base: Path, names: list[str], served: dict[str, ServedModel]
+) -> dict[str, tuple[Engine, Scheduler | AdapterScheduler]]:
     from arenaflow.engine.adapters import load_shared
 
     dtype, device = serving_dtype(cfg)
@@ -111,21 +151,25 @@ def plan_served_memory(
             paths[name] = sm.base or sm.path
         elif groups[grouped[name]][0] == name:
             paths[name] = grouped[name]
-    plan = plan_memory(cfg, paths, set(preloaded), on_hf=set(grouped))  # groups run on hf
+    llama = llamacpp_options(cfg) is not None
+    plan = plan_memory(cfg, paths, set(preloaded), on_hf=set() if llama else set(grouped))
     dtype, _ = serving_dtype(cfg)
     by_name = {m.name: m for m in plan.models}
     for name, sm in served.items():
         if sm.adapter is None or name not in grouped:
             continue
-        weights = count_parameters(sm.path, {}) * DTYPE_BYTES[dtype]
+        # llama.cpp: the adapter's f32 LoRA file and a context (KV cache) of its own
+        weights = count_parameters(sm.path, {}) * (4 if llama else DTYPE_BYTES[dtype])
         if name in by_name:
             by_name[name].weights_bytes += weights
             continue
         first = by_name[groups[grouped[name]][0]]
+        kv = first.kv_cache_bytes if llama else 0
         plan.models.append(
-            ModelMemory(name, weights, 0, dtype, first.context_length, first.max_batch_size)
+            ModelMemory(name, weights, kv, first.dtype, first.context_length, first.max_batch_size)
         )
     plan.models.sort(key=lambda m: list(served).index(m.name))
+    shared = "'s weights (a KV cache each, on llama.cpp)" if llama else " and its KV cache"
     for base, names in groups.items():
-        plan.notes.append(f"{', '.join(names)} share one copy of {base} and its KV cache")
+        plan.notes.append(f"{', '.join(names)} share one copy of {base}{shared}")
     return plan

@@ -334,7 +334,7 @@ def plan_memory(
     dtype, device = serving_dtype(cfg)
     batch = int(cfg.serve.max_batch_size)
     models = []
-    llamacpp = _llamacpp_options(cfg)
+    llamacpp = llamacpp_options(cfg)
     for name, path in paths.items():
         if llamacpp is not None and name not in on_hf and not is_adapter(Path(path)):
             m = estimate_llamacpp_memory(name, path, max_batch_size=batch, **llamacpp)
@@ -351,7 +351,7 @@ def plan_memory(
     return plan
 
 
-def _llamacpp_options(cfg: DictConfig) -> dict[str, Any] | None:
+def llamacpp_options(cfg: DictConfig) -> dict[str, Any] | None:
     """What sizes a model on llama.cpp, when engine.backend picks it here; else None."""
     from arenaflow.engine.backends import EngineSpec, choose_backend
 
