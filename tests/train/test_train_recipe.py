@@ -239,6 +239,43 @@ def test_rank_batches_are_disjoint_equal_and_cover_everything() -> None:
     assert len(set(first) & set(second)) <= 1  # only the wrap-around filler may repeat
 
 
+def test_a_resumed_loader_goes_on_with_the_next_batch_of_its_epoch() -> None:
+    """What Lightning checkpoints of the training loader: a resume yields the rest of the same
+    epoch's order (not the epoch again from its start), and the next epoch in full."""
+    from arenaflow.train.data import ResumableLoader
+
+    lengths = list(range(1, 41))
+    order = {}
+    for epoch in (2, 3):
+        s = RankBatchSampler(lengths, batch_size=4, seed=5)
+        s.set_epoch(epoch)
+        order[epoch] = list(s)
+    done = [3]
+    loader = ResumableLoader(
+        lengths,
+        batch_sampler=RankBatchSampler(lengths, batch_size=4, seed=5),
+        processed=lambda: done[0],
+        collate_fn=lambda rows: rows,
+    )
+    loader.batch_sampler.set_epoch(2)
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches": 3}
+
+    fresh = ResumableLoader(
+        lengths,
+        batch_sampler=RankBatchSampler(lengths, batch_size=4, seed=5),
+        processed=lambda: 0,
+        collate_fn=lambda rows: rows,
+    )
+    fresh.load_state_dict(state)
+    tail = [[lengths.index(x) for x in b] for b in fresh]
+    assert tail == order[2][3:]
+    fresh.batch_sampler.set_epoch(2)  # the module's on_train_epoch_start of the same epoch
+    assert len(list(fresh)) == len(order[2])  # the skip applied once
+    fresh.batch_sampler.set_epoch(3)
+    assert list(fresh.batch_sampler) == order[3]
+
+
 def test_grouping_by_length_reduces_padding() -> None:
     lengths = list(range(1, 201))
 
