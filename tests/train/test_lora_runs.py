@@ -1,8 +1,10 @@
 """Whole LoRA runs on the tiny Llama: killed through the CLI and resumed, registered as an adapter
-over the registered base; under FSDP2 (two gloo ranks) merged into the tokens of base + adapter."""
+over the registered base; under FSDP2 (two gloo ranks) killed, resumed from a checkpoint of the
+adapters alone to the weights of a run never killed, and merged into the tokens of base + adapter."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -47,7 +50,12 @@ def _kill_when_checkpointed(overrides: list[str], ckpts: Path) -> str:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (ckpts / "LATEST").exists():
         time.sleep(0.2)
+    # every process of the run: torchrun starts each rank in a session of its own
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     return (ckpts / "LATEST").read_text().strip()
 
@@ -112,49 +120,75 @@ def test_killed_lora_run_resumes_and_registers_an_adapter_over_the_registered_ba
     assert lora_b and all(float(p.abs().sum()) > 0 for p in lora_b)
 
 
-def cfg_base(cfg) -> str:
-    from arenaflow.models import resolve_model
-
-    return str(resolve_model(cfg.model, cfg.paths.cache_dir))
-
-
-def test_fsdp_lora_run_merges_into_the_greedy_tokens_of_base_plus_adapter(
+def test_fsdp_lora_resumes_exactly_from_adapter_checkpoints_and_merges(
     af_home, model_cache, sft_dir, tiny_tokenizer
 ) -> None:
+    """Two gloo ranks. A killed run: its distributed checkpoint holds the adapters and their
+    optimizer state, not the frozen base, and the resumed run ends with the adapter weights of a
+    run never killed. That run registers base + adapter merged, which gives the greedy tokens of
+    the base with the adapter."""
     from peft import PeftModel
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
-    cfg = compose_config(
+    # no dropout: its masks draw from an RNG a resume does not replay
+    steps = ["hardware=cpu_fsdp", "train.max_steps=6", "train.lr=1e-2", "train.lora.dropout=0"]
+    overrides = _overrides(
+        af_home, model_cache, sft_dir, *steps, "train.checkpoint_every_n_steps=2"
+    )
+    cfg = compose_config(overrides)
+    ckpts = output_dir(cfg) / "checkpoints"
+    killed_at = _kill_when_checkpointed(overrides, ckpts)
+    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
+    keys = FileSystemReader(str(ckpts / killed_at)).read_metadata().state_dict_metadata
+    weights = [k for k in keys if k.startswith("state_dict.")]
+    assert weights and all(".lora_" in k for k in weights)  # no frozen base weight in it
+    assert any(k.startswith("optimizer_0.") for k in keys)
+
+    result = run(cfg)
+    assert result["resumed_from"] == killed_at and result["steps"] == 6
+    resumed = load_file(str(Path(result["path"]) / "adapter_model.safetensors"))
+
+    (af_home.parent / "whole").mkdir()
+    whole = compose_config(
         _overrides(
-            af_home,
+            af_home.parent / "whole",
             model_cache,
             sft_dir,
-            "hardware=cpu_fsdp",
-            "train.max_steps=3",
-            "train.lr=1e-2",  # adapters far enough from zero to change the tokens
+            *steps,
             "train.checkpoint_every_n_steps=0",
             "train.lora.merge=true",
         )
     )
-    result = run(cfg)
+    result = run(whole)
     assert result["world_size"] == 2 and result["sharding"]["sharded_params"] > 0
     merged_dir, adapter_dir = Path(result["path"]), Path(result["adapter"]["path"])
+    straight = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    for k in resumed:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-6)
+
     assert result["adapter"]["merged"] and adapter_dir == merged_dir.parent / "adapter"
-    info = tracker_from_cfg(cfg).get_version("arenaflow-chat", version=result["version"])
+    info = tracker_from_cfg(whole).get_version("arenaflow-chat", version=result["version"])
     assert info.tags["merged_adapter"] == "true"
     assert info.tags["adapter_base"] == result["adapter"]["base"]
     assert "adapter" not in info.tags and info.tags["base_model"] == "tiny-llama"
-
     prompt = tiny_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, tokenize=False
     )
     ids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     greedy = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
-    base_path = cfg_base(cfg)
-    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    base = AutoModelForCausalLM.from_pretrained(cfg_base(whole)).eval()
     with torch.no_grad():
         plain = base.generate(ids, **greedy)
         over = PeftModel.from_pretrained(base, str(adapter_dir)).eval().generate(ids, **greedy)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval().generate(ids, **greedy)
     assert merged.tolist() == over.tolist()
     assert merged.tolist() != plain.tolist()  # the adapter changed what the model says
+
+
+def cfg_base(cfg) -> str:
+    from arenaflow.models import resolve_model
+
+    return str(resolve_model(cfg.model, cfg.paths.cache_dir))

@@ -74,3 +74,59 @@ def save_adapter_checkpoint(
         )
     del state
     trainer.strategy.barrier("save_adapter_checkpoint")
+
+
+def adapter_fsdp_strategy(**kwargs: Any) -> Any:
+    """Lightning's FSDP2 strategy whose distributed checkpoints hold only the trainable
+    parameters (LoRA's adapters) and their optimizer state, as on one device.
+
+    Saving needs nothing of its own: the module's `on_save_checkpoint` drops the frozen base from
+    the state dict before it is written. Loading does: Lightning asks the checkpoint for the
+    module's whole state dict, so here only the trainable entries are asked for and set; the
+    frozen base comes from `model_path` again, as on one device."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class AdapterModelParallelStrategy(ModelParallelStrategy):
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+            from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+
+            path = Path(self.broadcast(checkpoint_path))
+            if not _is_sharded_checkpoint(path):
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            return _load_adapter_checkpoint(self, path, weights_only)
+
+    return AdapterModelParallelStrategy(**kwargs)
+
+
+def _load_adapter_checkpoint(strategy: Any, path: Path, weights_only: bool | None) -> Any:
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    module = strategy.model
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in get_model_state_dict(module).items() if k in trainable}
+    try:
+        dcp.load({"state_dict": state}, checkpoint_id=path)
+    except Exception as e:  # a checkpoint of another configuration (a full run, other targets)
+        raise ValueError(
+            f"{path} does not hold this LoRA configuration's adapter weights ({e}); set "
+            "train.resume=false to start over"
+        ) from e
+    set_model_state_dict(module, state, options=StateDictOptions(strict=False))
+    for i, optimizer in enumerate(strategy.optimizers):
+        optim = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optim, checkpoint_id=path)
+        set_optimizer_state_dict(
+            module,
+            optimizer,
+            optim_state_dict=optim[f"optimizer_{i}"],
+            options=StateDictOptions(cpu_offload=True),
+        )
+    return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

@@ -246,21 +246,17 @@ class ChatLM(L.LightningModule):
             self.model_path, dtype=torch.float32, trust_remote_code=self.trust_remote_code
         )
 
-    def _adapter_only_checkpoints(self) -> bool:
-        # FSDP's distributed checkpoint loads the module's whole state dict: it keeps the base
-        return self.lora is not None and self.strategy_name != "fsdp"
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """LoRA on one device: checkpoints hold the adapters only; the frozen base (4-bit for
-        QLoRA, whose quantization state cannot be loaded back into a quantized model) comes from
-        `model_path` again on resume."""
-        if self._adapter_only_checkpoints():
+        """LoRA: checkpoints hold the adapters only (under FSDP2 too, loaded by
+        `checkpoint.adapter_fsdp_strategy`); the frozen base (4-bit for QLoRA, whose quantization
+        state cannot be loaded back into a quantized model) comes from `model_path` on resume."""
+        if self.lora is not None:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self._adapter_only_checkpoints():
+        if self.lora is None or "state_dict" not in checkpoint:  # FSDP2: the strategy loaded it
             return
         self.strict_loading = False  # the base's weights are not in it
         missing = sorted(

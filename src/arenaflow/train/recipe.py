@@ -193,12 +193,17 @@ def _strategy(cfg: DictConfig) -> Any:
         raise ValueError(f"hardware.strategy={hw.strategy!r} is not one of single, fsdp")
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(
-        data_parallel_size=world_size(cfg),
-        tensor_parallel_size=1,
-        save_distributed_checkpoint=True,
-        process_group_backend=hw.process_group_backend,
-    )
+    from arenaflow.train.checkpoint import adapter_fsdp_strategy
+
+    options = {
+        "data_parallel_size": world_size(cfg),
+        "tensor_parallel_size": 1,
+        "save_distributed_checkpoint": True,
+        "process_group_backend": hw.process_group_backend,
+    }
+    if LoraSettings.from_cfg(cfg.train.lora) is not None:  # checkpoints of the adapters only
+        return adapter_fsdp_strategy(**options)
+    return ModelParallelStrategy(**options)
 
 
 def build_datamodule(
