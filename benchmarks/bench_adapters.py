@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/bench_adapters.py [--adapters 2] [--rank 16] [hydra overrides]
 
 Makes N LoRA adapters on SmolLM2-135M-Instruct with peft (random weights on every attention and MLP
-projection), then, each in a fresh process: `shared` loads them as the server does
+projection), then, each in a fresh process: `shared` loads them as the server does on the hf engine
 (`arenaflow.engine.adapters.load_shared`: one base, N adapters, one batch) and `copies` as N
 engines (`Engine.load` of each adapter folder: the base with the adapter merged, one full copy
-each). Both answer 16 greedy tokens per adapter; printed: resident memory growth of the process
-(psutil RSS, or CUDA memory allocated on GPU) and the parameter bytes held.
+each); on a CPU with llama.cpp, `llamacpp-shared` loads them as the server does there
+(`LlamaCppEngine.group`: the base's f16 GGUF once, each adapter a GGUF LoRA in its own context) and
+`llamacpp-copies` as N merged f16 GGUFs. Each answers 16 greedy tokens per adapter; printed:
+resident memory growth of the process (psutil RSS, or CUDA memory allocated on GPU) and the
+parameter bytes held (llama.cpp: the GGUF files' sizes). The GGUF files are written beforehand, so
+their conversion is not measured; llama.cpp's contexts hold 4 rows x 512 tokens of KV each.
 
 Measured here (CPU, fp32, 2 adapters of rank 16): shared RSS +649 MiB (parameters 550 MiB) vs.
 copies +1131 MiB (parameters 1026 MiB), 0.57 of the memory; each more adapter adds ~18 MiB, not 513.
@@ -60,7 +64,10 @@ def measure(variant: str, base: str, adapters: list[str], device: str) -> dict:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     gpu0 = torch.cuda.memory_allocated() if device == "cuda" else 0
-    if variant == "shared":
+    held = None
+    if variant.startswith("llamacpp"):
+        engines, held = _llamacpp_engines(variant, Path(base), [Path(a) for a in adapters])
+    elif variant == "shared":
         _, views = load_shared(
             base, {f"lora-{i}": a for i, a in enumerate(adapters)}, device=device
         )
@@ -72,7 +79,8 @@ def measure(variant: str, base: str, adapters: list[str], device: str) -> dict:
     params = SamplingParams(max_new_tokens=16)
     for e in engines:
         e.generate([e.render_chat([{"role": "user", "content": "Hi"}])], params)
-    held = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    if held is None:
+        held = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     return {
         "variant": variant,
         "rss_growth_bytes": proc.memory_info().rss - rss0,
@@ -81,6 +89,46 @@ def measure(variant: str, base: str, adapters: list[str], device: str) -> dict:
         else None,
         "parameter_bytes": held,
     }
+
+
+LLAMA_OPTIONS = {"max_batch_size": 4, "n_ctx": 512}
+
+
+def gguf_cache(base: Path) -> Path:
+    return base.parent / "bench-adapters-gguf"
+
+
+def export_ggufs(base: Path, adapters: list[Path]) -> None:
+    """The GGUF files the llama.cpp variants load (converted once, cached beside the base)."""
+    from arenaflow.export.registry import resolve_gguf, resolve_lora_gguf
+
+    cache = gguf_cache(base)
+    resolve_gguf(base, None, cache)
+    for a in adapters:
+        resolve_gguf(a, None, cache)  # the adapter merged into its base
+        resolve_lora_gguf(a, base, cache)
+
+
+def _llamacpp_engines(variant: str, base: Path, adapters: list[Path]) -> tuple[list, int]:
+    from arenaflow.engine.llamacpp import LlamaCppEngine
+    from arenaflow.export.registry import resolve_gguf, resolve_lora_gguf
+
+    cache = gguf_cache(base)
+    if variant == "llamacpp-shared":
+        group = LlamaCppEngine.group(
+            base, {a.name: a for a in adapters}, cache_dir=cache, **LLAMA_OPTIONS
+        )
+        files = [resolve_gguf(base, None, cache)]
+        files += [resolve_lora_gguf(a, base, cache) for a in adapters]
+        return list(group.values()), sum(f.stat().st_size for f in files)
+    from arenaflow.models import load_tokenizer
+
+    files = [resolve_gguf(a, None, cache) for a in adapters]  # each adapter merged, a GGUF each
+    engines = [
+        LlamaCppEngine(f, load_tokenizer(a), model_id=a.name, **LLAMA_OPTIONS)
+        for a, f in zip(adapters, files, strict=True)
+    ]
+    return engines, sum(f.stat().st_size for f in files)
 
 
 def main() -> None:
@@ -96,14 +144,20 @@ def main() -> None:
         return
 
     from arenaflow.config import compose_config
+    from arenaflow.engine.backends import llamacpp_available
     from arenaflow.models import resolve_model
 
     cfg = compose_config(["model=smollm2_135m", "tracking=none", *overrides])
     base = resolve_model(cfg.model, cfg.paths.cache_dir)
+    variants = ["shared", "copies"]
+    if args.device == "cpu" and llamacpp_available():
+        variants += ["llamacpp-shared", "llamacpp-copies"]
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base, Path(tmp), args.adapters, args.rank)
+        if len(variants) > 2:
+            export_ggufs(base, adapters)
         rows = []
-        for variant in ("shared", "copies"):
+        for variant in variants:
             cmd = [sys.executable, __file__, "--device", args.device, "--measure", variant]
             out = subprocess.run(
                 [*cmd, str(base), *map(str, adapters)], check=True, capture_output=True, text=True
@@ -115,11 +169,14 @@ def main() -> None:
         cuda = r["cuda_allocated_bytes"]
         extra = f", CUDA allocated {cuda / mib:.1f} MiB" if cuda is not None else ""
         print(
-            f"  {r['variant']:>6}: RSS +{r['rss_growth_bytes'] / mib:.1f} MiB, parameters "
+            f"  {r['variant']:>15}: RSS +{r['rss_growth_bytes'] / mib:.1f} MiB, parameters "
             f"{r['parameter_bytes'] / mib:.1f} MiB{extra}"
         )
-    shared, copies = rows
-    print(f"  shared / copies RSS: {shared['rss_growth_bytes'] / copies['rss_growth_bytes']:.2f}")
+    by = {r["variant"]: r["rss_growth_bytes"] for r in rows}
+    for engine in ("", "llamacpp-"):
+        if f"{engine}shared" in by:
+            ratio = by[f"{engine}shared"] / by[f"{engine}copies"]
+            print(f"  {engine}shared / {engine}copies RSS: {ratio:.2f}")
 
 
 if __name__ == "__main__":

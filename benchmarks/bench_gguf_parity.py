@@ -12,6 +12,9 @@ reference (target for f16: >= 95%), token agreement (the common prefix over the 
 averaged), the median first differing token, tok/s; and the template drift check: the rendered
 prompts' token ids from the checkpoint's tokenizer (what every backend is fed) against llama.cpp's
 own tokenizer reading the GGUF's embedded vocabulary (what a bare GGUF consumer would feed).
+A second hf row runs the hf engine over weights rounded to f16 (what the f16 file holds): its
+agreement is the share of the gap that is the rounding of the weights, and the last line compares
+llama.cpp's f16 with it, the same weights in two engines.
 
 MT-bench score deltas are not printed: they need a judge, and the default local judge fails its
 own calibration (`benchmarks/bench_judge.py`), so its score differences would not mean anything.
@@ -105,6 +108,13 @@ def main() -> None:
     hf = load_engine(path, EngineSpec(backend="hf"), max_batch_size=16)
     ref_ids, ref_texts, prompts, hf_tps = answer(hf, questions, None, args.max_new_tokens)
     rows = [("hf (reference)", 1.0, 1.0, float("nan"), hf_tps, "")]
+    # the same engine over the weights the f16 file holds: how much of a gap is the rounding alone
+    for p in hf.model.parameters():
+        p.data = p.data.half().float()
+    f16_ids, _, _, tps = answer(hf, questions, ref_texts, args.max_new_tokens)
+    a = agreement(ref_ids, f16_ids)
+    rows.append(("hf, f16 weights", a["identical"], a["tokens"], a["first_diff"], tps, ""))
+    same_weights = None
     with tempfile.TemporaryDirectory() as cache:
         for fmt in args.formats.split(","):
             quant = None if fmt == "f16" else fmt
@@ -117,6 +127,8 @@ def main() -> None:
             assert own_prompts == prompts, "the backends rendered different prompts"
             a = agreement(ref_ids, ids)
             drifted = drift(engine, prompts)
+            if fmt == "f16":
+                same_weights = agreement(f16_ids, ids)
             rows.append(
                 (
                     f"llama.cpp {fmt}",
@@ -139,6 +151,11 @@ def main() -> None:
     if f16:
         verdict = "met" if f16[1] >= 0.95 else "NOT met"
         print(f"\nf16 turns identical to the hf engine: {f16[1]:.1%} (target >= 95%: {verdict})")
+    if same_weights:
+        print(
+            f"llama.cpp f16 against hf over the same f16-rounded weights: "
+            f"{same_weights['identical']:.1%} turns identical, {same_weights['tokens']:.1%} tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -86,9 +86,7 @@ def test_a_given_gguf_is_counted_at_its_file_size(
     tiny_model_dir: Path, tmp_path: Path, exports: dict[str, Path]
 ) -> None:
     gguf = exports["q8_0"]
-    cfg = _cfg(
-        tmp_path, tiny_model_dir, "engine.backend=llamacpp", f"engine.llamacpp.gguf={gguf}"
-    )
+    cfg = _cfg(tmp_path, tiny_model_dir, "engine.backend=llamacpp", f"engine.llamacpp.gguf={gguf}")
     [m] = plan_memory(cfg, {"tiny": tiny_model_dir}).models
     assert m.weights_bytes == gguf.stat().st_size
     # names that run on the hf engine (a shared base with its adapters) keep the hf estimate

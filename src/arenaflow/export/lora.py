@@ -61,7 +61,9 @@ def write_lora_gguf(adapter: str | Path, base_config: Any, out: str | Path) -> P
     peft_config = json.loads((folder / PEFT_CONFIG).read_text())
     scale = lora_scale(peft_config)
     if base_config.model_type != "llama":
-        raise ValueError(f"GGUF LoRA export takes Llama bases; this one is {base_config.model_type}")
+        raise ValueError(
+            f"GGUF LoRA export takes Llama bases; this one is {base_config.model_type}"
+        )
     n_head = int(base_config.num_attention_heads)
     n_kv = int(getattr(base_config, "num_key_value_heads", None) or n_head)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(base_config.num_hidden_layers))

@@ -203,8 +203,10 @@ def estimate_llamacpp_memory(
         weights = gguf.stat().st_size
     else:
         shapes = _tensor_shapes(Path(path))
-        weights = sum(_gguf_tensor_bytes(s, fmt) for s in shapes) if shapes else (
-            base.weights_bytes // 4 * GGUF_WEIGHT_BYTES[fmt]
+        weights = (
+            sum(_gguf_tensor_bytes(s, fmt) for s in shapes)
+            if shapes
+            else (base.weights_bytes // 4 * GGUF_WEIGHT_BYTES[fmt])
         )
     context = min(base.context_length, n_ctx) if n_ctx else base.context_length
     per_token = base.kv_cache_bytes // (base.context_length * max_batch_size * 4)
