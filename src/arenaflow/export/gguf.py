@@ -14,10 +14,11 @@ reordered per head from half-split to interleaved order; `v`, `o` and the MLP ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,28 @@ def _add_tensors(writer: Any, model: Any, n_head: int, n_kv: int, outtype: str) 
     return count
 
 
+@contextlib.contextmanager
+def llama_gguf_writer(out: Path) -> Iterator[Any]:
+    """A `gguf` writer for a llama-architecture file at `out`: what the block adds is written
+    when it ends, and the file appears under its name only once complete."""
+    import gguf
+
+    partial = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
+
+
 def write_gguf(
     checkpoint: str | Path,
     out: str | Path,
@@ -190,10 +213,7 @@ def write_gguf(
             f"GGUF export writes Llama-architecture checkpoints; {folder} is {config.model_type!r}"
         )
     tokenizer = load_tokenizer(folder)
-    partial = out.with_name(f".{out.name}.partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
+    with llama_gguf_writer(out) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(str((metadata or {}).get("arenaflow.base_model") or folder.name))
         n_head, n_kv = _add_hparams(writer, config)
@@ -206,14 +226,5 @@ def write_gguf(
                 key if key.startswith("arenaflow.") else f"arenaflow.{key}", str(value)
             )
         n = _add_tensors(writer, model, n_head, n_kv, outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out)
     log.info("wrote %s (%s, %d tensors, %.1f MB)", out, outtype, n, out.stat().st_size / 1e6)
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from arenaflow.adapters import PEFT_CONFIG
-from arenaflow.export.gguf import rope_interleave
+from arenaflow.export.gguf import llama_gguf_writer, rope_interleave
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +81,12 @@ def write_lora_gguf(adapter: str | Path, base_config: Any, out: str | Path) -> P
         raise ValueError(f"{folder} holds no LoRA weights")
     # llama.cpp's scale is alpha / r with r read from each B: the alpha that gives peft's scale
     alpha = scale * int(peft_config["r"])
-    partial = out.with_name(f".{out.name}.partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
+    with llama_gguf_writer(out) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_string("arenaflow.source_adapter", str(folder))
         for name, data in tensors.items():
             writer.add_tensor(name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out)
     log.info("wrote %s (%d LoRA tensors, scale %g)", out, len(tensors), scale)
     return out
