@@ -64,8 +64,8 @@ def test_models_lists_every_adapter_with_its_base(served, tiny_adapters, tiny_mo
         is slots["lora-b"].engine.model
         is slots["tiny-base"].engine.model
     )
-    assert isinstance(slots["lora-a"].scheduler, AdapterScheduler)
-    assert slots["lora-a"].scheduler.shared is slots["tiny-base"].scheduler
+    assert all(isinstance(slots[n].scheduler, AdapterScheduler) for n in NAMES)
+    assert slots["lora-a"].scheduler.shared is slots["tiny-base"].scheduler.shared
 
 
 def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
@@ -73,8 +73,9 @@ def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
 ) -> None:
     srv, app = served
     question = "Write a short poem about the sea."
-    shared = app.state.serve.models["tiny-base"].scheduler
+    shared = app.state.serve.models["tiny-base"].scheduler.shared
     steps_before = shared.stats()["steps"]
+    before = scheduler_series(srv)
     with ThreadPoolExecutor(max_workers=len(NAMES)) as pool:
         replies = dict(zip(NAMES, pool.map(lambda n: chat(srv, n, question), NAMES), strict=True))
     paths = {"tiny-base": tiny_model_dir, **tiny_adapters}
@@ -84,6 +85,28 @@ def test_a_mixed_concurrent_batch_gives_each_request_its_own_adapter(
     tokens = sum(r["usage"]["completion_tokens"] for r in replies.values())
     # one request per model: fewer decode steps than tokens means rows of different models shared steps
     assert shared.stats()["steps"] - steps_before < tokens
+
+    # /metrics: each model's own requests and tokens, which add up to the shared batch's
+    after = scheduler_series(srv)
+    for name, reply in replies.items():
+        assert after["completed", name] - before["completed", name] == 1
+        generated = after["tokens_generated", name] - before["tokens_generated", name]
+        assert generated == reply["usage"]["completion_tokens"]
+    assert sum(after["tokens_generated", n] for n in NAMES) == shared.stats()["tokens_generated"]
+    assert after["steps", "lora-a"] == after["steps", "tiny-base"]  # the one batch's steps
+
+
+def scheduler_series(srv: LiveServer) -> dict[tuple[str, str], float]:
+    """{(counter, model): value} of the arenaflow_scheduler_* counters on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(srv.metrics()):
+        for sample in family.samples:
+            if sample.name.startswith("arenaflow_scheduler_") and sample.name.endswith("_total"):
+                key = sample.name.removeprefix("arenaflow_scheduler_").removesuffix("_total")
+                out[key, sample.labels["model"]] = sample.value
+    return out
 
 
 def test_the_memory_plan_counts_the_shared_base_once(served, tiny_adapters) -> None:

@@ -24,6 +24,8 @@ from arenaflow.engine.engine import Engine
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_COUNTERS = ("completed", "rejected", "cancelled", "failed", "tokens_generated")
+_ALL = object()  # stats over every adapter's requests
 
 
 class Scheduler:
@@ -39,7 +41,8 @@ class Scheduler:
         self._closed = False
         self._batch = engine.new_batch()
         self._running: dict[int, Request] = {}
-        self._counters = {"completed": 0, "rejected": 0, "cancelled": 0, "failed": 0}
+        # lifetime counters by the adapter the requests decode with (None: the base model)
+        self._counts: dict[str | None, dict[str, int]] = {}
         self._started_at = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -123,23 +126,40 @@ class Scheduler:
             if not request.done:
                 request.cancelled = True
 
-    def stats(self) -> dict[str, Any]:
-        """Queue depth, rows running, the last decode step's batch size and lifetime counters."""
+    def stats(self, adapter: Any = _ALL) -> dict[str, Any]:
+        """Queue depth, rows running, the last decode step's batch size and lifetime counters.
+
+        `adapter` (a peft adapter name, None for the base): the requests, rows, tokens and
+        counters of that adapter's requests alone (one served model of a shared base); the
+        decode steps and the last step's batch size stay the shared batch's."""
+        mine = (lambda r: True) if adapter is _ALL else (lambda r: r.adapter == adapter)
         with self._cond:
-            queued = len(self._queue)
+            queued = sum(1 for r in self._queue if mine(r))
+            running = [r for r in list(self._running.values()) if mine(r)]
+            counts = dict.fromkeys(_COUNTERS, 0)
+            for key, c in list(self._counts.items()):
+                if adapter is _ALL or key == adapter:
+                    counts = {k: counts[k] + c[k] for k in _COUNTERS}
+        counts["tokens_generated"] += sum(_generated(r) for r in running)
         batch = self._batch
         return {
             "queue_depth": queued,
-            "running": len(self._running),
-            "running_sequences": len(batch),
+            "running": len(running),
+            "running_sequences": sum(1 for row in list(batch.rows) if mine(row.request)),
             "last_batch_size": batch.last_batch_size,
             "max_batch_size": self.max_batch_size,
             "max_queue": self.max_queue,
             "steps": batch.steps,
-            "tokens_generated": batch.tokens_generated,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
-            **self._counters,
+            **counts,
         }
+
+    def _count(self, request: Request, outcome: str) -> None:
+        """Count a request that left the scheduler: completed, failed, cancelled or rejected."""
+        with self._cond:
+            c = self._counts.setdefault(request.adapter, dict.fromkeys(_COUNTERS, 0))
+            c[outcome] += 1
+            c["tokens_generated"] += _generated(request)
 
     def _enqueue(self, request: Request) -> None:
         self.start()
@@ -147,7 +167,7 @@ class Scheduler:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
             if len(self._queue) >= self.max_queue:
-                self._counters["rejected"] += 1
+                self._count(request, "rejected")
                 raise QueueFullError(
                     f"generation queue is full ({self.max_queue} waiting); retry later"
                 )
@@ -163,7 +183,7 @@ class Scheduler:
             head = self._queue[0]
             if head.cancelled:
                 self._queue.popleft()
-                self._counters["cancelled"] += 1
+                self._count(head, "cancelled")
                 _notify(head, RuntimeError("request cancelled before it started"))
                 continue
             fits = head.params.n <= free or (not admit and not len(self._batch))
@@ -190,21 +210,21 @@ class Scheduler:
                     finished += self._batch.step()
             except Exception as e:  # a model error fails the batch, not the server
                 failed = self._batch.cancel_all(e) + admit
-                self._counters["failed"] += len({id(r) for r in failed})
                 for r in {id(r): r for r in failed}.values():
                     self._running.pop(id(r), None)
+                    self._count(r, "failed")
                     _notify(r, e)
                 continue
             for r in finished:
                 self._running.pop(id(r), None)
                 if r.error is not None:  # this request failed alone; its batch-mates go on
-                    self._counters["failed"] += 1
+                    self._count(r, "failed")
                     _notify(r, r.error)
                 elif r.cancelled and not r.done:
-                    self._counters["cancelled"] += 1
+                    self._count(r, "cancelled")
                     _notify(r, RuntimeError("request cancelled"))
                 else:
-                    self._counters["completed"] += 1
+                    self._count(r, "completed")
                     _notify(r, r.build_result())
         self._shutdown()
 
@@ -217,6 +237,10 @@ class Scheduler:
             self._batch.cancel_all(error)
         for r in pending:
             _notify(r, error)
+
+
+def _generated(request: Request) -> int:
+    return sum(s.generated for s in request.seqs)
 
 
 def _notify(request: Request, outcome: GenerationResult | BaseException) -> None:

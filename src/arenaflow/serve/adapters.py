@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class AdapterScheduler:
-    """One served adapter's side of the scheduler its base runs: its requests are made by the
-    adapter's engine view and decode in the base's batch; stats are the shared batch's."""
+    """One served entry's side of the scheduler its base runs (an adapter, or the base itself):
+    its requests are made by its engine view and decode in the base's batch. Its stats are its
+    own requests' (queue, rows, tokens, counters), so the /metrics series of the models of one
+    base add up to the batch's; decode steps and the last step's size are the shared batch's."""
 
     def __init__(self, shared: Scheduler, engine: Engine) -> None:
         self.shared, self.engine = shared, engine
@@ -55,7 +57,7 @@ class AdapterScheduler:
         return self.shared.stream(prompt, params, engine=self.engine)
 
     def stats(self) -> dict[str, Any]:
-        return self.shared.stats()
+        return self.shared.stats(adapter=self.engine.adapter)
 
 
 def shared_bases(
@@ -133,7 +135,7 @@ def _hf_group(
         elif not engine.tokenizer.chat_template:
             raise ServeConfigError(f"{name}: checkpoint {base} has no chat template to serve with")
         else:
-            out[name] = (engine, scheduler)
+            out[name] = (engine, AdapterScheduler(scheduler, engine))
     log.info("serving %s on one copy of %s", ", ".join(names), base)
     return out
 

@@ -2,7 +2,9 @@
 
 Each app owns its `CollectorRegistry`, so several apps (tests, blue/green in one process) never
 share or clash over global metrics. Scheduler state (queue depth, running rows, last batch size)
-is read at scrape time, one series per served model (label `model`); batch sizes of decode steps
+is read at scrape time, one series per served model (label `model`): the models that share one
+base's batch (adapters) each count their own requests, rows and tokens, while `steps` and
+`last_batch_size` are that one batch's, the same in each of its models; batch sizes of decode steps
 are sampled into a histogram by a background task, so a scrape after a burst still shows how
 large the batches were.
 """
@@ -38,7 +40,7 @@ class _SchedulerCollector:
             "queue_depth": "requests waiting for a batch row",
             "running": "requests being decoded",
             "running_sequences": "batch rows being decoded (n choices = n rows)",
-            "last_batch_size": "rows in the last decode step",
+            "last_batch_size": "rows in the last decode step of this model's batch (all its adapters)",
         }
         for key, doc in gauges.items():
             g = GaugeMetricFamily(f"arenaflow_scheduler_{key}", doc, labels=["model"])
@@ -46,7 +48,7 @@ class _SchedulerCollector:
                 g.add_metric([model], stats.get(key, 0))
             yield g
         counters = {
-            "steps": "decode steps run",
+            "steps": "decode steps run by the batch this model decodes in (shared by a base's adapters)",
             "tokens_generated": "tokens decoded",
             "completed": "requests completed",
             "rejected": "requests rejected because the queue was full",
