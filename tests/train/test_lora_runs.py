@@ -188,6 +188,41 @@ def test_fsdp_lora_resumes_exactly_from_adapter_checkpoints_and_merges(
     assert merged.tolist() != plain.tolist()  # the adapter changed what the model says
 
 
+def test_qlora_under_fsdp_shards_the_adapters_holds_the_4bit_base_and_resumes_after_a_kill(
+    af_home, model_cache, sft_dir
+) -> None:
+    """Two gloo ranks over an NF4 base: FSDP2 shards the adapters (and norms, embeddings) while
+    every rank holds the 4-bit weights whole; a killed run's checkpoint holds the adapters and
+    their optimizer state only, and the resumed run registers its adapter over the base."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    steps = ["hardware=cpu_fsdp", "train.lora.quantize=nf4", "train.max_steps=4"]
+    overrides = _overrides(
+        af_home, model_cache, sft_dir, *steps, "train.checkpoint_every_n_steps=2"
+    )
+    cfg = compose_config(overrides)
+    ckpts = output_dir(cfg) / "checkpoints"
+    killed_at = _kill_when_checkpointed(overrides, ckpts)
+    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
+    keys = FileSystemReader(str(ckpts / killed_at)).read_metadata().state_dict_metadata
+    weights = [k for k in keys if k.startswith("state_dict.")]
+    assert weights and all(".lora_" in k for k in weights)  # no 4-bit code, no quant state
+    assert any(k.startswith("optimizer_0.") for k in keys)
+
+    result = run(cfg)
+    assert result["resumed_from"] == killed_at and result["steps"] == 4
+    assert result["world_size"] == 2
+    sharding = result["sharding"]
+    assert 0 < sharding["sharded_params"] < sharding["params"]  # the 4-bit weights stay whole
+    assert result["adapter"]["base"] and not result["adapter"]["merged"]
+    adapter = load_file(str(Path(result["path"]) / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().sum()) > 0 for v in lora_b)  # trained, gathered whole
+    info = tracker_from_cfg(cfg).get_version("arenaflow-chat", version=result["version"])
+    assert info.tags["adapter"] == "true" and info.tags["lora_quantize"] == "nf4"
+
+
 def cfg_base(cfg) -> str:
     from arenaflow.models import resolve_model
 

@@ -88,16 +88,10 @@ class LoraSettings:
 
 
 def check_supported(lora: LoraSettings | None, hardware: DictConfig) -> None:
-    """QLoRA needs bitsandbytes and holds its 4-bit base on one device: stop before anything runs."""
+    """QLoRA needs bitsandbytes: stop before anything runs. (Under FSDP2 its 4-bit base is held
+    whole by every rank, `ChatLM.configure_model`; the adapters shard.)"""
     if lora is None or lora.quantize is None:
         return
-    if hardware.strategy == "fsdp":
-        raise ValueError(
-            f"train.lora.quantize={lora.quantize} (QLoRA) with hardware.strategy=fsdp: sharding a "
-            "bitsandbytes 4-bit base under FSDP2 is not supported by this recipe; use a "
-            "single-device target (hardware=cpu or hardware=gpu_1x), or train=lora (16/32-bit "
-            "base, which shards)"
-        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:

@@ -163,6 +163,10 @@ def sharding_summary(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def _is_4bit(param: torch.nn.Parameter) -> bool:
+    return type(param).__name__ == "Params4bit"  # bitsandbytes' (imported only for QLoRA)
+
+
 class ChatLM(L.LightningModule):
     """Causal LM fine-tuning on assistant tokens only."""
 
@@ -228,9 +232,13 @@ class ChatLM(L.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
+            # QLoRA: bitsandbytes' 4-bit weights (packed codes with their quantization state)
+            # are not shardable tensors; FSDP2 leaves them out, so each rank holds the whole
+            # frozen 4-bit base and the adapters, norms and embeddings are sharded
+            ignored = {p for p in model.parameters() if _is_4bit(p)} or None
             for layer in decoder_layers(model):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, ignored_params=ignored)
+            fully_shard(model, mesh=mesh, ignored_params=ignored)
         self.model = model
         self.sharding = sharding_summary(model)
 

@@ -8,7 +8,8 @@ activation checkpointing is on, and the fp32 logits with their gradient.
 
 LoRA (`trainable` given): gradients and optimizer moments exist for the adapter parameters only,
 and the frozen base takes 4 B per parameter, or for QLoRA (`quantized`) ~0.53 B per decoder
-parameter (4-bit NF4 plus its double-quantized block scales) with the embeddings kept in fp32.
+parameter (4-bit NF4 plus its double-quantized block scales) with the embeddings kept in fp32;
+under FSDP2 every rank holds those 4-bit weights whole (they are not sharded).
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ def estimate_memory(
     t = p if trainable is None else trainable
     embed = shape.vocab_size * shape.hidden_size
     layer_params = (p - embed) / max(shape.n_layers, 1)
-    gathered = layer_params * 4 * 2 if shards > 1 else 0  # one layer all-gathered (+ prefetch)
-    base = (p - embed) * NF4_BYTES + embed * 4 if quantized else p * 4
-    params = (base + (t if trainable is not None else 0) * 4) / shards + gathered
+    adapters = (t if trainable is not None else 0) * 4
+    if quantized:  # FSDP2 leaves bitsandbytes' 4-bit weights out: every rank holds them whole
+        params = (p - embed) * NF4_BYTES + (embed * 4 + adapters) / shards
+    else:
+        gathered = layer_params * 4 * 2 if shards > 1 else 0  # one layer all-gathered (+ prefetch)
+        params = (p * 4 + adapters) / shards + gathered
     grads = t * 4 / shards
     optimizer = t * 8 / shards
     act_bytes = 2 if sixteen_bit(hardware.precision) else 4
