@@ -5,13 +5,17 @@ the offline `LLM.generate` is for; the prompts are still rendered and tokenized 
 HF tokenizer, so vLLM decodes the same token ids as every other backend. Serving runs `vllm serve`
 as an engine process behind the gateway (serve/upstream.py), so this engine has no running batch:
 `stream` / `new_batch` raise ValueError, as does a request asking for what it does not map
-(constraints).
+(constraints). An adapter checkpoint runs as its base with the adapter as vLLM's LoRA
+(`enable_lora`, each request under its `LoRARequest`), the options `lora_options` sets, which
+`vllm serve` gets as flags when adapters are served (serve/engine_process.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,31 @@ from arenaflow.engine.batch import Request
 from arenaflow.engine.engine import Engine, resolve_checkpoint
 
 log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+
+
+def lora_options(adapters: Mapping[str, str | Path]) -> dict[str, Any]:
+    """vLLM's LoRA options for these adapters (name -> adapter folder) over one base: every one
+    loaded at once (`max_loras`, so their rows share batches) and `max_lora_rank` the smallest
+    value vLLM accepts that holds the largest rank. ValueError for what vLLM's LoRA does not
+    apply (DoRA, whole trained modules), naming the adapter and the fix."""
+    from arenaflow.adapters import PEFT_CONFIG
+
+    ranks = []
+    for name, path in adapters.items():
+        peft = json.loads((Path(path) / PEFT_CONFIG).read_text())
+        for key, what in (("use_dora", "DoRA"), ("modules_to_save", "whole trained modules")):
+            if peft.get(key):
+                raise ValueError(
+                    f"adapter {name} ({path}) has {what}, which vLLM's LoRA does not apply; "
+                    "serve it merged (train.lora.merge=true) or in process (engine.backend=hf)"
+                )
+        ranks.append(max([int(peft["r"]), *map(int, (peft.get("rank_pattern") or {}).values())]))
+    rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks)), None)
+    if rank is None:
+        raise ValueError(f"LoRA rank {max(ranks)} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_loras": len(adapters), "max_lora_rank": rank}
 
 
 class VllmEngine(Engine):
@@ -37,21 +66,34 @@ class VllmEngine(Engine):
         )
         self.constraints = None
         self.lock = threading.Lock()
+        self.lora_request: Any = None  # an adapter checkpoint's vllm.lora.request.LoRARequest
 
     @classmethod
     def load(  # type: ignore[override]
         cls, model: str | Path, *, dtype: str = "bfloat16", tracking_uri: str | None = None
     ) -> VllmEngine:
+        """A checkpoint folder or registry URI; an adapter folder loads its base with the adapter
+        as vLLM's LoRA, the prompts rendered by the adapter's own tokenizer files."""
         from vllm import LLM
 
+        from arenaflow.adapters import base_folder, is_adapter, read_adapter
         from arenaflow.models import load_tokenizer
 
         path = resolve_checkpoint(model, tracking_uri)
         tokenizer = load_tokenizer(path)
-        llm = LLM(model=str(path), dtype=dtype)
+        if is_adapter(path):
+            base = base_folder(read_adapter(path), tracking_uri)
+            llm = LLM(model=str(base), dtype=dtype, **lora_options({str(model): path}))
+        else:
+            llm = LLM(model=str(path), dtype=dtype)
         length = int(llm.llm_engine.model_config.max_model_len)
+        engine = cls(llm, tokenizer, model_id=str(model), context_length=length)
+        if is_adapter(path):
+            from vllm.lora.request import LoRARequest
+
+            engine.lora_request = LoRARequest(str(model), 1, str(path))
         log.info("engine loaded %s on vLLM (%s) from %s", model, dtype, path)
-        return cls(llm, tokenizer, model_id=str(model), context_length=length)
+        return engine
 
     def make_request(self, prompt: str, params: SamplingParams, **callbacks: Any) -> Request:
         if params.constraint is not None:
@@ -94,7 +136,9 @@ class VllmEngine(Engine):
             for r in requests
         ]
         with self.lock:
-            outputs = self.model.generate(prompts, params, use_tqdm=False)
+            outputs = self.model.generate(
+                prompts, params, use_tqdm=False, lora_request=self.lora_request
+            )
         for r, out in zip(requests, outputs, strict=True):
             for seq, comp in zip(r.seqs, out.outputs, strict=True):
                 seq.token_ids = [t for t in comp.token_ids if t not in self.eos_ids]

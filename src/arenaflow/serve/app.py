@@ -45,7 +45,12 @@ from arenaflow.serve.middleware import BodyLimitMiddleware, RequestMetricsMiddle
 from arenaflow.serve.routes import openai_router
 from arenaflow.serve.security import KeyCheck, allowed_hosts, api_keys_from_cfg
 from arenaflow.serve.slots import ModelSlot, ServeState
-from arenaflow.serve.upstream import check_engine_processes, open_upstream, upstream_problems
+from arenaflow.serve.upstream import (
+    check_engine_processes,
+    launch_engine_processes,
+    open_upstream,
+    upstream_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +132,11 @@ async def load_models(
     shared: dict[str, Any] = {}
     for base, names in shared_bases(served, set(preloaded)).items():
         shared.update(await asyncio.to_thread(load_group, cfg, base, names, served))
+    processes = await launch_engine_processes(cfg, state.specs, resolved)
     for spec in state.specs:
         if not spec.in_process:  # an engine process serves it (serve/upstream.py)
-            state.add(await open_upstream(cfg, spec, resolved.get(spec.name)))
+            slot = await open_upstream(cfg, spec, resolved.get(spec.name), processes.get(spec.name))
+            state.add(slot)
             continue
         sm = served[spec.name]
         if spec.name in shared:

@@ -1,7 +1,9 @@
 """An engine process the app runs as its child: spawned, waited for until it serves, stopped.
 
 A `serve.models` entry with `engine: vllm` is served by `vllm serve <checkpoint>` (vLLM's own
-OpenAI server) on a free loopback port, behind the gateway (serve/upstream.py). The child gets the
+OpenAI server) on a free loopback port, behind the gateway (serve/upstream.py). Adapter entries
+over one base share one `vllm serve <base>` with each adapter as a LoRA module under its served
+name (`--enable-lora --lora-modules name=folder`), so they share the base's weights and batches. The child gets the
 environment a deployed server gets (`process.child_env`: no secret-looking variable) plus a key
 made for it alone (`VLLM_API_KEY`, never on its command line, where `ps` shows it to every local
 user), so only the gateway, with its own keys, metrics and limits, reaches the engine.
@@ -21,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,28 +163,37 @@ def vllm_binary() -> str | None:
 def vllm_command(
     binary: str,
     checkpoint: Path,
-    name: str,
+    names: str | Sequence[str],
     *,
     host: str,
     port: int,
     dtype: str,
     max_num_seqs: int,
+    loras: Mapping[str, Path] | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """`vllm serve` for one checkpoint under the served name (the key goes in the environment).
+    """`vllm serve` for one checkpoint under its served name(s) (the key goes in the environment),
+    with `loras` (served name -> adapter folder) as LoRA modules over it.
 
     `--generation-config vllm`: a request that leaves a field out gets the OpenAI default, as from
     the in-process engine, not the checkpoint's generation_config.json (vLLM's own default)."""
-    return [
+    from arenaflow.engine.vllm import lora_options
+
+    argv = [
         binary, "serve", str(checkpoint),
-        "--served-model-name", name,
+        "--served-model-name", *([names] if isinstance(names, str) else names),
         "--host", host,
         "--port", str(port),
         "--dtype", dtype,
         "--max-num-seqs", str(max_num_seqs),
         "--generation-config", "vllm",
-        *extra_args,
     ]  # fmt: skip
+    if loras:
+        options = lora_options(loras)
+        argv += ["--enable-lora", "--max-loras", str(options["max_loras"])]
+        argv += ["--max-lora-rank", str(options["max_lora_rank"]), "--lora-modules"]
+        argv += [f"{name}={path}" for name, path in loras.items()]
+    return [*argv, *extra_args]
 
 
 def require_vllm(name: str, where: str) -> str:
@@ -196,22 +207,35 @@ def require_vllm(name: str, where: str) -> str:
     return binary
 
 
-def launch_vllm(cfg: DictConfig, name: str, checkpoint: Path, where: str) -> EngineProcess:
-    """`vllm serve` for one served model as this app's child (ServeConfigError without vLLM)."""
+def launch_vllm(
+    cfg: DictConfig,
+    name: str | Sequence[str],
+    checkpoint: Path,
+    where: str,
+    loras: Mapping[str, Path] | None = None,
+) -> EngineProcess:
+    """`vllm serve` for one checkpoint (under one or more served names, with `loras` over it) as
+    this app's child (ServeConfigError without vLLM or for an adapter vLLM cannot apply)."""
+    names = [name] if isinstance(name, str) else list(name)
+    name = names[0]
     binary = require_vllm(name, where)
     ep = cfg.serve.engine_process
     host = str(ep.host)
     port = free_port(host)
-    argv = vllm_command(
-        binary,
-        checkpoint,
-        name,
-        host=host,
-        port=port,
-        dtype=str(cfg.hardware.dtype),
-        max_num_seqs=int(cfg.serve.max_batch_size),
-        extra_args=[str(a) for a in _list(ep.get("vllm_args"))],
-    )
+    try:
+        argv = vllm_command(
+            binary,
+            checkpoint,
+            names,
+            host=host,
+            port=port,
+            dtype=str(cfg.hardware.dtype),
+            max_num_seqs=int(cfg.serve.max_batch_size),
+            loras=loras,
+            extra_args=[str(a) for a in _list(ep.get("vllm_args"))],
+        )
+    except ValueError as e:
+        raise ServeConfigError(f"{where} ({', '.join([*names, *(loras or {})])}): {e}") from e
     key = secrets.token_urlsafe(32)
     log_path = Path(cfg.paths.home) / "serve" / "engines" / f"{name}-{port}.log"
     return start_engine(

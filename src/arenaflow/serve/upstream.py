@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -30,30 +31,71 @@ from omegaconf import DictConfig
 
 from arenaflow.redact import redact
 from arenaflow.serve.engine_client import Upstream
-from arenaflow.serve.engine_process import launch_vllm, require_vllm
+from arenaflow.serve.engine_process import EngineProcess, launch_vllm, require_vllm
 from arenaflow.serve.errors import APIError, ServeConfigError, error_body
 from arenaflow.serve.generation import disconnected
 from arenaflow.serve.loading import ModelSpec, ServedModel, UpstreamSpec, resolve_served_model
 from arenaflow.serve.slots import ModelSlot, ServeState
 from arenaflow.serve.streams import sse_event
 
-__all__ = ["Upstream", "check_engine_processes", "forward", "is_upstream", "open_upstream"]
+__all__ = [
+    "Upstream",
+    "check_engine_processes",
+    "forward",
+    "is_upstream",
+    "launch_engine_processes",
+    "open_upstream",
+]
 
 log = logging.getLogger(__name__)
 
 
-async def open_upstream(cfg: DictConfig, spec: ModelSpec, served: ServedModel | None) -> ModelSlot:
-    """The slot of an engine-process model: launch `vllm serve` (engine: vllm) or reach the
-    configured upstream, and its card (the engine's, under the gateway's name, with lineage)."""
+async def launch_engine_processes(
+    cfg: DictConfig, specs: list[ModelSpec], resolved: dict[str, ServedModel]
+) -> dict[str, EngineProcess]:
+    """The engine process of each `engine: vllm` entry, by served name: one `vllm serve` per
+    checkpoint, the entries that serve it as its names and the adapter entries over it as its
+    LoRA modules, so adapters of one base share its weights and batches as in process."""
+    entries = [s for s in specs if s.upstream is None and not s.in_process]
+    for spec in entries:
+        if spec.name not in resolved:
+            resolved[spec.name] = await asyncio.to_thread(resolve_served_model, cfg, spec)
+    groups: dict[Path, list[ModelSpec]] = {}
+    for spec in entries:
+        sm = resolved[spec.name]
+        assert sm.path is not None
+        groups.setdefault((sm.base or sm.path).resolve(), []).append(spec)
+    out: dict[str, EngineProcess] = {}
+    try:
+        for checkpoint, members in groups.items():
+            loras = {s.name: resolved[s.name].path for s in members if resolved[s.name].adapter}
+            names = [s.name for s in members if s.name not in loras]
+            names = names or [f"{next(iter(loras))}-base"]  # the base's name inside the engine
+            process = await asyncio.to_thread(
+                launch_vllm, cfg, names, checkpoint, members[0].origin, loras
+            )
+            out.update({s.name: process for s in members})
+    except BaseException:
+        for process in {id(p): p for p in out.values()}.values():
+            await asyncio.to_thread(process.stop)
+        raise
+    return out
+
+
+async def open_upstream(
+    cfg: DictConfig,
+    spec: ModelSpec,
+    served: ServedModel | None,
+    process: EngineProcess | None = None,
+) -> ModelSlot:
+    """The slot of an engine-process model: its `vllm serve` child (engine: vllm,
+    `launch_engine_processes`) or the configured upstream, and its card (the engine's, under the
+    gateway's name, with lineage)."""
     serve = cfg.serve
-    process = None
     if spec.upstream is not None:
         up, key = spec.upstream, _upstream_key(spec)
     else:
-        if served is None:
-            served = await asyncio.to_thread(resolve_served_model, cfg, spec)
-        assert served.path is not None
-        process = await asyncio.to_thread(launch_vllm, cfg, spec.name, served.path, spec.origin)
+        assert process is not None, f"{spec.name}: no engine process launched for it"
         up, key = UpstreamSpec(process.url, spec.name), process.api_key
     upstream = Upstream(
         spec.name,
