@@ -167,7 +167,8 @@ def raw_llama_cpp(gguf: str, prompt_ids: list[list[int]], max_new: int, threads:
 
     high_level.llama_cpp.llama_model_default_params = no_amx
     kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
-    llm = llama_cpp.Llama(gguf, n_ctx=1024, verbose=False, **kw)
+    kv = llama_cpp.GGML_TYPE_F32  # the KV cache arenaflow's engine has (engine.llamacpp.kv_cache)
+    llm = llama_cpp.Llama(gguf, n_ctx=1024, verbose=False, type_k=kv, type_v=kv, **kw)
     eos = {llm.token_eos()}
     tokens, started = 0, time.perf_counter()
     for ids in prompt_ids:

@@ -111,3 +111,35 @@ def test_quantized_files_are_smaller_load_and_keep_tokenizer_and_lineage(
 def test_quantize_refuses_an_unknown_quantization(tiny_gguf, tmp_path) -> None:
     with pytest.raises(ValueError, match="q8_0, q4_k_m"):
         quantize_gguf(tiny_gguf, tmp_path / "x.gguf", "q3_k")
+
+
+def test_an_f32_kv_cache_keeps_llama_cpp_closer_to_the_hf_engine(tiny_gguf, engine) -> None:
+    """engine.llamacpp.kv_cache: the same f16 file's next-token distribution after a long chat
+    is nearer the hf engine's (over the same f16-rounded weights) with the KV cache in f32 than in
+    f16."""
+    import copy
+
+    import torch
+
+    from arenaflow.engine.llamacpp import LlamaCppEngine
+
+    chat = [{"role": "user", "content": " ".join(c[-1]["content"] for c in CHATS) * 6}]
+    ids = engine.encode(engine.render_chat(chat))
+    rounded = copy.deepcopy(engine.model)  # the weights the f16 file holds
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+        ref = torch.log_softmax(rounded(torch.tensor([ids])).logits[0, -1].float(), -1)
+    gaps, state = {}, {}
+    for kv in ("f32", "f16"):
+        llama = LlamaCppEngine(
+            tiny_gguf, engine.tokenizer, model_id="t", max_batch_size=1, n_ctx=512, kv_cache=kv
+        )
+        try:
+            gaps[kv] = float((llama.next_token_logprobs(ids) - ref).abs().max())
+            rt = llama.runtime
+            state[kv] = rt.lc.llama_state_seq_get_size(rt.ctx, 0)  # the stream's KV, in bytes
+        finally:
+            llama.close()
+    assert gaps["f32"] < gaps["f16"]
+    assert 1.9 < state["f32"] / state["f16"] < 2.1  # 4-byte elements against 2-byte ones

@@ -149,6 +149,13 @@ def test_the_local_judges_identity_names_its_engine(make_cfg, tiny_model_dir) ->
             ["engine.backend=hf", "model.quantization=q8_0"],
             ["engine.backend=llamacpp"],
             ["engine.backend=llamacpp", "model.quantization=q4_k_m"],
+            ["engine.backend=llamacpp", "engine.llamacpp.kv_cache=f16"],
         )
     }
-    assert ids == {"hf:float32", "hf:float32:q8_0", "llamacpp:f16", "llamacpp:q4_k_m"}
+    assert ids == {
+        "hf:float32",
+        "hf:float32:q8_0",
+        "llamacpp:f16:kv-f32",
+        "llamacpp:q4_k_m:kv-f32",
+        "llamacpp:f16:kv-f16",
+    }

@@ -1,5 +1,5 @@
-"""The server's memory plan on llama.cpp: each model's GGUF weights and llama.cpp's f16 KV cache at
-engine.llamacpp.n_ctx, checked against the sizes llama.cpp itself reports for the real exports."""
+"""The server's memory plan on llama.cpp: each model's GGUF weights and llama.cpp's KV cache (f32 or
+f16, engine.llamacpp.kv_cache) at engine.llamacpp.n_ctx, checked against the sizes llama.cpp itself reports for the real exports."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def _model_size(gguf: Path) -> int:
         lc.llama_model_free(model)
 
 
-@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_k_m"])
-def test_llamacpp_plan_counts_the_gguf_weights_and_an_f16_kv_cache(
-    tiny_model_dir: Path, tmp_path: Path, exports: dict[str, Path], fmt: str
+@pytest.mark.parametrize(("fmt", "kv"), [("f16", "f32"), ("q8_0", "f16"), ("q4_k_m", "f32")])
+def test_llamacpp_plan_counts_the_gguf_weights_and_the_kv_cache(
+    tiny_model_dir: Path, tmp_path: Path, exports: dict[str, Path], fmt: str, kv: str
 ) -> None:
     quant = "null" if fmt == "f16" else fmt
     cfg = _cfg(
@@ -64,6 +64,7 @@ def test_llamacpp_plan_counts_the_gguf_weights_and_an_f16_kv_cache(
         tiny_model_dir,
         "engine.backend=llamacpp",
         "engine.llamacpp.n_ctx=256",
+        f"engine.llamacpp.kv_cache={kv}",
         f"model.quantization={quant}",
     )
     [m] = plan_memory(cfg, {"tiny": tiny_model_dir}).models
@@ -73,7 +74,8 @@ def test_llamacpp_plan_counts_the_gguf_weights_and_an_f16_kv_cache(
     assert real <= m.weights_bytes <= 1.4 * real, (fmt, m.weights_bytes, real)
     c = json.loads((tiny_model_dir / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 2  # K+V, f16
+    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim  # K+V elements
+    per_token *= {"f32": 4, "f16": 2}[kv]
     assert m.kv_cache_bytes == per_token * min(256, c["max_position_embeddings"]) * 4
     assert m.context_length == min(256, c["max_position_embeddings"])
     assert m.dtype == f"llama.cpp {fmt}"

@@ -91,7 +91,8 @@ def engine_identity(spec: EngineSpec) -> str:
     so they are never reused in its place."""
     backend = choose_backend(spec.backend, spec.device)
     if backend == "llamacpp":
-        return f"llamacpp:{spec.quantization or 'f16'}"
+        kv = spec.llamacpp.get("kv_cache") or "f32"
+        return f"llamacpp:{spec.quantization or 'f16'}:kv-{kv}"
     quantized = f":{spec.quantization}" if spec.quantization and backend == "hf" else ""
     return f"{backend}:{spec.dtype}{quantized}"
 

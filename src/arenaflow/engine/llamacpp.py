@@ -196,11 +196,17 @@ class LlamaCppEngine(Engine):
         max_batch_size: int = 16,
         n_ctx: int | None = None,
         n_threads: int | None = None,
+        kv_cache: str = "f32",
         eos_ids: set[int] | None = None,
         lora: str | Path | None = None,
     ) -> None:
         self.runtime = GgufRuntime(
-            gguf, n_seq_max=max_batch_size, n_ctx_seq=n_ctx, n_threads=n_threads, lora=lora
+            gguf,
+            n_seq_max=max_batch_size,
+            n_ctx_seq=n_ctx,
+            n_threads=n_threads,
+            kv_cache=kv_cache,
+            lora=lora,
         )
         self.gguf = self.runtime.weights.path
         self.lora = Path(lora) if lora else None
@@ -227,7 +233,7 @@ class LlamaCppEngine(Engine):
         """A checkpoint folder or registry URI on llama.cpp: its tokenizer (chat template) and
         `gguf`, else the checkpoint's GGUF export (`backends.gguf_for`, made once, cached). An
         adapter folder runs as its base's GGUF with the adapter's GGUF LoRA applied.
-        `options`: max_batch_size, n_ctx, n_threads, quantization, cache_dir."""
+        `options`: max_batch_size, n_ctx, n_threads, kv_cache, quantization, cache_dir."""
         from arenaflow.adapters import base_folder, is_adapter, read_adapter
         from arenaflow.engine.engine import resolve_checkpoint
 
@@ -252,6 +258,7 @@ class LlamaCppEngine(Engine):
         max_batch_size: int = 16,
         n_ctx: int | None = None,
         n_threads: int | None = None,
+        kv_cache: str = "f32",
         quantization: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> dict[str, LlamaCppEngine]:
@@ -288,6 +295,7 @@ class LlamaCppEngine(Engine):
                     max_batch_size=max_batch_size,
                     n_ctx=n_ctx,
                     n_threads=n_threads,
+                    kv_cache=kv_cache,
                     eos_ids=eos,
                     lora=lora,
                 )

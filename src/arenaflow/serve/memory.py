@@ -175,7 +175,6 @@ def estimate_model_memory(
 # q8_0 blocks, counted at q8_0's size (SmolLM2-135M's 576-wide rows are such).
 GGUF_WEIGHT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_k_m": 4.9 / 8}
 K_QUANT_ROW = 256
-LLAMACPP_KV_BYTES = 2  # llama.cpp's KV cache is f16 unless told otherwise
 
 
 def estimate_llamacpp_memory(
@@ -186,12 +185,14 @@ def estimate_llamacpp_memory(
     n_ctx: int | None,
     max_batch_size: int,
     gguf: Path | None = None,
+    kv_cache: str = "f32",
 ) -> ModelMemory:
     """Bytes to serve the checkpoint at `path` on llama.cpp, from its files alone.
 
     weights  = the size of `gguf` (engine.llamacpp.gguf) when given, else parameters x
                GGUF_WEIGHT_BYTES[format] (the export model.quantization picks)
-    KV cache = 2 x layers x kv_heads x head_dim x n_ctx x max_batch_size x 2 (f16), where n_ctx is
+    KV cache = 2 x layers x kv_heads x head_dim x n_ctx x max_batch_size x 4 (engine.llamacpp.
+    kv_cache: f32; 2 for f16), where n_ctx is
     engine.llamacpp.n_ctx capped at the trained context: llama.cpp allocates every row's stream up
     front, so the whole cache counts even while its pages are untouched. The logits buffer (512 x
     vocabulary floats) and compute buffers are what serve.memory_headroom leaves room for."""
@@ -213,11 +214,19 @@ def estimate_llamacpp_memory(
     return ModelMemory(
         name=name,
         weights_bytes=int(weights),
-        kv_cache_bytes=per_token * context * max_batch_size * LLAMACPP_KV_BYTES,
+        kv_cache_bytes=per_token * context * max_batch_size * _kv_bytes(kv_cache),
         dtype=f"llama.cpp {fmt}",
         context_length=context,
         max_batch_size=max_batch_size,
     )
+
+
+def _kv_bytes(kv_cache: str) -> int:
+    from arenaflow.engine.llamacpp_runtime import KV_CACHE_BYTES
+
+    if kv_cache not in KV_CACHE_BYTES:
+        raise ServeConfigError(f"engine.llamacpp.kv_cache={kv_cache!r} is not one of f32, f16")
+    return KV_CACHE_BYTES[kv_cache]
 
 
 def _gguf_tensor_bytes(shape: list[int], fmt: str) -> float:
@@ -368,6 +377,7 @@ def llamacpp_options(cfg: DictConfig) -> dict[str, Any] | None:
         "quantization": spec.quantization,
         "n_ctx": spec.llamacpp.get("n_ctx"),
         "gguf": Path(gguf) if gguf else None,
+        "kv_cache": spec.llamacpp.get("kv_cache") or "f32",
     }
 
 
@@ -379,6 +389,11 @@ def check_memory(plan: MemoryPlan) -> None:
     raise ModelsDoNotFitError(
         f"the served models do not fit in memory: {plan.summary()}; the models to load need "
         f"{gib(plan.to_load_bytes)} > {gib(plan.budget_bytes)} usable. Serve fewer models "
-        "(serve.models), lower serve.max_batch_size, or raise serve.memory_headroom / "
-        "serve.memory_budget_bytes"
+        "(serve.models), lower serve.max_batch_size"
+        + (
+            ", lower engine.llamacpp.n_ctx, set engine.llamacpp.kv_cache=f16 (half the KV cache)"
+            if any(m.dtype.startswith("llama.cpp") for m in plan.models)
+            else ""
+        )
+        + ", or raise serve.memory_headroom / serve.memory_budget_bytes"
     )
