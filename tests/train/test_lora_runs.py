@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -58,6 +59,24 @@ def _kill_when_checkpointed(overrides: list[str], ckpts: Path) -> str:
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     return (ckpts / "LATEST").read_text().strip()
+
+
+def _killed_fsdp_run(home: Path, cache: Path, sft_dir: Path, *steps: str) -> tuple[Any, str]:
+    """A 2-rank run checkpointing every 2 steps, killed once it has a checkpoint, which must hold
+    the adapters and their optimizer state only (no frozen base weight, no 4-bit code or quant
+    state); returns its config and the checkpoint LATEST names."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    overrides = _overrides(home, cache, sft_dir, *steps, "train.checkpoint_every_n_steps=2")
+    cfg = compose_config(overrides)
+    ckpts = output_dir(cfg) / "checkpoints"
+    killed_at = _kill_when_checkpointed(overrides, ckpts)
+    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
+    keys = FileSystemReader(str(ckpts / killed_at)).read_metadata().state_dict_metadata
+    weights = [k for k in keys if k.startswith("state_dict.")]
+    assert weights and all(".lora_" in k for k in weights)
+    assert any(k.startswith("optimizer_0.") for k in keys)
+    return cfg, killed_at
 
 
 def test_killed_lora_run_resumes_and_registers_an_adapter_over_the_registered_base(
@@ -129,22 +148,11 @@ def test_fsdp_lora_resumes_exactly_from_adapter_checkpoints_and_merges(
     the base with the adapter."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
     # no dropout: its masks draw from an RNG a resume does not replay
     steps = ["hardware=cpu_fsdp", "train.max_steps=6", "train.lr=1e-2", "train.lora.dropout=0"]
-    overrides = _overrides(
-        af_home, model_cache, sft_dir, *steps, "train.checkpoint_every_n_steps=2"
-    )
-    cfg = compose_config(overrides)
-    ckpts = output_dir(cfg) / "checkpoints"
-    killed_at = _kill_when_checkpointed(overrides, ckpts)
-    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
-    keys = FileSystemReader(str(ckpts / killed_at)).read_metadata().state_dict_metadata
-    weights = [k for k in keys if k.startswith("state_dict.")]
-    assert weights and all(".lora_" in k for k in weights)  # no frozen base weight in it
-    assert any(k.startswith("optimizer_0.") for k in keys)
+    cfg, killed_at = _killed_fsdp_run(af_home, model_cache, sft_dir, *steps)
 
     result = run(cfg)
     assert result["resumed_from"] == killed_at and result["steps"] == 6
@@ -195,20 +203,9 @@ def test_qlora_under_fsdp_shards_the_adapters_holds_the_4bit_base_and_resumes_af
     every rank holds the 4-bit weights whole; a killed run's checkpoint holds the adapters and
     their optimizer state only, and the resumed run registers its adapter over the base."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint import FileSystemReader
 
     steps = ["hardware=cpu_fsdp", "train.lora.quantize=nf4", "train.max_steps=4"]
-    overrides = _overrides(
-        af_home, model_cache, sft_dir, *steps, "train.checkpoint_every_n_steps=2"
-    )
-    cfg = compose_config(overrides)
-    ckpts = output_dir(cfg) / "checkpoints"
-    killed_at = _kill_when_checkpointed(overrides, ckpts)
-    assert killed_at in ("step-00000002.ckpt", "step-00000004.ckpt")
-    keys = FileSystemReader(str(ckpts / killed_at)).read_metadata().state_dict_metadata
-    weights = [k for k in keys if k.startswith("state_dict.")]
-    assert weights and all(".lora_" in k for k in weights)  # no 4-bit code, no quant state
-    assert any(k.startswith("optimizer_0.") for k in keys)
+    cfg, killed_at = _killed_fsdp_run(af_home, model_cache, sft_dir, *steps)
 
     result = run(cfg)
     assert result["resumed_from"] == killed_at and result["steps"] == 4
