@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+from arenaflow.config import compose_config
 from arenaflow.engine import Engine, SamplingParams  # noqa: E402
 from arenaflow.engine.backends import EngineSpec, choose_backend, load_engine  # noqa: E402
 from arenaflow.engine.llamacpp import LlamaCppEngine  # noqa: E402
@@ -256,6 +257,10 @@ def test_backend_choice(tiny_model_dir: Path, packaged_gguf: Path) -> None:
     engine.close()
     hf = load_engine(tiny_model_dir, EngineSpec(backend="hf"))
     assert type(hf) is Engine
+    # a KV cache type llama.cpp is not given is an error, not a silent fall-back to hf under auto
+    cfg = compose_config(["experiment=test", "engine.llamacpp.kv_cache=q8"])
+    with pytest.raises(ValueError, match="engine.llamacpp.kv_cache='q8' is not one of f32, f16"):
+        EngineSpec.from_cfg(cfg)
 
 
 def test_vllm_backend_greedy_answers(tiny_model_dir: Path) -> None:

@@ -366,8 +366,8 @@ def llamacpp_options(cfg: DictConfig) -> dict[str, Any] | None:
     """What sizes a model on llama.cpp, when engine.backend picks it here; else None."""
     from arenaflow.engine.backends import EngineSpec, choose_backend
 
-    spec = EngineSpec.from_cfg(cfg)
     try:
+        spec = EngineSpec.from_cfg(cfg)
         if choose_backend(spec.backend, spec.device) != "llamacpp":
             return None
     except ValueError as e:
