@@ -135,7 +135,6 @@ class RunningBatch:
         self.next_tokens = _EMPTY  # [rows] last sampled token, not yet in cache
         self.last_batch_size = 0
         self.steps = 0
-        self.tokens_generated = 0
         # rows of different adapters (and of the base) share the batch: peft's adapter_names per row
         self.peft = _is_peft(model)
         inner = model.get_base_model() if self.peft else model
@@ -266,7 +265,6 @@ class RunningBatch:
             return
         p = s.request.params
         s.generated += 1
-        self.tokens_generated += 1
         if s.logprobs is not None and lp is not None:
             s.logprobs.append(lp)
         finish = None

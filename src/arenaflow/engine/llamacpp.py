@@ -89,7 +89,6 @@ class LlamaCppBatch(RunningBatch):
         self.next_tokens = _EMPTY
         self.last_batch_size = 0
         self.steps = 0
-        self.tokens_generated = 0
         self.peft = False
         self.seqs: list[int] = []  # KV stream of each row
         self.pool = engine.streams  # the engine's streams no row of any batch holds

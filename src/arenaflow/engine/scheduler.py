@@ -155,8 +155,11 @@ class Scheduler:
         }
 
     def _count(self, request: Request, outcome: str) -> None:
-        """Count a request that left the scheduler: completed, failed, cancelled or rejected."""
+        """Count a request that left the scheduler: completed, failed, cancelled or rejected.
+        It leaves the running set under the same lock, so a scrape never sees its tokens in
+        neither place (the counters stay monotonic, as Prometheus reads them)."""
         with self._cond:
+            self._running.pop(id(request), None)
             c = self._counts.setdefault(request.adapter, dict.fromkeys(_COUNTERS, 0))
             c[outcome] += 1
             c["tokens_generated"] += _generated(request)
@@ -211,12 +214,10 @@ class Scheduler:
             except Exception as e:  # a model error fails the batch, not the server
                 failed = self._batch.cancel_all(e) + admit
                 for r in {id(r): r for r in failed}.values():
-                    self._running.pop(id(r), None)
                     self._count(r, "failed")
                     _notify(r, e)
                 continue
             for r in finished:
-                self._running.pop(id(r), None)
                 if r.error is not None:  # this request failed alone; its batch-mates go on
                     self._count(r, "failed")
                     _notify(r, r.error)
