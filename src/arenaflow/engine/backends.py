@@ -37,13 +37,13 @@ class EngineSpec:
     def from_cfg(cls, cfg: Any) -> EngineSpec:
         from omegaconf import OmegaConf
 
-        from arenaflow.engine.llamacpp_runtime import KV_CACHE_BYTES
+        from arenaflow.engine.llamacpp_runtime import check_kv_cache
 
         gpu = cfg.hardware.accelerator == "gpu"
         engine = cfg.get("engine") or {}
         kv = (engine.get("llamacpp") or {}).get("kv_cache")
-        if kv is not None and kv not in KV_CACHE_BYTES:  # a typo is an error, not a fallback to hf
-            raise ValueError(f"engine.llamacpp.kv_cache={kv!r} is not one of f32, f16")
+        if kv is not None:  # a typo is an error here, not a fall-back to hf under auto
+            check_kv_cache(kv)
         return cls(
             backend=str(engine.get("backend", "auto")),
             device="cuda" if gpu else "cpu",

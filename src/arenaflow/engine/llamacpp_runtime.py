@@ -77,11 +77,16 @@ class GgufModel:
 KV_CACHE_BYTES = {"f32": 4, "f16": 2}  # engine.llamacpp.kv_cache: bytes per K or V element
 
 
-def kv_cache_type(lc: Any, kv_cache: str) -> int:
-    """llama.cpp's ggml type for engine.llamacpp.kv_cache (f32 | f16); ValueError otherwise."""
+def check_kv_cache(kv_cache: str) -> str:
+    """engine.llamacpp.kv_cache as given, when it is f32 or f16; ValueError otherwise."""
     if kv_cache not in KV_CACHE_BYTES:
         raise ValueError(f"engine.llamacpp.kv_cache={kv_cache!r} is not one of f32, f16")
-    return lc.GGML_TYPE_F32 if kv_cache == "f32" else lc.GGML_TYPE_F16
+    return kv_cache
+
+
+def kv_cache_type(lc: Any, kv_cache: str) -> int:
+    """llama.cpp's ggml type for engine.llamacpp.kv_cache (f32 | f16); ValueError otherwise."""
+    return lc.GGML_TYPE_F32 if check_kv_cache(kv_cache) == "f32" else lc.GGML_TYPE_F16
 
 
 class GgufRuntime:

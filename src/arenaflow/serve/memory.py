@@ -196,6 +196,7 @@ def estimate_llamacpp_memory(
     engine.llamacpp.n_ctx capped at the trained context: llama.cpp allocates every row's stream up
     front, so the whole cache counts even while its pages are untouched. The logits buffer (512 x
     vocabulary floats) and compute buffers are what serve.memory_headroom leaves room for."""
+    from arenaflow.engine.llamacpp_runtime import KV_CACHE_BYTES
     from arenaflow.export import gguf_format
 
     fmt = gguf.name if gguf else gguf_format(quantization)
@@ -214,19 +215,11 @@ def estimate_llamacpp_memory(
     return ModelMemory(
         name=name,
         weights_bytes=int(weights),
-        kv_cache_bytes=per_token * context * max_batch_size * _kv_bytes(kv_cache),
+        kv_cache_bytes=per_token * context * max_batch_size * KV_CACHE_BYTES[kv_cache],
         dtype=f"llama.cpp {fmt}",
         context_length=context,
         max_batch_size=max_batch_size,
     )
-
-
-def _kv_bytes(kv_cache: str) -> int:
-    from arenaflow.engine.llamacpp_runtime import KV_CACHE_BYTES
-
-    if kv_cache not in KV_CACHE_BYTES:
-        raise ServeConfigError(f"engine.llamacpp.kv_cache={kv_cache!r} is not one of f32, f16")
-    return KV_CACHE_BYTES[kv_cache]
 
 
 def _gguf_tensor_bytes(shape: list[int], fmt: str) -> float:
