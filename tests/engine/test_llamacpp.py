@@ -180,6 +180,71 @@ def test_prompt_extending_a_finished_row_prefills_only_its_new_tokens(
     assert len(pool.free) == llama_engine.max_batch_size
 
 
+def test_prompt_sharing_a_running_rows_prefix_copies_its_kv(llama_engine: LlamaCppEngine) -> None:
+    """Two prompts under one long system prompt, admitted together: the second row's stream is a
+    copy of the first's, prefilled only from where they differ, and both decode what they decode
+    alone from a cold start."""
+    system = "You are a careful judge. " * 12  # a prefix far longer than a copy costs
+    chats = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        for q in QUESTIONS[1:]
+    ]
+    prompts = [llama_engine.render_chat(c) for c in chats]
+    ids = [llama_engine.encode(p) for p in prompts]
+    shared = _shared(ids[0], ids[1])
+    assert shared > 60
+    greedy = SamplingParams(max_new_tokens=10, logprobs=True)
+    pool = llama_engine.streams
+    solo = []
+    for p in prompts:
+        pool.cached.clear()
+        solo.append(llama_engine.generate([p], greedy)[0].choices[0])
+    pool.cached.clear()
+    before = pool.copied_tokens, pool.reused_tokens
+    together = [r.choices[0] for r in llama_engine.generate(prompts, greedy)]
+    assert pool.copied_tokens - before[0] == shared  # the second row copied the first's prefix
+    assert pool.reused_tokens - before[1] == shared  # and nothing else was reused
+    assert [c.token_ids for c in together] == [c.token_ids for c in solo]
+    for a, b in zip(together, solo, strict=True):
+        gap = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+        assert gap < 0.05
+    assert len(pool.free) == llama_engine.max_batch_size
+
+
+def test_a_gap_left_by_a_finished_row_is_closed_by_moving_a_row(
+    llama_engine: LlamaCppEngine, prompts: list[str]
+) -> None:
+    """Rows in streams 0, 1, 2; the middle one finishes first. llama.cpp would decode streams 0
+    and 2 in two passes, so the row in 2 moves into 1, after 1's cached tokens (the finished
+    row's) move to a spare stream: every row decodes what it decodes alone, and the finished
+    row's prompt and reply stay cached."""
+    pool = llama_engine.streams
+    short, long = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=16)
+    plist = [long, short, long]
+    solo = []
+    for p, sp in zip(prompts, plist, strict=True):
+        pool.cached.clear()
+        solo.append(llama_engine.generate([p], sp)[0].choices[0].token_ids)
+    pool.cached.clear()
+    pool.free.sort()
+    batch = llama_engine.new_batch()
+    requests = [llama_engine.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+    with llama_engine.lock:
+        batch.admit(requests)
+        assert batch.seqs == [0, 1, 2]
+        seen = []
+        while len(batch):
+            batch.step()
+            seen.append(sorted(batch.seqs))
+    assert batch.moves == 1
+    assert [0, 1] in seen and [0, 2] not in seen[1:]  # once row 1 left, the rows were in 0 and 1
+    assert [r.build_result().choices[0].token_ids for r in requests] == solo
+    finished = requests[1]
+    held = finished.prompt_ids + finished.seqs[0].token_ids[:1]  # its last token was never fed
+    assert any(tokens[: len(held)] == held for tokens in pool.cached.values())
+    assert len(pool.free) == llama_engine.max_batch_size
+
+
 def test_copies_of_a_cached_prefix_sample_from_the_same_prefill(
     llama_engine: LlamaCppEngine, prompts: list[str]
 ) -> None:
