@@ -23,7 +23,7 @@ export ARENAFLOW_HOME ?= $(CURDIR)/.arenaflow
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint format dev mlflow serve chat bench clean chromium screenshot
+.PHONY: install run test lint format dev mlflow serve chat bench clean chromium screenshot llama-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -77,6 +77,23 @@ serve: $(STAMP)
 
 chat: $(STAMP)
 	$(BIN)/python -m arenaflow.chat $(OVERRIDES)
+
+# llama.cpp's own server, for `bench_serve.py --llama-server` only (not installed, never served): built
+# from the pinned llama-cpp-python's vendored llama.cpp, about 5 minutes on 2 cores, kept outside
+# the checkout like the wheel.
+LLAMA_SERVER_BUILD := $(HOME)/.cache/arenaflow/llama-server-0.3.36
+LLAMA_SERVER := $(LLAMA_SERVER_BUILD)/bin/llama-server
+llama-server: $(LLAMA_SERVER)
+	@echo "built: $(LLAMA_SERVER) (bench_serve.py --llama-server $(LLAMA_SERVER))"
+$(LLAMA_SERVER): | $(STAMP)
+	rm -rf $(LLAMA_SERVER_BUILD).src && mkdir -p $(LLAMA_SERVER_BUILD).src
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_SERVER_BUILD).src $(LLAMA_CPP)
+	tar -xzf $(LLAMA_SERVER_BUILD).src/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_SERVER_BUILD).src
+	cmake -S $(LLAMA_SERVER_BUILD).src/llama_cpp_python-0.3.36/vendor/llama.cpp -B $(LLAMA_SERVER_BUILD) \
+		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build $(LLAMA_SERVER_BUILD) --target llama-server -j$$(nproc)
+	rm -rf $(LLAMA_SERVER_BUILD).src
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -1,6 +1,7 @@
 """Serving throughput and latency: 64 MT-bench chat requests at concurrency 1 and 16 against a real server.
 
-    .venv/bin/python benchmarks/bench_serve.py [--requests 64] [--max-tokens 64] [hydra overrides]
+    .venv/bin/python benchmarks/bench_serve.py [--requests 64] [--max-tokens 64]
+        [--llama-server path/to/llama-server] [hydra overrides]
 
 Starts `python -m arenaflow.serve` (SmolLM2-135M-Instruct by default) on a free port, streams every
 request through the official `openai` client (max_tokens 64, greedy) and prints generated tokens/s,
@@ -10,6 +11,12 @@ Each concurrency runs free, schema, schema, free and sums per mode, so a drift i
 cancels out; tokens per CPU-second of the server process are printed too: on a shared machine they
 compare the two modes where wall-clock tokens/s mostly measures the neighbours (there, run it with
 OMP_NUM_THREADS=1: oversubscribed torch threads made each decode step ~10x slower).
+
+`--llama-server BIN` (`make llama-server` builds one from the pinned llama-cpp-python's own
+llama.cpp) runs the same loads against llama.cpp's own server on the GGUF our engine loads, set up
+as our engine is (16 slots in separate KV streams, the same KV cache type, flash attention and
+repacking off), and prints both servers' throughput at concurrency 1 and 16 side by side: the
+measurement behind serving llama.cpp in process rather than as a managed server child.
 """
 
 from __future__ import annotations
@@ -81,10 +88,18 @@ async def one(
 
 
 async def load(
-    url: str, model: str, questions: list[str], concurrency: int, max_tokens: int, mode: str
+    url: str,
+    model: str,
+    questions: list[str],
+    concurrency: int,
+    max_tokens: int,
+    mode: str,
+    retries: int = 0,
 ) -> dict[str, float]:
     gate = asyncio.Semaphore(concurrency)
-    async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600) as client:
+    async with AsyncOpenAI(
+        base_url=url, api_key="bench", max_retries=retries, timeout=600
+    ) as client:
 
         async def gated(q: str) -> tuple[float, float, int]:
             async with gate:
@@ -114,6 +129,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--llama-server",
+        metavar="BIN",
+        help="also run the loads against llama.cpp's own server (this binary) on the same GGUF",
+    )
     args, overrides = parser.parse_known_args(argv)
     cfg = compose_config(["model=smollm2_135m", "tracking=none", *overrides])
     checkpoint = resolve_model(cfg.model, cfg.paths.cache_dir)
@@ -126,42 +146,125 @@ def main(argv: list[str]) -> int:
         f"serve.model_uri={checkpoint}", f"serve.port={port}", "serve.log_level=warning",
         f"serve.max_batch_size={max(CONCURRENCY)}",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    rows = run_server("arenaflow", cmd, env, port, str(cfg.serve.served_model_name), prompts, args)
+    if rows is None:
+        return 1
+    print(
+        f"\nserving {Path(checkpoint).name}: {len(prompts)} MT-bench chat requests a load, "
+        f"max_tokens {args.max_tokens}, greedy, streamed"
+    )
+    report(rows)
+    if args.llama_server:
+        port = free_port()
+        cmd = llama_server_command(args.llama_server, cfg, checkpoint, port)
+        theirs = run_server("llama-server", cmd, env, port, "gguf", prompts, args, retries=2)
+        if theirs is None:
+            return 1
+        print(f"\nllama.cpp's server on the same GGUF: {' '.join(cmd[1:])}")
+        report(theirs)
+        compare(rows, theirs)
+    return 0
+
+
+def run_server(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    model: str,
+    prompts: list[str],
+    args: argparse.Namespace,
+    retries: int = 0,
+) -> list[dict] | None:
+    """Start a server, wait for it and run every load on it; None when it never got ready.
+
+    Each load asks its own questions, numbered (`(3) Compose an engaging ...`), so no load is
+    answered from the prompts an earlier one left cached (our engine keeps them in its free KV
+    streams, llama.cpp's server in host memory too): the same questions in every load had
+    flattered concurrency 16 against 1 (2.55x against 2.21x, llama-server 2.90x against 2.64x)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                print(f"server exited with code {proc.returncode}", file=sys.stderr)
-                return 1
-            try:
-                ready = httpx.get(f"{base}/ready", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                print("server not ready after 300 s", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        model = str(cfg.serve.served_model_name)
+        if not wait_ready(proc, f"{base}/health" if name == "llama-server" else f"{base}/ready"):
+            return None
         for mode in MODES:  # warm-up (the schema's grammar compiles here)
-            asyncio.run(load(f"{base}/v1", model, prompts[:2], 2, 4, mode))
+            asyncio.run(load(f"{base}/v1", model, prompts[:2], 2, 4, mode, retries))
         server = psutil.Process(proc.pid)
-        rows = [  # free, schema, schema, free: a drift in the machine's load cancels out
-            with_cpu(server, load(f"{base}/v1", model, prompts, c, args.max_tokens, mode))
-            for c in CONCURRENCY
-            for mode in ("free", "schema", "schema", "free")
+        loads = [  # free, schema, schema, free: a drift in the machine's load cancels out
+            (c, mode) for c in CONCURRENCY for mode in ("free", "schema", "schema", "free")
+        ]
+        return [
+            with_cpu(
+                server,
+                load(
+                    f"{base}/v1",
+                    model,
+                    [f"({n}) {p}" for p in prompts],
+                    c,
+                    args.max_tokens,
+                    mode,
+                    retries,
+                ),
+            )
+            for n, (c, mode) in enumerate(loads, start=1)
         ]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(
-        f"\nserving {Path(checkpoint).name}: {len(prompts)} MT-bench chat requests, "
-        f"max_tokens {args.max_tokens}, greedy, streamed"
-    )
-    report(rows)
-    return 0
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> bool:
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            print(f"server exited with code {proc.returncode}", file=sys.stderr)
+            return False
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            print(f"server not ready after {timeout:.0f} s", file=sys.stderr)
+            return False
+        time.sleep(0.5)
+
+
+def llama_server_command(binary: str, cfg: Any, checkpoint: Path, port: int) -> list[str]:
+    """llama.cpp's server set up as our engine is: the GGUF it loads, 16 slots of
+    engine.llamacpp.n_ctx tokens in separate KV streams of engine.llamacpp.kv_cache's type, flash
+    attention and weight repacking off, every core. Its HTTP layer (cpp-httplib) closes a kept-alive
+    connection after a few requests, and a request sent on it just then gets no response, so its
+    client retries those (a request with no response has cost nothing)."""
+    from arenaflow.engine.backends import gguf_for
+
+    gguf = gguf_for(checkpoint, cfg.model.quantization, cfg.paths.cache_dir)
+    llamacpp = cfg.engine.llamacpp
+    kv = str(llamacpp.kv_cache)
+    threads = llamacpp.n_threads or len(os.sched_getaffinity(0))
+    slots = max(CONCURRENCY)
+    return [
+        binary, "-m", str(gguf), "--port", str(port), "-np", str(slots),
+        "-c", str(slots * int(llamacpp.n_ctx)), "-no-kvu", "-ctk", kv, "-ctv", kv,
+        "-fa", "off", "--no-repack", "-t", str(threads), "--no-webui",
+    ]  # fmt: skip
+
+
+def compare(ours: list[dict], theirs: list[dict]) -> None:
+    """Free-mode throughput of both servers at each concurrency, and each one's 16 / 1 ratio."""
+
+    def free_tps(rows: list[dict], c: int) -> float:
+        mine = [r for r in rows if r["concurrency"] == c and r["mode"] == "free"]
+        return sum(r["tokens"] for r in mine) / sum(r["wall_s"] for r in mine)
+
+    lo, hi = CONCURRENCY[0], CONCURRENCY[-1]
+    print(f"\n{'server':>12} {'tok/s at ' + str(lo):>12} {'tok/s at ' + str(hi):>12} {'ratio':>6}")
+    for name, rows in (("arenaflow", ours), ("llama-server", theirs)):
+        a, b = free_tps(rows, lo), free_tps(rows, hi)
+        print(f"{name:>12} {a:>12.1f} {b:>12.1f} {b / a:>5.2f}x")
+    for c in CONCURRENCY:
+        print(f"arenaflow / llama-server at {c}: {free_tps(ours, c) / free_tps(theirs, c):.2f}")
 
 
 def with_cpu(server: psutil.Process, run: Any) -> dict[str, float]:
