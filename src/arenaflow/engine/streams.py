@@ -35,7 +35,6 @@ class StreamPool:
     def __init__(self, n: int) -> None:
         self.size = n
         self.free = list(range(n))
-        self.held: set[int] = set()
         # stream -> the tokens its KV holds from position 0: a free stream's, and a held stream's
         # prompt (its row only writes after it)
         self.cached: dict[int, list[int]] = {}
@@ -57,9 +56,8 @@ class StreamPool:
             k = _shared_prefix(self.cached.get(s, ()), prompt_ids)
             if k > shared:
                 first, shared = s, k
-        held = [
-            (_shared_prefix(t, prompt_ids), s) for s, t in self.cached.items() if s in self.held
-        ]
+        free = set(self.free)
+        held = [(_shared_prefix(t, prompt_ids), s) for s, t in self.cached.items() if s not in free]
         copied, source = max(held, default=(0, None))
         if copied >= shared + MIN_COPY_TOKENS:
             first, shared = self.free[0], copied
@@ -67,7 +65,6 @@ class StreamPool:
             source = None
         taken = [first] + [s for s in self.free if s != first][: n - 1]
         self.free = [s for s in self.free if s not in taken]
-        self.held.update(taken)
         for s in taken:
             self.cached.pop(s, None)
         shared = min(shared, len(prompt_ids) - 1)
@@ -79,7 +76,6 @@ class StreamPool:
     def take_stream(self, seq: int) -> None:
         """Free stream `seq` becomes held (a row moves into it); what it cached is forgotten."""
         self.free.remove(seq)
-        self.held.add(seq)
         self.cached.pop(seq, None)
 
     def hold(self, seq: int, prompt_ids: list[int]) -> None:
@@ -89,7 +85,6 @@ class StreamPool:
     def give_back(self, seq: int, cached: list[int] | None = None) -> None:
         """Free `seq`; `cached`: the tokens its KV holds (None: it holds nothing to reuse)."""
         self.free.append(seq)
-        self.held.discard(seq)
         if cached:
             self.cached[seq] = cached
         else:
