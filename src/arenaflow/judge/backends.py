@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from omegaconf import DictConfig
 
@@ -31,6 +31,9 @@ from arenaflow.clients.endpoint import (
     describe,
 )
 from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
+
+if TYPE_CHECKING:
+    from arenaflow.engine.backends import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +325,23 @@ def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None
     return resolve_reference(str(cfg.judge.model), cfg, base=base)
 
 
+def judge_engine_spec(cfg: DictConfig) -> EngineSpec:
+    """The engine the local judge runs on: `engine` (backend, weights) with the judge's own KV
+    cache type (`judge.kv_cache`, null: engine.llamacpp.kv_cache)."""
+    from arenaflow.engine.backends import EngineSpec
+    from arenaflow.engine.llamacpp_runtime import check_kv_cache
+
+    spec = EngineSpec.from_cfg(cfg)
+    kv = cfg.judge.get("kv_cache")
+    if kv is None:
+        return spec
+    try:
+        check_kv_cache(str(kv))
+    except ValueError as e:
+        raise JudgeConfigError(str(e).replace("engine.llamacpp.kv_cache", "judge.kv_cache")) from e
+    return replace(spec, llamacpp={**spec.llamacpp, "kv_cache": str(kv)})
+
+
 def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
     """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
     judge, the registry version an alias names now, or the checkpoint folder's content hash, and
@@ -332,11 +352,11 @@ def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -
     j = cfg.judge
     if j.backend != "local":
         return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
-    from arenaflow.engine.backends import EngineSpec, engine_identity
+    from arenaflow.engine.backends import engine_identity
 
     ref = resolve_judge_checkpoint(cfg, base_model_path)
     tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
-    engine = engine_identity(EngineSpec.from_cfg(cfg))
+    engine = engine_identity(judge_engine_spec(cfg))
     return {"checkpoint": model_identity(ref, tracking_uri), "engine": engine}
 
 
@@ -363,11 +383,11 @@ def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) ->
             logprobs=bool(j.logprob_recovery),
         )
     if j.backend == "local":
-        from arenaflow.engine.backends import EngineSpec, load_engine
+        from arenaflow.engine.backends import load_engine
 
         checkpoint = resolve_judge_checkpoint(cfg, base_model_path)
         tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
-        engine = load_engine(checkpoint, EngineSpec.from_cfg(cfg), tracking_uri=tracking_uri)
+        engine = load_engine(checkpoint, judge_engine_spec(cfg), tracking_uri=tracking_uri)
         from arenaflow.judge.local import LocalBackend
 
         return LocalBackend(
