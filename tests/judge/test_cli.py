@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from judge_standin import StandIn, api_overrides, write_inputs
 
 from arenaflow.config import REPO_ROOT
@@ -44,3 +45,39 @@ def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Pa
     logged = proc.stdout + proc.stderr
     assert "base_url: http://judge:***@127.0.0.1" in logged
     assert "s3cret-pw" not in logged  # nor in httpx's request lines (EndpointClient's log filter)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["judge=openai_compatible"], "judge=openai_compatible needs judge.base_url="),
+        (["judge.kv_cache=f8"], "judge.kv_cache='f8' is not one of f32, f16"),
+        (["model.quantization=q3"], "model.quantization='q3' is not one of q8_0, q4_k_m or null"),
+        (["evaluate.bench_name=nowhere"], "MT-bench questions not found at"),
+    ],
+)
+def test_cli_refuses_a_judge_it_cannot_set_up(
+    overrides: list[str], message: str, af_home: Path, model_cache: Path
+) -> None:
+    """A bad judge setting, or inputs not written yet: one line with the fix, no traceback."""
+    bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
+    inputs = write_inputs(bench, question_ids=(81,))
+    (bench / "model_answer").mkdir()
+    for name, uri in inputs["answer_uris"].items():
+        Path(uri).rename(bench / "model_answer" / f"{name}.jsonl")
+    cmd = [
+        sys.executable,
+        "-m",
+        "arenaflow.judge",
+        "experiment=test",
+        f"paths.home={af_home}",
+        f"paths.cache_dir={model_cache}",
+        "tracking=none",
+        *overrides,
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("ARENAFLOW_OVERRIDES", None)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert f"arenaflow.judge: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout

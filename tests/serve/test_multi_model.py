@@ -234,6 +234,39 @@ def test_cli_refuses_a_set_that_does_not_fit(tiny_model_dir, tiny_model_dir_b, t
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.quantization=q3", "model.quantization='q3' is not one of q8_0, q4_k_m or null"),
+        ("engine.llamacpp.kv_cache=q8", "engine.llamacpp.kv_cache='q8' is not one of f32, f16"),
+    ],
+)
+def test_cli_refuses_an_unknown_weight_or_cache_type(
+    override: str, message: str, tiny_model_dir, tmp_path
+) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "arenaflow.serve",
+            "experiment=test",
+            f"paths.home={tmp_path}",
+            "tracking=none",
+            f"serve.model_uri={tiny_model_dir}",
+            override,
+            "serve.port=9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode != 0
+    assert f"arenaflow.serve: refusing to serve: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_duplicate_and_malformed_models_are_refused(
     serve_cfg_factory, tiny_model_dir, serve_engine
 ) -> None:

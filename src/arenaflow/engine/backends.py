@@ -38,17 +38,18 @@ class EngineSpec:
         from omegaconf import OmegaConf
 
         from arenaflow.engine.llamacpp_runtime import check_kv_cache
+        from arenaflow.export.quantize import check_quantization
 
         gpu = cfg.hardware.accelerator == "gpu"
         engine = cfg.get("engine") or {}
         kv = (engine.get("llamacpp") or {}).get("kv_cache")
-        if kv is not None:  # a typo is an error here, not a fall-back to hf under auto
+        if kv is not None:  # a typo is an error here (as in model.quantization), not a fall-back
             check_kv_cache(kv)
         return cls(
             backend=str(engine.get("backend", "auto")),
             device="cuda" if gpu else "cpu",
             dtype=str(cfg.hardware.dtype) if gpu else "float32",
-            quantization=cfg.model.quantization,
+            quantization=check_quantization(cfg.model.quantization),
             cache_dir=str(cfg.paths.cache_dir),
             llamacpp=OmegaConf.to_container(engine.get("llamacpp") or {}, resolve=True),
         )

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from arenaflow.export.gguf import write_gguf
-from arenaflow.export.quantize import QUANTIZATIONS, llama_cpp_available, quantize_gguf
+from arenaflow.export.quantize import (
+    QUANTIZATIONS,
+    check_quantization,
+    llama_cpp_available,
+    quantize_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +32,7 @@ FORMATS = ("f16", *QUANTIZATIONS)  # what model.gguf_export may list
 
 def gguf_format(quantization: str | None) -> str:
     """The GGUF format a `model.quantization` value selects: null -> f16, else q8_0 | q4_k_m."""
-    if quantization is None:
-        return "f16"
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"model.quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} or null"
-        )
-    return str(quantization)
+    return str(check_quantization(quantization) or "f16")
 
 
 def check_formats(formats: Iterable[str]) -> list[str]:

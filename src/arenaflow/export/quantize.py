@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("q8_0", "q4_k_m")  # model.quantization values (null: the f16 file)
 
 
+def check_quantization(quantization: str | None) -> str | None:
+    """model.quantization as given, when it is null, q8_0 or q4_k_m; ValueError otherwise."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"model.quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} or null"
+        )
+    return quantization
+
+
 def llama_cpp_available() -> bool:
     try:
         import llama_cpp  # noqa: F401

@@ -331,7 +331,10 @@ def judge_engine_spec(cfg: DictConfig) -> EngineSpec:
     from arenaflow.engine.backends import EngineSpec
     from arenaflow.engine.llamacpp_runtime import check_kv_cache
 
-    spec = EngineSpec.from_cfg(cfg)
+    try:
+        spec = EngineSpec.from_cfg(cfg)  # model.quantization, engine.llamacpp.kv_cache
+    except ValueError as e:
+        raise JudgeConfigError(str(e)) from e
     kv = cfg.judge.get("kv_cache")
     if kv is None:
         return spec

@@ -19,7 +19,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow import io
-from arenaflow.judge.backends import JudgeBackend, build_backend, judge_identity
+from arenaflow.judge.backends import (
+    JudgeBackend,
+    JudgeConfigError,
+    build_backend,
+    judge_identity,
+)
 from arenaflow.judge.cache import JudgmentCache
 from arenaflow.judge.calibration import (
     CalibrationPlan,
@@ -382,3 +387,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     judged = judge(cfg)
     scored = score(cfg, single_uri=judged["single_uri"], pair_uri=judged["pair_uri"])
     return {"judgments": judged, "scores": scored}
+
+
+def run_cli(cfg: DictConfig) -> dict[str, Any]:
+    """`run` for command lines: a judge it cannot set up (a bad judge setting, inputs not written
+    yet) exits non-zero with its message and the fix, no traceback."""
+    try:
+        return run(cfg)
+    except (JudgeConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"arenaflow.judge: {e}") from None

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: DictConfig) -> tuple[dict[str, ServedModel], MemoryPlan]:
     """Resolve every served model and check that the set fits, before any weights load."""
+    from arenaflow.engine.backends import EngineSpec
+
+    try:
+        EngineSpec.from_cfg(cfg)  # model.quantization, engine.llamacpp.kv_cache
+    except ValueError as e:
+        raise ServeConfigError(str(e)) from e
     specs = [s for s in model_specs(cfg) if s.in_process]  # engine processes bring their own
     resolved = {spec.name: resolve_served_model(cfg, spec) for spec in specs}
     plan = plan_served_memory(cfg, resolved)  # a base that adapters share counts once
