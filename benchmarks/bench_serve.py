@@ -135,6 +135,8 @@ def main(argv: list[str]) -> int:
         help="also run the loads against llama.cpp's own server (this binary) on the same GGUF",
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):  # before the first load
+        parser.error(f"--llama-server {args.llama_server}: no such program (make llama-server)")
     cfg = compose_config(["model=smollm2_135m", "tracking=none", *overrides])
     checkpoint = resolve_model(cfg.model, cfg.paths.cache_dir)
     questions, _ = load_questions(question_source(cfg))
