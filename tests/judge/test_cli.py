@@ -14,8 +14,9 @@ from judge_standin import StandIn, api_overrides, write_inputs
 from arenaflow.config import REPO_ROOT
 
 
-def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Path) -> None:
-    """The stage also logs its judge config, with the password of the judge's URL redacted."""
+def judge_cli(af_home: Path, model_cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m arenaflow.judge` on the test experiment, over answers to question 81 written
+    where MT-bench answers go (the FastChat layout)."""
     bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
     inputs = write_inputs(bench, question_ids=(81,))
     (bench / "model_answer").mkdir()
@@ -29,11 +30,18 @@ def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Pa
         f"paths.home={af_home}",
         f"paths.cache_dir={model_cache}",
         "tracking=none",
-        *api_overrides(stand_in.url.replace("http://", "http://judge:s3cret-pw@")),
+        *overrides,
     ]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env.pop("ARENAFLOW_OVERRIDES", None)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_judges_and_scores(stand_in: StandIn, af_home: Path, model_cache: Path) -> None:
+    """The stage also logs its judge config, with the password of the judge's URL redacted."""
+    bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
+    url = stand_in.url.replace("http://", "http://judge:s3cret-pw@")
+    proc = judge_cli(af_home, model_cache, *api_overrides(url))
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = bench / "model_judgment" / "stand-in-judge_single.jsonl"
     assert len(single.read_text().splitlines()) == 4
@@ -60,24 +68,7 @@ def test_cli_refuses_a_judge_it_cannot_set_up(
     overrides: list[str], message: str, af_home: Path, model_cache: Path
 ) -> None:
     """A bad judge setting, or inputs not written yet: one line with the fix, no traceback."""
-    bench = af_home / "artifacts" / "mt_bench" / "mt_bench"
-    inputs = write_inputs(bench, question_ids=(81,))
-    (bench / "model_answer").mkdir()
-    for name, uri in inputs["answer_uris"].items():
-        Path(uri).rename(bench / "model_answer" / f"{name}.jsonl")
-    cmd = [
-        sys.executable,
-        "-m",
-        "arenaflow.judge",
-        "experiment=test",
-        f"paths.home={af_home}",
-        f"paths.cache_dir={model_cache}",
-        "tracking=none",
-        *overrides,
-    ]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("ARENAFLOW_OVERRIDES", None)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = judge_cli(af_home, model_cache, *overrides)
     assert proc.returncode != 0
     assert f"arenaflow.judge: {message}" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout

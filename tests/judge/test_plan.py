@@ -141,7 +141,8 @@ def test_checkpoint_identity_follows_the_content(tmp_path) -> None:
 def test_the_local_judges_identity_names_its_engine(make_cfg, tiny_model_dir) -> None:
     """Verdicts from another engine or precision are other judgments: another cache key. The
     judge's KV cache is judge.kv_cache (f16 by default), else engine.llamacpp.kv_cache."""
-    from arenaflow.judge.backends import JudgeConfigError, judge_identity
+    from arenaflow.judge.backends import JudgeConfigError
+    from arenaflow.judge.local import judge_identity
 
     cases = {
         "hf:float32": ["engine.backend=hf"],

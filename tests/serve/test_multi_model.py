@@ -209,17 +209,17 @@ def test_a_set_that_does_not_fit_is_refused_before_loading(
     assert preflight(one)[1].fits  # one model fits in the same budget
 
 
-def test_cli_refuses_a_set_that_does_not_fit(tiny_model_dir, tiny_model_dir_b, tmp_path) -> None:
-    proc = subprocess.run(
+def serve_cli(home: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m arenaflow.serve` on the test experiment (port 9: it must refuse before binding)."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "arenaflow.serve",
             "experiment=test",
-            f"paths.home={tmp_path}",
+            f"paths.home={home}",
             "tracking=none",
-            two_models(tiny_model_dir, tiny_model_dir_b),
-            "serve.memory_headroom=0.000001",
+            *overrides,
             "serve.port=9",
         ],
         capture_output=True,
@@ -228,6 +228,11 @@ def test_cli_refuses_a_set_that_does_not_fit(tiny_model_dir, tiny_model_dir_b, t
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def test_cli_refuses_a_set_that_does_not_fit(tiny_model_dir, tiny_model_dir_b, tmp_path) -> None:
+    models = two_models(tiny_model_dir, tiny_model_dir_b)
+    proc = serve_cli(tmp_path, models, "serve.memory_headroom=0.000001")
     assert proc.returncode != 0
     assert "refusing to serve: the served models do not fit" in proc.stderr
     assert "'tiny-a'" in proc.stderr and "'tiny-b'" in proc.stderr
@@ -244,24 +249,7 @@ def test_cli_refuses_a_set_that_does_not_fit(tiny_model_dir, tiny_model_dir_b, t
 def test_cli_refuses_an_unknown_weight_or_cache_type(
     override: str, message: str, tiny_model_dir, tmp_path
 ) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "arenaflow.serve",
-            "experiment=test",
-            f"paths.home={tmp_path}",
-            "tracking=none",
-            f"serve.model_uri={tiny_model_dir}",
-            override,
-            "serve.port=9",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = serve_cli(tmp_path, f"serve.model_uri={tiny_model_dir}", override)
     assert proc.returncode != 0
     assert f"arenaflow.serve: refusing to serve: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
@@ -31,9 +31,6 @@ from arenaflow.clients.endpoint import (
     describe,
 )
 from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS, TokenTop
-
-if TYPE_CHECKING:
-    from arenaflow.engine.backends import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -316,53 +313,6 @@ def _alternatives(position: Any) -> TokenTop:
     return position.token, top
 
 
-def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None = None) -> str:
-    """The local judge's checkpoint: `judge.model` resolved like every model reference (`base` is
-    the base model, else a folder / models:/ / runs:/ URI; `arenaflow.models.resolve_reference`)."""
-    from arenaflow.models import resolve_reference
-
-    base = str(base_model_path) if base_model_path is not None else None
-    return resolve_reference(str(cfg.judge.model), cfg, base=base)
-
-
-def judge_engine_spec(cfg: DictConfig) -> EngineSpec:
-    """The engine the local judge runs on: `engine` (backend, weights) with the judge's own KV
-    cache type (`judge.kv_cache`, null: engine.llamacpp.kv_cache)."""
-    from arenaflow.engine.backends import EngineSpec
-    from arenaflow.engine.llamacpp_runtime import check_kv_cache
-
-    try:
-        spec = EngineSpec.from_cfg(cfg)  # model.quantization, engine.llamacpp.kv_cache
-    except ValueError as e:
-        raise JudgeConfigError(str(e)) from e
-    kv = cfg.judge.get("kv_cache")
-    if kv is None:
-        return spec
-    try:
-        check_kv_cache(str(kv))
-    except ValueError as e:
-        raise JudgeConfigError(str(e).replace("engine.llamacpp.kv_cache", "judge.kv_cache")) from e
-    return replace(spec, llamacpp={**spec.llamacpp, "kv_cache": str(kv)})
-
-
-def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
-    """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
-    judge, the registry version an alias names now, or the checkpoint folder's content hash, and
-    the engine that runs it. A moved alias, a new base_url, a replaced checkpoint or another engine
-    or precision never reuses old verdicts."""
-    from arenaflow.models import model_identity
-
-    j = cfg.judge
-    if j.backend != "local":
-        return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
-    from arenaflow.engine.backends import engine_identity
-
-    ref = resolve_judge_checkpoint(cfg, base_model_path)
-    tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
-    engine = engine_identity(judge_engine_spec(cfg))
-    return {"checkpoint": model_identity(ref, tracking_uri), "engine": engine}
-
-
 def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) -> JudgeBackend:
     """The judge named by `cfg.judge.backend` (openai | openai_compatible | local)."""
     j = cfg.judge
@@ -387,11 +337,11 @@ def build_backend(cfg: DictConfig, base_model_path: str | Path | None = None) ->
         )
     if j.backend == "local":
         from arenaflow.engine.backends import load_engine
+        from arenaflow.judge.local import LocalBackend, judge_engine_spec, resolve_judge_checkpoint
 
         checkpoint = resolve_judge_checkpoint(cfg, base_model_path)
         tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
         engine = load_engine(checkpoint, judge_engine_spec(cfg), tracking_uri=tracking_uri)
-        from arenaflow.judge.local import LocalBackend
 
         return LocalBackend(
             engine,

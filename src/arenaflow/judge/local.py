@@ -1,10 +1,15 @@
 """The local judge: the arenaflow engine in process, batched greedy judging within the budget
 (a structured verdict decoded under its schema's grammar), and the verdict token's distribution
-read after a forced `[[` prefix."""
+read after a forced `[[` prefix; which checkpoint and engine it runs (`judge.model`,
+`judge.kv_cache`), and their identity in the judgment cache's keys."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
 
 from arenaflow.clients.budget import NO_BUDGET, CallGate
 from arenaflow.judge.backends import (
@@ -12,6 +17,7 @@ from arenaflow.judge.backends import (
     ChatRequest,
     Completion,
     JudgeBackend,
+    JudgeConfigError,
     OnResult,
     Recovery,
 )
@@ -19,6 +25,7 @@ from arenaflow.judge.verdicts import PAIR_TOKENS, RATING_TOKENS
 
 if TYPE_CHECKING:
     from arenaflow.engine import SamplingParams
+    from arenaflow.engine.backends import EngineSpec
 
 
 class LocalBackend(JudgeBackend):
@@ -184,3 +191,50 @@ class LocalBackend(JudgeBackend):
             gate.settle(len(ids) + 1, used)
         top = {tok: float(logprobs[i]) for tok, i in candidates.items()}
         return Recovery(top, prompt_tokens=len(ids), completion_tokens=1)
+
+
+def resolve_judge_checkpoint(cfg: DictConfig, base_model_path: str | Path | None = None) -> str:
+    """The local judge's checkpoint: `judge.model` resolved like every model reference (`base` is
+    the base model, else a folder / models:/ / runs:/ URI; `arenaflow.models.resolve_reference`)."""
+    from arenaflow.models import resolve_reference
+
+    base = str(base_model_path) if base_model_path is not None else None
+    return resolve_reference(str(cfg.judge.model), cfg, base=base)
+
+
+def judge_engine_spec(cfg: DictConfig) -> EngineSpec:
+    """The engine the local judge runs on: `engine` (backend, weights) with the judge's own KV
+    cache type (`judge.kv_cache`, null: engine.llamacpp.kv_cache)."""
+    from arenaflow.engine.backends import EngineSpec
+    from arenaflow.engine.llamacpp_runtime import check_kv_cache
+
+    try:
+        spec = EngineSpec.from_cfg(cfg)  # model.quantization, engine.llamacpp.kv_cache
+    except ValueError as e:
+        raise JudgeConfigError(str(e)) from e
+    kv = cfg.judge.get("kv_cache")
+    if kv is None:
+        return spec
+    try:
+        check_kv_cache(str(kv))
+    except ValueError as e:
+        raise JudgeConfigError(str(e).replace("engine.llamacpp.kv_cache", "judge.kv_cache")) from e
+    return replace(spec, llamacpp={**spec.llamacpp, "kv_cache": str(kv)})
+
+
+def judge_identity(cfg: DictConfig, base_model_path: str | Path | None = None) -> dict[str, str]:
+    """What the judge resolves to, for the cache key: the endpoint of an API judge; for the local
+    judge, the registry version an alias names now, or the checkpoint folder's content hash, and
+    the engine that runs it. A moved alias, a new base_url, a replaced checkpoint or another engine
+    or precision never reuses old verdicts."""
+    from arenaflow.models import model_identity
+
+    j = cfg.judge
+    if j.backend != "local":
+        return {"endpoint": str(j.get("base_url") or "https://api.openai.com/v1")}
+    from arenaflow.engine.backends import engine_identity
+
+    ref = resolve_judge_checkpoint(cfg, base_model_path)
+    tracking_uri = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+    engine = engine_identity(judge_engine_spec(cfg))
+    return {"checkpoint": model_identity(ref, tracking_uri), "engine": engine}

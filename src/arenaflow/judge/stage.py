@@ -19,12 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from arenaflow import io
-from arenaflow.judge.backends import (
-    JudgeBackend,
-    JudgeConfigError,
-    build_backend,
-    judge_identity,
-)
+from arenaflow.judge.backends import JudgeBackend, JudgeConfigError, build_backend
 from arenaflow.judge.cache import JudgmentCache
 from arenaflow.judge.calibration import (
     CalibrationPlan,
@@ -33,6 +28,7 @@ from arenaflow.judge.calibration import (
     calibration_records,
     judge_calibration,
 )
+from arenaflow.judge.local import judge_identity
 from arenaflow.judge.mtbench import Plan, build_plan, load_answers, pair_records, single_records
 from arenaflow.judge.prompts import (
     load_judge_prompts,
