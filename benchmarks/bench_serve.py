@@ -238,9 +238,10 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> bool:
 def llama_server_command(binary: str, cfg: Any, checkpoint: Path, port: int) -> list[str]:
     """llama.cpp's server set up as our engine is: the GGUF it loads, 16 slots of
     engine.llamacpp.n_ctx tokens in separate KV streams of engine.llamacpp.kv_cache's type, flash
-    attention on over f16 and off over f32 (as GgufRuntime), weight repacking off, every core. Its HTTP layer (cpp-httplib) closes a kept-alive
-    connection after a few requests, and a request sent on it just then gets no response, so its
-    client retries those (a request with no response has cost nothing)."""
+    attention on over f16 and off over f32 (as GgufRuntime), weight repacking off, every core.
+    Its HTTP layer (cpp-httplib) closes a kept-alive connection after a few requests, and a
+    request sent on it just then gets no response, so its client retries those (a request with no
+    response has cost nothing)."""
     from arenaflow.engine.backends import gguf_for
 
     gguf = gguf_for(checkpoint, cfg.model.quantization, cfg.paths.cache_dir)

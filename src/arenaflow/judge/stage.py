@@ -84,9 +84,13 @@ def calibration_questions(cfg: DictConfig) -> list[dict[str, Any]]:
     return load_bench_questions(question_source(cfg))[0]
 
 
+class MissingInputError(FileNotFoundError):
+    """An input the judge reads (questions, answers) is not written yet; the message says how."""
+
+
 def _require(uri: str, what: str, fix: str) -> str:
     if not io.exists(uri):
-        raise FileNotFoundError(f"{what} not found at {uri}; {fix}")
+        raise MissingInputError(f"{what} not found at {uri}; {fix}")
     return uri
 
 
@@ -390,5 +394,5 @@ def run_cli(cfg: DictConfig) -> dict[str, Any]:
     yet) exits non-zero with its message and the fix, no traceback."""
     try:
         return run(cfg)
-    except (JudgeConfigError, FileNotFoundError) as e:
+    except (JudgeConfigError, MissingInputError) as e:
         raise SystemExit(f"arenaflow.judge: {e}") from None
