@@ -125,7 +125,7 @@ class GgufRuntime:
         # 85-88). The demo's judging, the same answers: f32 125 s prefill + 95 s decode off,
         # 92 + 129 on; f16 95 + 76 off, 83 + 60 on.
         cp.type_k = cp.type_v = kv_cache_type(lc, kv_cache)
-        self.kv_cache, self.flash_attn = kv_cache, kv_cache == "f16"
+        self.kv_cache = kv_cache
         cp.flash_attn_type = (
             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self.flash_attn
@@ -159,6 +159,11 @@ class GgufRuntime:
             ", flash attention" if self.flash_attn else "",
             threads,
         )
+
+    @property
+    def flash_attn(self) -> bool:
+        """Whether this context runs flash attention: over an f16 KV cache, not over f32."""
+        return self.kv_cache == "f16"
 
     # -- vocabulary ----------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
