@@ -6,7 +6,8 @@
 Starts `python -m arenaflow.serve` (SmolLM2-135M-Instruct by default) on a free port, streams every
 request through the official `openai` client (max_tokens 64, greedy) and prints generated tokens/s,
 p50/p99 latency and time to first token, each run free and under a JSON schema (`response_format`,
-constrained decoding). Targets: throughput at 16 >= 4x throughput at 1; the schema costs <= 10%.
+constrained decoding). Targets (issue 21): throughput at 16 >= 3x throughput at 1; the schema
+costs <= 10%.
 Each concurrency runs free, schema, schema, free and sums per mode, so a drift in the machine's load
 cancels out; tokens per CPU-second of the server process are printed too: on a shared machine they
 compare the two modes where wall-clock tokens/s mostly measures the neighbours (there, run it with
@@ -41,6 +42,7 @@ from arenaflow.evaluate.questions import load_questions, question_source
 from arenaflow.models import resolve_model
 
 CONCURRENCY = (1, 16)
+SPEEDUP_TARGET = 3  # issue 21: throughput at concurrency 16 >= 3x that at 1
 # an answer string the model must fill until max_tokens (it cannot close it earlier), so both modes
 # generate as many tokens and a step costs the same rows in each
 ANSWER_SCHEMA = {
@@ -299,9 +301,9 @@ def report(rows: list[dict]) -> None:
     tps = {k: tokens[k] / wall[k] for k in tokens}
     cpu = {k: tokens[k] / cpu_s[k] for k in tokens}
     speedup = tps[CONCURRENCY[-1], "free"] / tps[CONCURRENCY[0], "free"]
-    verdict = "meets" if speedup >= 4 else "misses"
+    verdict = "meets" if speedup >= SPEEDUP_TARGET else "misses"
     print(
-        f"throughput at {CONCURRENCY[-1]} / at {CONCURRENCY[0]}: {speedup:.2f}x ({verdict} the 4x target)"
+        f"throughput at {CONCURRENCY[-1]} / at {CONCURRENCY[0]}: {speedup:.2f}x ({verdict} the {SPEEDUP_TARGET}x target)"
     )
     for c in CONCURRENCY:
         ratio, cpu_ratio = tps[c, "schema"] / tps[c, "free"], cpu[c, "schema"] / cpu[c, "free"]
