@@ -143,20 +143,44 @@ MALFORMED = [
         "invalid_value",
     ),
     (
-        "logit_bias",
+        "logit_bias keyed by a word",
         "/v1/chat/completions",
-        chat(logit_bias={"50": 10}),
+        chat(logit_bias={"hello": 10}),
         400,
         "logit_bias",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     (
-        "presence_penalty",
+        "logit_bias above 100",
         "/v1/chat/completions",
-        chat(presence_penalty=0.5),
+        chat(logit_bias={"50": 101}),
+        400,
+        "logit_bias",
+        "invalid_value",
+    ),
+    (
+        "logit_bias on a token id past the vocabulary",
+        "/v1/completions",
+        json.dumps({"model": "tiny-chat", "prompt": "a", "logit_bias": {"49152": 5}}),
+        400,
+        "logit_bias",
+        "invalid_value",
+    ),
+    (
+        "presence_penalty above 2",
+        "/v1/chat/completions",
+        chat(presence_penalty=2.5),
         400,
         "presence_penalty",
-        "unsupported_parameter",
+        "invalid_value",
+    ),
+    (
+        "repetition_penalty of 0",
+        "/v1/completions",
+        json.dumps({"model": "tiny-chat", "prompt": "a", "repetition_penalty": 0}),
+        400,
+        "repetition_penalty",
+        "invalid_value",
     ),
     (
         "best_of",
@@ -185,7 +209,7 @@ MALFORMED = [
         None,
     ),
 ]
-ACCEPTED = [  # defaults and nulls of unsupported fields are fine; a tiny temperature is greedy
+ACCEPTED = [  # defaults and nulls of optional fields are fine; a tiny temperature is greedy
     chat(
         tools=None,
         tool_choice="none",
@@ -193,6 +217,7 @@ ACCEPTED = [  # defaults and nulls of unsupported fields are fine; a tiny temper
         logit_bias={},
         presence_penalty=0,
         frequency_penalty=0.0,
+        repetition_penalty=None,
         user="u-1",
         metadata={"a": "b"},
     ),

@@ -172,3 +172,33 @@ def test_logprobs_and_top_logprobs(client: OpenAI) -> None:
     lp = legacy.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == legacy.choices[0].text
+
+
+def test_penalties_and_logit_bias_reach_the_engine(client: OpenAI, serve_engine: Engine) -> None:
+    """The official client's own fields (`extra_body` for vLLM's repetition_penalty) give what the
+    engine gives for the same settings, streamed or not; a +100 bias forces its token."""
+    ocean = serve_engine.tokenizer.encode(" ocean", add_special_tokens=False)[0]
+    settings = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    prompt = serve_engine.render_chat([{"role": "user", "content": QUESTION}])
+    plain = serve_engine.generate([prompt], SamplingParams(max_new_tokens=16))[0].choices[0].text
+    expected = serve_engine.generate([prompt], SamplingParams(max_new_tokens=16, **settings))
+    assert expected[0].choices[0].text != plain  # the settings change this answer
+    request = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": 16,
+        "presence_penalty": settings["presence_penalty"],
+        "frequency_penalty": settings["frequency_penalty"],
+        "extra_body": {"repetition_penalty": settings["repetition_penalty"]},
+    }
+    out = client.chat.completions.create(**request)
+    assert out.choices[0].message.content == expected[0].choices[0].text
+    chunks = client.chat.completions.create(**request, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected[0].choices[0].text
+    forced = client.completions.create(
+        model="tiny-chat", prompt="The sky is", max_tokens=4, temperature=0.8, seed=3,
+        logit_bias={str(ocean): 100},
+    )  # fmt: skip
+    assert forced.choices[0].text == serve_engine.tokenizer.decode([ocean] * 4)

@@ -27,6 +27,12 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20 alternatives per generated token
     constraint: Constraint | None = None  # a JSON schema / grammar every choice's output obeys
+    # OpenAI's penalties over the tokens this choice generated, vLLM's over prompt and output, and
+    # OpenAI's logit_bias (token id -> added logit); engine/penalties.py applies them
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (callers turn it into a 400); a temperature
@@ -46,10 +52,34 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        self._validate_penalties()
         if self.constraint is not None and not isinstance(self.constraint, Constraint):
             raise ValueError(
                 f"constraint must be a Constraint, got {type(self.constraint).__name__}"
             )
+
+    def _validate_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty or bias changes the logits (most requests: no work per step)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
 
 @dataclass

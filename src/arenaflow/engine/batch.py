@@ -32,6 +32,7 @@ from arenaflow.engine.api import (
 )
 from arenaflow.engine.constraints import Grammar, advance, mask_logits
 from arenaflow.engine.kvcache import BatchKVCache
+from arenaflow.engine.penalties import apply_penalties
 from arenaflow.engine.text import find_stop, stream_safe_end
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,12 @@ class RunningBatch:
         """Next token of every row; a row whose sampling or bookkeeping raises fails its request
         only (its batch-mates get their tokens as usual)."""
         logits = torch.nan_to_num(logits, nan=-torch.inf)  # a NaN never wins, never breaks softmax
+        for i, s in enumerate(seqs):
+            if s.request.params.penalized and s.request.error is None:
+                try:
+                    apply_penalties(logits[i], s.request.params, s.request.prompt_ids, s.token_ids)
+                except Exception as e:
+                    s.request.fail(e)
         constrained = [
             (i, s.matcher)
             for i, s in enumerate(seqs)

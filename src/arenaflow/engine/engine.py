@@ -17,6 +17,7 @@ from typing import Any
 from arenaflow.engine.api import GenerationResult, PromptTooLongError, SamplingParams, StreamEvent
 from arenaflow.engine.batch import Request, RunningBatch
 from arenaflow.engine.constraints import ConstraintCompiler
+from arenaflow.engine.penalties import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Engine:
         """Validate a prompt + params into a batch request (raises ValueError / PromptTooLongError;
         InvalidConstraintError, a ValueError, for a schema or grammar that does not compile)."""
         params.validate()
+        check_token_ids(params, len(self.tokenizer))
         grammar = self.constraints.compile(params.constraint) if params.constraint else None
         ids = self.encode(prompt)
         if not ids:

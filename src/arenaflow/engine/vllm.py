@@ -98,6 +98,11 @@ class VllmEngine(Engine):
     def make_request(self, prompt: str, params: SamplingParams, **callbacks: Any) -> Request:
         if params.constraint is not None:
             raise ValueError("the vllm backend takes no constraint here; use engine.backend=hf")
+        if params.penalized and params.logprobs:  # ours describe the penalized distribution
+            raise ValueError(
+                "the vllm backend returns logprobs from before penalties and logit_bias; ask for "
+                "one or the other, or use engine.backend=hf"
+            )
         return super().make_request(prompt, params, **callbacks)
 
     def with_adapter(self, adapter: str, tokenizer: Any, *, model_id: str) -> Engine:
@@ -132,6 +137,10 @@ class VllmEngine(Engine):
                 stop=list(r.params.stop) or None,
                 seed=r.params.seed,
                 logprobs=r.params.top_logprobs if r.params.logprobs else None,
+                presence_penalty=r.params.presence_penalty,
+                frequency_penalty=r.params.frequency_penalty,
+                repetition_penalty=r.params.repetition_penalty,
+                logit_bias=dict(r.params.logit_bias) or None,
             )
             for r in requests
         ]

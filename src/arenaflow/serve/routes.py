@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from omegaconf import DictConfig
 
 from arenaflow.engine import Constraint, Engine, InvalidConstraintError, SamplingParams
+from arenaflow.engine.penalties import check_token_ids
 from arenaflow.serve.errors import APIError
 from arenaflow.serve.generation import Generation
 from arenaflow.serve.responses import ModelCard, ModelList
@@ -196,7 +197,7 @@ def sampling_params(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return SamplingParams(
+    params = SamplingParams(
         max_new_tokens=requested or min(int(serve.default_max_tokens), room),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -205,7 +206,13 @@ def sampling_params(
         n=body.n,
         logprobs=logprobs,
         constraint=response_constraint(engine, body),
+        **body.penalties(),
     )
+    try:
+        check_token_ids(params, len(engine.tokenizer))
+    except ValueError as e:
+        raise APIError(400, str(e), param="logit_bias", code="invalid_value") from e
+    return params
 
 
 def response_constraint(

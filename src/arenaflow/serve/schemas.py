@@ -3,7 +3,7 @@
 Requests are validated here, so every client mistake becomes a 400 that names the field. Fields
 OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) are accepted, so unmodified
 OpenAI clients work; a field that would change the answer and that this server does not implement
-(`functions`, `logit_bias`, a non-zero penalty, ...) is refused by `unsupported()` instead of
+(`functions`, `best_of`, `audio`, ...) is refused by `unsupported()` instead of
 silently ignored (its null or default value is fine). Tool definitions are checked here (names,
 parameters schemas); how tools, tool choices and tool messages fit together is `tools.check_tools`.
 """
@@ -29,6 +29,7 @@ from arenaflow.engine.constraints import Constraint
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 128  # each stop string is matched against the tail of every row at every step
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias: every step of its rows adds them all
 
 
 def _encodable(v: str) -> str:
@@ -53,10 +54,6 @@ def _is_default(*defaults: Any) -> Callable[[Any], bool]:
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": _is_default([]),
     "function_call": _is_default("none"),
-    "logit_bias": _is_default({}),
-    "presence_penalty": _is_default(0, 0.0),
-    "frequency_penalty": _is_default(0, 0.0),
-    "repetition_penalty": _is_default(1, 1.0),
     "best_of": _is_default(1),
     "suffix": _is_default(""),
     "audio": _is_default(),
@@ -232,6 +229,33 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (digits), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return v
+
+    def penalties(self) -> dict[str, Any]:
+        """The penalty and bias fields as SamplingParams takes them (defaults when left out)."""
+        return {
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": self.repetition_penalty or 1.0,  # > 0 when given
+            "logit_bias": {int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+        }
 
     @field_validator("stop")
     @classmethod
