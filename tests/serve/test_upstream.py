@@ -136,6 +136,16 @@ def test_chat_stream_and_completions_give_the_engines_greedy_tokens(gateway, eng
     assert routed.choices[0].text == plain.choices[0].text and routed.model == "gw-tiny"
 
 
+def test_penalties_and_logit_bias_go_to_the_engine_as_sent(gateway, engine) -> None:
+    via, direct = client(gateway.v1, GATEWAY_KEY), client(engine.url, UPSTREAM_KEY)
+    ask = {"messages": CHAT, "temperature": 0, "max_tokens": 6}
+    plain = direct.chat.completions.create(model="tiny-chat", **ask).choices[0].message.content
+    ask |= {"presence_penalty": 1.0, "logit_bias": {"1000": 100}}
+    want = direct.chat.completions.create(model="tiny-chat", **ask).choices[0].message.content
+    got = via.chat.completions.create(model="gw-tiny", **ask).choices[0].message.content
+    assert got == want != plain
+
+
 def test_models_list_the_engines_model_under_the_gateways_name(gateway, engine) -> None:
     cards = client(gateway.v1, GATEWAY_KEY).models.list().data
     assert [c.id for c in cards] == ["gw-tiny"]
