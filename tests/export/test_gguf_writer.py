@@ -106,5 +106,25 @@ def test_writer_refuses_a_checkpoint_it_cannot_write(tmp_path, tiny_model_dir) -
     from arenaflow.export import write_gguf
 
     with pytest.raises(ValueError, match="outtype"):
-        write_gguf(tiny_model_dir, tmp_path / "x.gguf", outtype="bf16")
+        write_gguf(tiny_model_dir, tmp_path / "x.gguf", outtype="q4_0")
     assert not list(tmp_path.iterdir())
+
+
+def test_bf16_file_holds_the_weights_rounded_as_torch_rounds_them(tiny_model_dir, tmp_path) -> None:
+    """bf16 matrices are the checkpoint's own weights rounded to bf16 (as torch rounds them, not
+    through the f16 file), norms stay f32, and the file says it is bf16."""
+    import gguf
+
+    from arenaflow.export import write_gguf
+
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny-bf16.gguf", outtype="bf16")
+    reader = gguf.GGUFReader(str(path))
+    assert int(_field(reader, "general.file_type")) == int(gguf.LlamaFileType.MOSTLY_BF16)
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType.BF16
+    weight = load_model(tiny_model_dir).state_dict()["model.layers.0.mlp.down_proj.weight"]
+    want = weight.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = np.asarray(down.data).view(np.uint16).reshape(want.shape)
+    assert np.array_equal(got, want)

@@ -143,3 +143,23 @@ def test_an_f32_kv_cache_keeps_llama_cpp_closer_to_the_hf_engine(tiny_gguf, engi
             llama.close()
     assert gaps["f32"] < gaps["f16"]
     assert 1.9 < state["f32"] / state["f16"] < 2.1  # 4-byte elements against 2-byte ones
+
+
+def test_the_bf16_file_runs_close_to_the_f16_file(tiny_model_dir, tiny_gguf, tmp_path) -> None:
+    """llama.cpp reads the bf16 export; its next-token distribution stays near the f16 file's (bf16
+    keeps 8 bits of mantissa against f16's 11, so not equal)."""
+    from arenaflow.export import export_gguf
+
+    files = export_gguf(tiny_model_dir, tmp_path, ["bf16"])  # model.gguf_export: [bf16]
+    assert list(files) == ["bf16"] and [p.name for p in tmp_path.iterdir()] == ["model-bf16.gguf"]
+    bf16 = files["bf16"]
+    assert set(tensor_types(bf16)) == {"F32", "BF16"}
+    ids = [1, 415, 3327, 282, 2012, 314]
+
+    def last_logits(path: Path) -> np.ndarray:
+        llm = _llama(path)
+        llm.eval(ids)
+        return np.array(llm.scores[len(ids) - 1])
+
+    a, b = last_logits(tiny_gguf), last_logits(bf16)
+    assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()

@@ -94,8 +94,10 @@ def judge_engine(backend: str, tiny_model_dir: Path) -> Engine:
 
 def test_the_local_judge_runs_over_its_own_kv_cache(make_cfg, tiny_model_dir: Path) -> None:
     """judge.kv_cache (f16, with flash attention) reaches the judge's llama.cpp context; null
-    leaves it engine.llamacpp.kv_cache's (f32, exact). Half the bytes a cached token."""
+    leaves it engine.llamacpp.kv_cache's (f32, exact). Half the bytes a cached token. The weights
+    are the bf16 export where llama.cpp runs bf16 in hardware, else the f16 one."""
     pytest.importorskip("llama_cpp")
+    from arenaflow.engine.llamacpp_runtime import cpu_has_bf16
     from arenaflow.judge.backends import build_backend
 
     common = ("engine.backend=llamacpp", "engine.llamacpp.n_ctx=256")
@@ -105,6 +107,7 @@ def test_the_local_judge_runs_over_its_own_kv_cache(make_cfg, tiny_model_dir: Pa
         rt = backend.engine.runtime
         try:
             assert (rt.kv_cache, rt.flash_attn) == (kv, kv == "f16")
+            assert Path(rt.weights.path).name == f"model-{'bf16' if cpu_has_bf16() else 'f16'}.gguf"
             backend.engine.next_token_logprobs(backend.engine.encode("Rate this: Paris. " * 30))
             [seq] = backend.engine.streams.cached  # the stream that read it in keeps it cached
             sizes[kv] = rt.lc.llama_state_seq_get_size(rt.ctx, seq)

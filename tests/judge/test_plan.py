@@ -140,15 +140,22 @@ def test_checkpoint_identity_follows_the_content(tmp_path) -> None:
 
 def test_the_local_judges_identity_names_its_engine(make_cfg, tiny_model_dir) -> None:
     """Verdicts from another engine or precision are other judgments: another cache key. The
-    judge's KV cache is judge.kv_cache (f16 by default), else engine.llamacpp.kv_cache."""
+    judge's KV cache is judge.kv_cache (f16 by default), else engine.llamacpp.kv_cache; its f16
+    weights are read as bf16 where llama.cpp runs bf16 in hardware (AVX512_BF16 in the CPU's
+    flags), and a model.quantization stays as it is."""
+    from arenaflow.engine.llamacpp_runtime import cpu_has_bf16
     from arenaflow.judge.backends import JudgeConfigError
     from arenaflow.judge.local import judge_identity
 
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert cpu_has_bf16() == ("avx512_bf16" in flags)  # llama.cpp's probe and the CPU agree
+    weights = "bf16" if cpu_has_bf16() else "f16"
     cases = {
         "hf:float32": ["engine.backend=hf"],
         "hf:float32:q8_0": ["engine.backend=hf", "model.quantization=q8_0"],
-        "llamacpp:f16:kv-f16": ["engine.backend=llamacpp"],
-        "llamacpp:f16:kv-f32": ["engine.backend=llamacpp", "judge.kv_cache=null"],
+        f"llamacpp:{weights}:kv-f16": ["engine.backend=llamacpp"],
+        f"llamacpp:{weights}:kv-f32": ["engine.backend=llamacpp", "judge.kv_cache=null"],
         "llamacpp:q4_k_m:kv-f32": [
             "engine.backend=llamacpp",
             "model.quantization=q4_k_m",

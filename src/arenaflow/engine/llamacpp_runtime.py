@@ -33,6 +33,13 @@ def available() -> bool:
     return True
 
 
+def cpu_has_bf16() -> bool:
+    """Whether llama.cpp's CPU backend runs bf16 matrices in hardware here (AVX512_BF16)."""
+    import llama_cpp
+
+    return "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
 class GgufModel:
     """A GGUF's weights loaded once in llama.cpp, shared by every context made on it (the base and
     each LoRA adapter's); freed when the last of them closes."""

@@ -1,6 +1,6 @@
 """GGUF files of our checkpoints, for llama.cpp (and ollama, LM Studio, ...).
 
-- `gguf.write_gguf`: a Hugging Face Llama checkpoint -> one f16 (or f32) GGUF file, tokenizer, chat
+- `gguf.write_gguf`: a Hugging Face Llama checkpoint -> one f16 (bf16, f32) GGUF file, tokenizer, chat
   template and lineage inside, written with the `gguf` package.
 - `quantize.quantize_gguf`: f16 -> q8_0 / q4_k_m with llama.cpp's own quantizer (llama-cpp-python).
 - `export_gguf`: a checkpoint -> the files of `model.gguf_export` in one folder.
@@ -27,11 +27,15 @@ from arenaflow.export.quantize import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("f16", *QUANTIZATIONS)  # what model.gguf_export may list
+FORMATS = ("f16", "bf16", *QUANTIZATIONS)  # what model.gguf_export may list
+WRITTEN = ("f16", "bf16")  # written from the weights; the others are quantized from the f16 file
 
 
 def gguf_format(quantization: str | None) -> str:
-    """The GGUF format a `model.quantization` value selects: null -> f16, else q8_0 | q4_k_m."""
+    """The GGUF format a `model.quantization` value selects: null -> f16, else q8_0 | q4_k_m;
+    `bf16` (never a model.quantization: the local judge picks it where the CPU has bf16) itself."""
+    if quantization == "bf16":
+        return quantization
     return str(check_quantization(quantization) or "f16")
 
 
@@ -67,7 +71,12 @@ def export_gguf(
         checkpoint, out_dir / gguf_name("f16"), metadata=metadata, tracking_uri=tracking_uri
     )
     files = {"f16": f16}
-    quantized = [f for f in wanted if f != "f16"]
+    if "bf16" in wanted:
+        files["bf16"] = write_gguf(
+            checkpoint, out_dir / gguf_name("bf16"), outtype="bf16", metadata=metadata,
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+    quantized = [f for f in wanted if f not in WRITTEN]
     if quantized and not llama_cpp_available():
         log.warning(
             "GGUF %s not written: quantizing needs llama-cpp-python (`make install`)",

@@ -1,4 +1,4 @@
-"""Write a Hugging Face Llama checkpoint as a GGUF file (f16 or f32) with the `gguf` package.
+"""Write a Hugging Face Llama checkpoint as a GGUF file (f16, bf16 or f32) with the `gguf` package.
 
 The file holds what llama.cpp needs to run the model without the checkpoint folder: the
 hyperparameters under `llama.*`, every tensor under its GGUF name (from `gguf`'s own
@@ -26,7 +26,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f16", "f32")  # what this writer produces; quantized types come from llama.cpp
+OUTTYPES = ("f16", "bf16", "f32")  # what this writer produces; quantized types come from llama.cpp
+
+
+def _file_type(outtype: str) -> int:
+    import gguf
+
+    types = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "f32": "ALL_F32"}
+    return int(getattr(gguf.LlamaFileType, types[outtype]))
 
 
 def rope_interleave(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -159,8 +166,14 @@ def _add_tensors(writer: Any, model: Any, n_head: int, n_kv: int, outtype: str) 
             data = rope_interleave(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
             data = rope_interleave(data, n_kv)
-        dtype = np.float16 if outtype == "f16" and data.ndim > 1 else np.float32
-        writer.add_tensor(name, np.ascontiguousarray(data.astype(dtype)))
+        if (
+            outtype == "bf16" and data.ndim > 1
+        ):  # numpy has no bf16: gguf rounds it (to nearest even)
+            bf16 = gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            dtype = np.float16 if outtype == "f16" and data.ndim > 1 else np.float32
+            writer.add_tensor(name, np.ascontiguousarray(data.astype(dtype)))
         count += 1
     return count
 
@@ -217,8 +230,7 @@ def write_gguf(
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(str((metadata or {}).get("arenaflow.base_model") or folder.name))
         n_head, n_kv = _add_hparams(writer, config)
-        ftype = gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32
-        writer.add_file_type(int(ftype))
+        writer.add_file_type(_file_type(outtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, folder, tokenizer, int(config.vocab_size), pre)
         for key, value in (metadata or {}).items():

@@ -147,9 +147,13 @@ def _converted(checkpoint: Path, folder: Path, fmt: str, tracking_uri: str | Non
     with FileLock(str(folder / ".lock")):
         if target.exists():
             return target
+        meta = {"arenaflow.source_checkpoint": str(checkpoint)}
+        if fmt == "bf16":  # rounded from the weights themselves, not from the f16 file
+            return write_gguf(
+                checkpoint, target, outtype="bf16", metadata=meta, tracking_uri=tracking_uri
+            )
         f16 = folder / gguf_name("f16")
         if not f16.exists():
-            meta = {"arenaflow.source_checkpoint": str(checkpoint)}
             write_gguf(checkpoint, f16, metadata=meta, tracking_uri=tracking_uri)
         if fmt != "f16":
             quantize_gguf(f16, target, fmt)
