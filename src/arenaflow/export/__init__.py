@@ -1,7 +1,7 @@
 """GGUF files of our checkpoints, for llama.cpp (and ollama, LM Studio, ...).
 
-- `gguf.write_gguf`: a Hugging Face Llama checkpoint -> one f16 (bf16, f32) GGUF file, tokenizer, chat
-  template and lineage inside, written with the `gguf` package.
+- `gguf.write_gguf`: a Hugging Face Llama checkpoint -> one f16 (bf16, f32) GGUF file, tokenizer,
+  chat template and lineage inside, written with the `gguf` package.
 - `quantize.quantize_gguf`: f16 -> q8_0 / q4_k_m with llama.cpp's own quantizer (llama-cpp-python).
 - `export_gguf`: a checkpoint -> the files of `model.gguf_export` in one folder.
 - `registry`: the GGUF files of a registered version (`attach_gguf` at registration, as artifacts of

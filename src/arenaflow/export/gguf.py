@@ -166,9 +166,7 @@ def _add_tensors(writer: Any, model: Any, n_head: int, n_kv: int, outtype: str) 
             data = rope_interleave(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
             data = rope_interleave(data, n_kv)
-        if (
-            outtype == "bf16" and data.ndim > 1
-        ):  # numpy has no bf16: gguf rounds it (to nearest even)
+        if outtype == "bf16" and data.ndim > 1:  # numpy has no bf16: gguf rounds to nearest even
             bf16 = gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType.BF16)
             writer.add_tensor(name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
