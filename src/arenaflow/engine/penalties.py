@@ -31,8 +31,8 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
 def apply_penalties(
     row: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
 ) -> None:
-    """Penalize and bias `row` (the logits of one choice's next token) in place."""
-    check_token_ids(params, row.shape[-1])
+    """Penalize and bias `row` (the logits of one choice's next token) in place; the request's
+    logit_bias ids were checked against the vocabulary once, when it was made (`check_token_ids`)."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted({*prompt_ids, *output_ids}), dtype=torch.long)
         if seen.numel():
