@@ -67,15 +67,6 @@ def export_gguf(
     if not wanted:
         return {}
     out_dir = Path(out_dir)
-    f16 = write_gguf(
-        checkpoint, out_dir / gguf_name("f16"), metadata=metadata, tracking_uri=tracking_uri
-    )
-    files = {"f16": f16}
-    if "bf16" in wanted:
-        files["bf16"] = write_gguf(
-            checkpoint, out_dir / gguf_name("bf16"), outtype="bf16", metadata=metadata,
-            tracking_uri=tracking_uri,
-        )  # fmt: skip
     quantized = [f for f in wanted if f not in WRITTEN]
     if quantized and not llama_cpp_available():
         log.warning(
@@ -83,11 +74,17 @@ def export_gguf(
             ", ".join(quantized),
         )
         quantized = []
+    files: dict[str, Path] = {}
+    for fmt in WRITTEN:  # from the weights, when wanted (f16 also as the quantizer's source)
+        if fmt in wanted or (fmt == "f16" and quantized):
+            out = out_dir / gguf_name(fmt)
+            files[fmt] = write_gguf(
+                checkpoint, out, outtype=fmt, metadata=metadata, tracking_uri=tracking_uri
+            )
     for fmt in quantized:
-        files[fmt] = quantize_gguf(f16, out_dir / gguf_name(fmt), fmt)
-    if "f16" not in wanted:
-        f16.unlink()
-        del files["f16"]
+        files[fmt] = quantize_gguf(files["f16"], out_dir / gguf_name(fmt), fmt)
+    if "f16" not in wanted and "f16" in files:
+        files.pop("f16").unlink()
     return files
 
 
